@@ -1,0 +1,39 @@
+// swift-tools-version:6.0
+// ckpt: streaming conversion of ML checkpoints between the JAX and PyTorch worlds.
+import PackageDescription
+
+let package = Package(
+    name: "ckpt",
+    platforms: [.macOS(.v13)],
+    products: [
+        .library(name: "Shared", targets: ["Shared"]),
+        .executable(name: "ckpt-read", targets: ["ckpt-read"]),
+        .executable(name: "ckpt-write", targets: ["ckpt-write"]),
+        .executable(name: "lora-merge", targets: ["lora-merge"]),
+        .executable(name: "ckpt-slice", targets: ["ckpt-slice"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // The system zlib (Debian: zlib1g-dev): crc32, deflate framing of stream chunks.
+        .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
+        .target(
+            name: "Shared",
+            dependencies: [
+                "CZlib",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .executableTarget(name: "ckpt-read", dependencies: ["Shared"]),
+        .executableTarget(name: "ckpt-write", dependencies: ["Shared"]),
+        .executableTarget(name: "lora-merge", dependencies: ["Shared"]),
+        .executableTarget(name: "ckpt-slice", dependencies: ["Shared"]),
+        .testTarget(
+            name: "SharedTests",
+            dependencies: ["Shared"],
+            resources: [.copy("Golden")]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,70 @@
+import ArgumentParser
+import Glibc
+
+/// `ckpt-read`: any checkpoint → ckpt stream on stdout (or a table with `--list`).
+public struct ReadCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "ckpt-read",
+        abstract: "Read a checkpoint and write it as a ckpt stream on stdout.",
+        discussion: """
+            INPUT is a .safetensors file, a sharded checkpoint (its *.safetensors.index.json, \
+            or the folder holding it), or a saved ckpt stream ('-' reads one from stdin).
+
+            Examples:
+              ckpt-read model.safetensors | ckpt-write out.safetensors
+              ckpt-read --list model.safetensors
+              ckpt-read --only 'encoder.*' --compress zlib model.safetensors > enc.ckpts
+            """,
+        version: Tool.version)
+
+    @Argument(help: "The checkpoint to read.")
+    public var input: String
+
+    @Flag(help: "Print a table of tensors (name, dtype, shape, bytes) without reading data.")
+    public var list = false
+
+    @Option(help: ArgumentHelp("Emit only tensors whose name matches GLOB (repeatable).", valueName: "glob"))
+    public var only: [String] = []
+
+    @Option(help: ArgumentHelp("Skip tensors whose name matches GLOB (repeatable).", valueName: "glob"))
+    public var exclude: [String] = []
+
+    @OptionGroup public var stream: StreamOutputOptions
+    @OptionGroup public var progressOptions: ProgressOptions
+
+    public init() {}
+
+    public func run() throws {
+        try Tool.run("ckpt-read") {
+            let producer = "ckpt-read \(Tool.version)"
+            let source = try openSource(input, selection: TensorSelection(only: only, exclude: exclude), producer: producer)
+            if list {
+                guard let manifest = source.manifest else {
+                    throw UsageError("--list needs a manifest, and this stream has none")
+                }
+                print(TensorTable.render(manifest), terminator: "")
+                return
+            }
+            let writer = try stream.makeWriter(producer: producer)
+            try pump(from: source, to: writer, progress: progressOptions.makeProgress(label: "ckpt-read"))
+        }
+    }
+}
+
+/// The `--list` table: one row per tensor, then a totals line.
+public enum TensorTable {
+    public static func render(_ tensors: [TensorDescriptor]) -> String {
+        let shapes = tensors.map { "[" + $0.shape.map(String.init).joined(separator: ",") + "]" }
+        let nameWidth = max(4, tensors.map(\.name.count).max() ?? 0)
+        let shapeWidth = max(5, shapes.map(\.count).max() ?? 0)
+        func pad(_ s: String, _ w: Int) -> String { s + String(repeating: " ", count: max(0, w - s.count)) }
+        var out = pad("name", nameWidth) + "  " + pad("dtype", 11) + "  " + pad("shape", shapeWidth) + "  bytes\n"
+        var total = 0
+        for (t, shape) in zip(tensors, shapes) {
+            out += pad(t.name, nameWidth) + "  " + pad(t.dtype.rawValue, 11) + "  " + pad(shape, shapeWidth) + "  \(t.byteCount)\n"
+            total += t.byteCount
+        }
+        out += "\(tensors.count) tensors, \(total) bytes (\(formatBytes(total)))\n"
+        return out
+    }
+}

@@ -1,0 +1,84 @@
+import ArgumentParser
+import Glibc
+
+/// `ckpt-write`: ckpt stream on stdin → a checkpoint file (or shards).
+public struct WriteCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "ckpt-write",
+        abstract: "Read a ckpt stream on stdin and write it as a checkpoint.",
+        discussion: """
+            The format is taken from --format, else from OUT's extension (.safetensors, .ckpts). \
+            If OUT is a folder, the file is OUT/model.safetensors. The output appears only when \
+            the whole stream was read and checked; a failed run leaves nothing behind.
+
+            Examples:
+              ckpt-read a.safetensors | ckpt-write b.safetensors
+              ckpt-read big.safetensors | ckpt-write --max-shard-size 5GB out/model.safetensors
+            """,
+        version: Tool.version)
+
+    @Argument(help: "The file to write (or a folder for model.safetensors).")
+    public var out: String
+
+    @Option(help: ArgumentHelp("Output format: \(CheckpointFormat.allCases.map(\.rawValue).joined(separator: ", ")).", valueName: "format"))
+    public var format: String?
+
+    @Option(help: ArgumentHelp("Split into Hugging Face shards of at most SIZE (e.g. 5GB, 2GiB).", valueName: "size"))
+    public var maxShardSize: String?
+
+    @Option(help: ArgumentHelp("Read the stream from FILE instead of stdin.", valueName: "file"))
+    public var input: String = "-"
+
+    @Flag(help: "Replace existing output files.")
+    public var force = false
+
+    @OptionGroup public var progressOptions: ProgressOptions
+
+    public init() {}
+
+    public func validate() throws {
+        if let format, CheckpointFormat(rawValue: format) == nil {
+            throw ValidationError("unknown --format '\(format)'; known: \(CheckpointFormat.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        if let maxShardSize, (parseByteSize(maxShardSize) ?? 0) <= 0 {
+            throw ValidationError("--max-shard-size takes a size such as 5GB or 500MiB, not '\(maxShardSize)'")
+        }
+    }
+
+    public func run() throws {
+        try Tool.run("ckpt-write") {
+            var path = out
+            var isDir = false
+            var st = stat()
+            if stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR { isDir = true }
+            let fmt: CheckpointFormat
+            if let format { fmt = CheckpointFormat(rawValue: format)! } else if isDir { fmt = .safetensors } else {
+                guard let f = CheckpointFormat.forOutput(path) else {
+                    throw UsageError("cannot tell the format of '\(out)' from its name: give --format")
+                }
+                fmt = f
+            }
+            if isDir { path += "/model.safetensors" }
+            if path == "-" && fmt != .ckpts {
+                throw UsageError("\(fmt.rawValue) output needs a file: it cannot be written to stdout")
+            }
+            if maxShardSize != nil && fmt != .safetensors {
+                throw UsageError("--max-shard-size applies to safetensors output only")
+            }
+            let source = try openStreamInput(input)
+            let quiet = progressOptions.quiet
+            let sink: TensorSink
+            switch fmt {
+            case .safetensors:
+                sink = SafetensorsWriter(path: path, maxShardSize: maxShardSize.flatMap(parseByteSize), overwrite: force,
+                                         log: { if !quiet { Tool.note("ckpt-write", $0) } })
+            case .ckpts:
+                var options = StreamOutputOptions()
+                options.output = path
+                options.force = force
+                sink = try options.makeWriter(producer: source.header.producer)
+            }
+            try pump(from: source, to: sink, progress: progressOptions.makeProgress(label: "ckpt-write"))
+        }
+    }
+}

@@ -1,0 +1,148 @@
+import Glibc
+
+/// Reads a `.safetensors` file, or a sharded checkpoint through its
+/// `*.safetensors.index.json`, as a tensor source: headers first (so the manifest is
+/// known before any data), then each tensor's bytes in file order with large `pread`s.
+public final class SafetensorsReader: TensorSource {
+    public let header: StreamHeader
+    public let manifest: [TensorDescriptor]?
+
+    private struct Shard {
+        var fd: FileDescriptor
+        var header: SafetensorsHeader
+    }
+    private var shards: [Shard] = []
+    private var plan: [(shard: Int, entry: SafetensorsHeader.Entry)] = []
+    private var next = 0
+    private var current: (shard: Int, entry: SafetensorsHeader.Entry)?
+    private var position = 0
+    private let buffer: AlignedBuffer
+    private let chunkSize: Int
+
+    /// - Parameter path: a `.safetensors` file, an `*.index.json`, or a folder holding one of them.
+    public init(path: String, selection: TensorSelection = .all, producer: String,
+                chunkSize: Int = StreamFormat.defaultChunkSize) throws {
+        self.chunkSize = chunkSize
+        buffer = AlignedBuffer(capacity: chunkSize)
+        let (files, index) = try SafetensorsReader.locate(path)
+        var metadata = JSONObject()
+        var owner: [String: String] = [:]
+        for (i, file) in files.enumerated() {
+            let fd = try FileDescriptor.openForReading(file)
+            fd.adviseSequential()
+            guard let size = try fd.regularFileSize() else {
+                throw SafetensorsError(.index("not a regular file"), file: file)
+            }
+            let h = try SafetensorsHeader.read(from: fd, fileSize: size)
+            shards.append(Shard(fd: fd, header: h))
+            if i == 0, let m = h.metadata { metadata = m }
+            for e in h.entries {
+                if let other = owner[e.descriptor.name] {
+                    throw SafetensorsError(.duplicateTensor(otherFile: other), file: file, tensor: e.descriptor.name)
+                }
+                owner[e.descriptor.name] = file
+                if selection.includes(e.descriptor.name) { plan.append((i, e)) }
+            }
+        }
+        if let (indexPath, idx) = index {
+            // Nothing lost silently: the index and the shards must agree exactly.
+            var listed = Set<String>()
+            let (dir, _) = splitPath(indexPath)
+            for (tensor, file) in idx.weightMap {
+                listed.insert(tensor)
+                let full = (dir.isEmpty ? "" : dir + "/") + file
+                guard owner[tensor] == full else {
+                    throw SafetensorsError(.index("weight_map puts tensor in \(file), which does not hold it"), file: indexPath, tensor: tensor)
+                }
+            }
+            for (tensor, file) in owner where !listed.contains(tensor) {
+                throw SafetensorsError(.index("tensor in \(file) is missing from weight_map"), file: indexPath, tensor: tensor)
+            }
+            for (k, v) in idx.metadata where k != "total_size" && !metadata.contains(k) { metadata[k] = v }
+        }
+        header = StreamHeader(producer: producer, sourceFormat: "safetensors", metadata: metadata)
+        manifest = plan.map(\.entry.descriptor)
+    }
+
+    deinit { for s in shards { s.fd.close() } }
+
+    /// The files to read, in order, and the index if there is one.
+    static func locate(_ path: String) throws -> ([String], (String, SafetensorsIndex)?) {
+        var st = stat()
+        guard stat(path, &st) == 0 else { throw IOError(.open, path: path, errno: errno) }
+        var indexPath: String?
+        if (st.st_mode & S_IFMT) == S_IFDIR {
+            let names = try listDirectory(path)
+            let indexes = names.filter { $0.hasSuffix(".safetensors.index.json") }
+            if indexes.count > 1 {
+                throw SafetensorsError(.index("several *.safetensors.index.json files: name one of them"), file: path)
+            } else if let only = indexes.first {
+                indexPath = path + "/" + only
+            } else {
+                let files = names.filter { $0.hasSuffix(".safetensors") }
+                if files.contains("model.safetensors") { return ([path + "/model.safetensors"], nil) }
+                guard files.count == 1 else {
+                    throw SafetensorsError(.index(files.isEmpty ? "no .safetensors file in this folder"
+                                                                : "several .safetensors files and no index: name one of them"), file: path)
+                }
+                return ([path + "/" + files[0]], nil)
+            }
+        } else if path.hasSuffix(".json") {
+            indexPath = path
+        }
+        guard let indexPath else { return ([path], nil) }
+        let idx = try SafetensorsIndex.parse(try readWholeFile(indexPath, limit: 1 << 30), file: indexPath)
+        let (dir, _) = splitPath(indexPath)
+        var files: [String] = []
+        for f in Set(idx.weightMap.map(\.file)).sorted() { files.append((dir.isEmpty ? "" : dir + "/") + f) }
+        return (files, (indexPath, idx))
+    }
+
+    public func nextTensor() throws -> TensorHeader? {
+        guard next < plan.count else { return nil }
+        current = plan[next]
+        next += 1
+        position = 0
+        return TensorHeader(current!.entry.descriptor)
+    }
+
+    public func nextChunk() throws -> UnsafeRawBufferPointer? {
+        guard let (s, e) = current else { return nil }
+        let length = e.end - e.begin
+        guard position < length else {
+            current = nil
+            return nil
+        }
+        let n = min(chunkSize, length - position)
+        let shard = shards[s]
+        try shard.fd.pread(into: UnsafeMutableRawBufferPointer(start: buffer.pointer, count: n),
+                           at: shard.header.dataStart + e.begin + position)
+        position += n
+        return UnsafeRawBufferPointer(start: buffer.pointer, count: n)
+    }
+}
+
+/// Names in a folder, sorted, without `.` and `..`.
+public func listDirectory(_ path: String) throws -> [String] {
+    guard let d = opendir(path) else { throw IOError(.open, path: path, errno: errno) }
+    defer { closedir(d) }
+    var names: [String] = []
+    while let ent = readdir(d) {
+        let name = withUnsafePointer(to: ent.pointee.d_name) {
+            $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
+        }
+        if name != "." && name != ".." { names.append(name) }
+    }
+    return names.sorted()
+}
+
+/// A small file's bytes (indexes, configs); refuses files over `limit`.
+public func readWholeFile(_ path: String, limit: Int) throws -> [UInt8] {
+    let fd = try FileDescriptor.openForReading(path)
+    defer { fd.close() }
+    let size = try fd.regularFileSize() ?? 0
+    guard size <= limit else { throw IOError(.read, path: path, errno: EFBIG, detail: "\(size) bytes, limit \(limit)") }
+    var bytes = [UInt8](repeating: 0, count: size)
+    try bytes.withUnsafeMutableBytes { try fd.pread(into: $0, at: 0) }
+    return bytes
+}

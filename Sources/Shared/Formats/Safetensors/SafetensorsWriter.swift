@@ -1,0 +1,174 @@
+import Glibc
+
+/// Writes tensors as one `.safetensors` file, or as Hugging Face shards plus
+/// `<name>.index.json` when `maxShardSize` is set and exceeded.
+///
+/// With a manifest the layout is known before any data: headers are written first and
+/// each chunk goes straight to its final offset (`pwrite`), in one pass, memory
+/// independent of model size. Without one, data is spooled to a temporary file in the
+/// output's folder and laid out at the end. Files appear only on success.
+public final class SafetensorsWriter: TensorSink {
+    public let path: String
+    public let maxShardSize: Int?
+    public let overwrite: Bool
+    private let log: (String) -> Void
+
+    private struct OutputFile {
+        var name: String
+        var output: AtomicOutput
+        var layout: SafetensorsLayout
+    }
+    private var files: [OutputFile] = []
+    /// Tensor name → (file, absolute offset); filled from the plan.
+    private var placement: [String: (file: Int, offset: Int)] = [:]
+    private var metadata: JSONObject?
+    private var manifest: [TensorDescriptor]?
+    private var received = 0
+
+    // Spool mode (no manifest).
+    private var spool: AtomicOutput?
+    private var spooled: [(descriptor: TensorDescriptor, offset: Int)] = []
+    private var spoolSize = 0
+    private var seen = Set<String>()
+
+    private var current: TensorDescriptor?
+    private var cursor = (file: 0, offset: 0)
+    private var written = 0
+
+    public init(path: String, maxShardSize: Int? = nil, overwrite: Bool, log: @escaping (String) -> Void) {
+        self.path = path
+        self.maxShardSize = maxShardSize
+        self.overwrite = overwrite
+        self.log = log
+    }
+
+    /// Metadata written as `__metadata__`: the stream's, with non-string values as JSON
+    /// text (safetensors allows only strings). Streams from other formats get
+    /// `"format": "pt"`, which transformers requires to load a file.
+    static func safetensorsMetadata(_ header: StreamHeader) -> JSONObject? {
+        var m = JSONObject()
+        for (k, v) in header.metadata {
+            m[k] = v.stringValue.map { .string($0) } ?? .string(String(decoding: JSONWriter.compact(v), as: UTF8.self))
+        }
+        if header.sourceFormat != "safetensors" && !m.contains("format") { m["format"] = .string("pt") }
+        return m.isEmpty ? nil : m
+    }
+
+    public func begin(_ header: StreamHeader, manifest: [TensorDescriptor]?) throws {
+        metadata = SafetensorsWriter.safetensorsMetadata(header)
+        self.manifest = manifest
+        if let manifest {
+            try layOut(manifest)
+        } else {
+            let (dir, base) = splitPath(path)
+            spool = try AtomicOutput(path: (dir.isEmpty ? "" : dir + "/") + ".\(base).spool", overwrite: true)
+            log("no manifest in the stream: spooling tensor data to \(spool!.temporaryPath) to lay out the file at the end")
+        }
+    }
+
+    /// Plans the files, creates them and writes their headers.
+    private func layOut(_ tensors: [TensorDescriptor]) throws {
+        var names = Set<String>()
+        for t in tensors where !names.insert(t.name).inserted {
+            throw SafetensorsError(.index("tensor name appears twice in the stream"), file: path, tensor: t.name)
+        }
+        let groups: [[TensorDescriptor]]
+        if let maxShardSize { groups = SafetensorsIndex.planShards(tensors, maxShardSize: maxShardSize) } else { groups = [tensors] }
+        let (dir, base) = splitPath(path)
+        let stem = base.hasSuffix(".safetensors") ? String(base.dropLast(".safetensors".count)) : base
+        for (i, group) in groups.enumerated() {
+            let name = groups.count == 1 ? base : SafetensorsIndex.shardName(stem: stem, index: i + 1, count: groups.count)
+            let full = (dir.isEmpty ? "" : dir + "/") + name
+            var shardMetadata = metadata
+            if groups.count > 1 && shardMetadata?["format"] == nil {
+                shardMetadata = shardMetadata ?? JSONObject()
+                shardMetadata!["format"] = .string("pt")
+            }
+            let layout = SafetensorsLayout(tensors: group, metadata: shardMetadata)
+            let out = try AtomicOutput(path: full, overwrite: overwrite)
+            files.append(OutputFile(name: name, output: out, layout: layout))
+            for (d, offset) in layout.placements { placement[d.name] = (i, offset) }
+            try layout.headerBytes.withUnsafeBytes { try out.descriptor.pwriteAll($0, at: 0) }
+            if ftruncate(out.descriptor.rawValue, off_t(layout.fileSize)) != 0 {
+                throw IOError(.write, path: out.temporaryPath, errno: errno, detail: "reserving \(layout.fileSize) bytes")
+            }
+        }
+    }
+
+    public func beginTensor(_ tensor: TensorHeader) throws {
+        let d = tensor.descriptor
+        current = d
+        written = 0
+        if let spool {
+            guard seen.insert(d.name).inserted else {
+                throw SafetensorsError(.index("tensor name appears twice in the stream"), file: path, tensor: d.name)
+            }
+            spooled.append((d, spoolSize))
+            cursor = (0, spoolSize)
+            spoolSize += d.byteCount
+            _ = spool
+        } else {
+            guard let manifest, received < manifest.count, manifest[received] == d, let p = placement[d.name] else {
+                throw StreamError(.manifestMismatch("tensor \(d) is not the manifest's next entry"), source: path, tensor: d.name)
+            }
+            cursor = p
+        }
+    }
+
+    public func write(_ chunk: UnsafeRawBufferPointer) throws {
+        guard let d = current, written + chunk.count <= d.byteCount else {
+            throw StreamError(.tensorLengthMismatch(declared: UInt64(current?.byteCount ?? 0), received: UInt64(written + chunk.count)),
+                              source: path, tensor: current?.name)
+        }
+        let fd = spool?.descriptor ?? files[cursor.file].output.descriptor
+        try fd.pwriteAll(chunk, at: cursor.offset + written)
+        written += chunk.count
+    }
+
+    public func endTensor() throws {
+        guard let d = current, written == d.byteCount else {
+            throw StreamError(.tensorLengthMismatch(declared: UInt64(current?.byteCount ?? 0), received: UInt64(written)),
+                              source: path, tensor: current?.name)
+        }
+        received += 1
+        current = nil
+    }
+
+    public func finish() throws {
+        if let spool {
+            try layOut(spooled.map(\.descriptor))
+            let buffer = AlignedBuffer(capacity: 8 << 20)
+            for (d, from) in spooled {
+                let (f, to) = placement[d.name]!
+                var done = 0
+                while done < d.byteCount {
+                    let n = min(buffer.capacity, d.byteCount - done)
+                    let region = UnsafeMutableRawBufferPointer(start: buffer.pointer, count: n)
+                    try spool.descriptor.pread(into: region, at: from + done)
+                    try files[f].output.descriptor.pwriteAll(UnsafeRawBufferPointer(region), at: to + done)
+                    done += n
+                }
+            }
+            spool.abort()
+            self.spool = nil
+        } else if let manifest, received != manifest.count {
+            throw StreamError(.manifestMismatch("manifest lists \(manifest.count) tensors, \(received) arrived"), source: path)
+        }
+        if files.count > 1 {
+            let index = SafetensorsIndex(
+                metadata: JSONObject([("total_size", .int(files.reduce(0) { $0 + $1.layout.placements.reduce(0) { $0 + $1.descriptor.byteCount } }))]),
+                weightMap: files.flatMap { f in f.layout.placements.map { ($0.descriptor.name, f.name) } }
+                    .sorted { $0.0.unicodeScalars.lexicographicallyPrecedes($1.0.unicodeScalars) })
+            let (dir, base) = splitPath(path)
+            let indexOut = try AtomicOutput(path: (dir.isEmpty ? "" : dir + "/") + base + ".index.json", overwrite: overwrite)
+            files.append(OutputFile(name: base + ".index.json", output: indexOut, layout: SafetensorsLayout(tensors: [], metadata: nil)))
+            try index.encoded().withUnsafeBytes { try indexOut.descriptor.writeAll($0) }
+        }
+        for f in files { try f.output.commit() }
+    }
+
+    public func abort() {
+        spool?.abort()
+        for f in files { f.output.abort() }
+    }
+}

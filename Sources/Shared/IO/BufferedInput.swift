@@ -1,0 +1,70 @@
+/// Sequential reads from a descriptor: small reads (frame headers) come from a 64 KiB
+/// buffer, large ones (chunk data) go straight into the caller's memory. Tracks the
+/// absolute offset for error messages.
+public final class BufferedInput {
+    public let descriptor: FileDescriptor
+    private let buffer: AlignedBuffer
+    private var start = 0
+    private var end = 0
+    private var eof = false
+    /// Bytes consumed so far, i.e. the offset of the next byte.
+    public private(set) var offset = 0
+
+    public init(_ descriptor: FileDescriptor, bufferSize: Int = 1 << 16) {
+        self.descriptor = descriptor
+        buffer = AlignedBuffer(capacity: bufferSize)
+        descriptor.enlargePipeBuffer()
+    }
+
+    private func refill() throws {
+        if start > 0 {
+            if end > start { buffer.pointer.copyMemory(from: buffer.pointer + start, byteCount: end - start) }
+            end -= start
+            start = 0
+        }
+        if eof || end == buffer.capacity { return }
+        let n = try descriptor.readFully(into: UnsafeMutableRawBufferPointer(start: buffer.pointer + end, count: buffer.capacity - end))
+        if n < buffer.capacity - end { eof = true }
+        end += n
+    }
+
+    /// Reads up to `n` bytes; fewer only at end of input.
+    public func read(_ n: Int) throws -> [UInt8] {
+        if end - start < n && n <= buffer.capacity { try refill() }
+        if end - start >= n {
+            let out = [UInt8](UnsafeRawBufferPointer(start: buffer.pointer + start, count: n))
+            start += n
+            offset += n
+            return out
+        }
+        var out = [UInt8](repeating: 0, count: n)
+        let got = try out.withUnsafeMutableBytes { try read(into: $0) }
+        out.removeLast(n - got)
+        return out
+    }
+
+    /// Fills `destination`; returns fewer bytes only at end of input.
+    public func read(into destination: UnsafeMutableRawBufferPointer) throws -> Int {
+        let buffered = min(end - start, destination.count)
+        if buffered > 0 {
+            destination.baseAddress!.copyMemory(from: buffer.pointer + start, byteCount: buffered)
+            start += buffered
+        }
+        var got = buffered
+        if got < destination.count && !eof {
+            let rest = UnsafeMutableRawBufferPointer(rebasing: destination[got...])
+            let n = try descriptor.readFully(into: rest)
+            if n < rest.count { eof = true }
+            got += n
+        }
+        offset += got
+        return got
+    }
+
+    /// True when no byte is left.
+    public func atEnd() throws -> Bool {
+        if end > start { return false }
+        try refill()
+        return end == start
+    }
+}

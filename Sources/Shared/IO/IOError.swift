@@ -1,0 +1,40 @@
+import Glibc
+
+/// A failed system call, with the file it was about and the errno it returned.
+public struct IOError: CkptError, Equatable {
+    public enum Operation: String, Sendable {
+        case open, read, write, seek, stat, rename, unlink, create, mkdir, sync, close, mmap
+    }
+    public var operation: Operation
+    public var path: String
+    public var errno: Int32
+    public var detail: String?
+
+    public init(_ operation: Operation, path: String, errno: Int32, detail: String? = nil) {
+        self.operation = operation
+        self.path = path
+        self.errno = errno
+        self.detail = detail
+    }
+
+    public var exitStatus: SysExit {
+        switch (operation, errno) {
+        case (.open, ENOENT), (.open, EACCES), (.stat, ENOENT): return .noInput
+        case (.create, _), (.mkdir, _), (.rename, _): return .cantCreate
+        default: return .ioError
+        }
+    }
+
+    public var description: String {
+        let reason = String(cString: strerror(errno))
+        if let detail { return "\(path): \(operation.rawValue) failed: \(reason) (\(detail))" }
+        return "\(path): \(operation.rawValue) failed: \(reason)"
+    }
+}
+
+/// An output that already exists and was not allowed to be replaced.
+public struct OutputExistsError: CkptError {
+    public var path: String
+    public var exitStatus: SysExit { .cantCreate }
+    public var description: String { "\(path): already exists (use --force to replace it)" }
+}

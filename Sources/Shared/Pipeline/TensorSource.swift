@@ -1,0 +1,92 @@
+/// The first frame of every stream: who produced it, from what, and metadata that
+/// writers may carry over (safetensors `__metadata__`, a torch checkpoint's non-tensor
+/// leaves, a model config).
+public struct StreamHeader: Equatable, Sendable {
+    public var producer: String
+    public var sourceFormat: String
+    public var metadata: JSONObject
+
+    public init(producer: String, sourceFormat: String, metadata: JSONObject = JSONObject()) {
+        self.producer = producer
+        self.sourceFormat = sourceFormat
+        self.metadata = metadata
+    }
+}
+
+/// A tensor as it arrives: its descriptor and a small attribute map (JSON object).
+public struct TensorHeader: Equatable, Sendable {
+    public var descriptor: TensorDescriptor
+    public var attributes: JSONObject
+
+    public init(_ descriptor: TensorDescriptor, attributes: JSONObject = JSONObject()) {
+        self.descriptor = descriptor
+        self.attributes = attributes
+    }
+}
+
+/// Anything that produces tensors in order: a format reader or a stream reader.
+///
+/// Usage: read `header` and `manifest`, then call `nextTensor()` until it returns nil;
+/// after each tensor, call `nextChunk()` until it returns nil. A chunk's memory belongs
+/// to the source and is valid only until the next call.
+public protocol TensorSource: AnyObject {
+    var header: StreamHeader { get }
+    /// Every tensor's descriptor in the order they will arrive, when known up front.
+    var manifest: [TensorDescriptor]? { get }
+    func nextTensor() throws -> TensorHeader?
+    func nextChunk() throws -> UnsafeRawBufferPointer?
+}
+
+/// Anything that consumes tensors in order: a format writer or a stream writer.
+public protocol TensorSink: AnyObject {
+    func begin(_ header: StreamHeader, manifest: [TensorDescriptor]?) throws
+    func beginTensor(_ tensor: TensorHeader) throws
+    func write(_ chunk: UnsafeRawBufferPointer) throws
+    func endTensor() throws
+    /// Completes the output (renames files into place). Called once, after the last tensor.
+    func finish() throws
+    /// Discards partial output after a failure. Must be safe to call at any point.
+    func abort()
+}
+
+/// What `pump` moved, for summaries and progress.
+public struct PumpTotals: Equatable, Sendable {
+    public var tensors = 0
+    public var bytes = 0
+}
+
+/// Moves every tensor from `source` to `sink`, checking that each tensor's chunks add up
+/// to its declared length. On any error the sink is aborted, so no partial output stays.
+@discardableResult
+public func pump(from source: TensorSource, to sink: TensorSink, progress: Progress? = nil) throws -> PumpTotals {
+    var totals = PumpTotals()
+    do {
+        try sink.begin(source.header, manifest: source.manifest)
+        progress?.start(totalBytes: source.manifest.map { $0.reduce(0) { $0 + $1.byteCount } })
+        while let tensor = try source.nextTensor() {
+            try sink.beginTensor(tensor)
+            var received = 0
+            while let chunk = try source.nextChunk() {
+                received += chunk.count
+                try sink.write(chunk)
+                progress?.advance(bytes: chunk.count)
+            }
+            guard received == tensor.descriptor.byteCount else {
+                throw StreamError(.tensorLengthMismatch(declared: UInt64(tensor.descriptor.byteCount),
+                                                        received: UInt64(received)),
+                                  source: "pipeline", tensor: tensor.descriptor.name)
+            }
+            try sink.endTensor()
+            totals.tensors += 1
+            totals.bytes += received
+            progress?.finishTensor()
+        }
+        try sink.finish()
+        progress?.done()
+    } catch {
+        sink.abort()
+        progress?.done()
+        throw error
+    }
+    return totals
+}

@@ -1,0 +1,172 @@
+/// Parses frame headers and the bodies of the small frame kinds, refusing anything the
+/// spec does not allow. Errors carry the stream name and the frame's byte offset.
+public struct FrameDecoder {
+    public let source: String
+
+    public init(source: String) { self.source = source }
+
+    public struct FrameHeader: Equatable {
+        public var kind: UInt8
+        public var bodyLength: UInt64
+    }
+
+    public struct ChunkHeader: Equatable {
+        public var offset: UInt64
+        public var rawLength: UInt64
+        public var codec: StreamFormat.Codec
+        public var crc: UInt32
+        public var storedLength: Int
+    }
+
+    func error(_ r: StreamError.Reason, at offset: Int, tensor: String? = nil) -> StreamError {
+        StreamError(r, source: source, offset: offset, tensor: tensor)
+    }
+
+    public func preamble(_ bytes: [UInt8], at offset: Int = 0) throws(StreamError) {
+        guard bytes.count == StreamFormat.preambleSize, Array(bytes[0..<8]) == StreamFormat.magic else {
+            throw error(.badMagic, at: offset)
+        }
+        var r = ByteReader(Array(bytes[8...]))
+        let major = try! r.u16(), minor = try! r.u16(), flags = try! r.u32()
+        guard major == StreamFormat.majorVersion else {
+            throw error(.unsupportedVersion(major: major, minor: minor), at: offset)
+        }
+        guard flags == 0 else { throw error(.nonZeroReserved("preamble flags"), at: offset) }
+        guard bytes[16...].allSatisfy({ $0 == 0 }) else { throw error(.nonZeroReserved("preamble padding"), at: offset) }
+    }
+
+    public func frameHeader(_ bytes: [UInt8], at offset: Int) throws(StreamError) -> FrameHeader {
+        var r = ByteReader(bytes)
+        let marker = try! r.u32(), kind = try! r.u8(), flags = try! r.u8(), reserved = try! r.u16()
+        let length = try! r.u64()
+        guard marker == StreamFormat.marker else { throw error(.badMarker(marker), at: offset) }
+        guard flags == 0, reserved == 0 else { throw error(.nonZeroReserved("frame flags"), at: offset) }
+        if StreamFormat.Kind(rawValue: kind) == nil && !StreamFormat.Kind.isAncillary(kind) {
+            throw error(.unknownCriticalFrame(kind), at: offset)
+        }
+        return FrameHeader(kind: kind, bodyLength: length)
+    }
+
+    private func malformed(_ kind: StreamFormat.Kind, _ reason: String, at offset: Int) -> StreamError {
+        error(.malformedFrame(kind: kind.description, reason: reason), at: offset)
+    }
+
+    public func header(_ body: [UInt8], at offset: Int) throws(StreamError) -> StreamHeader {
+        let value: JSONValue
+        do { value = try JSONParser.parse(body) } catch { throw self.error(.badJSON(error.description), at: offset) }
+        guard let obj = value.objectValue,
+              let producer = obj["producer"]?.stringValue,
+              let format = obj["source_format"]?.stringValue else {
+            throw malformed(.header, "expected an object with string fields producer and source_format", at: offset)
+        }
+        var metadata = JSONObject()
+        if let m = obj["metadata"] {
+            guard let mo = m.objectValue else { throw malformed(.header, "metadata is not an object", at: offset) }
+            metadata = mo
+        }
+        return StreamHeader(producer: producer, sourceFormat: format, metadata: metadata)
+    }
+
+    func descriptor(_ r: inout ByteReader, kind: StreamFormat.Kind, at offset: Int) throws(StreamError) -> TensorDescriptor {
+        do {
+            let nameBytes = try r.bytes32()
+            guard let name = String(validating: nameBytes, as: UTF8.self) else {
+                throw malformed(kind, "tensor name is not valid UTF-8", at: offset)
+            }
+            let dtypeText = String(decoding: try r.bytes8(), as: UTF8.self)
+            guard let dtype = DType(rawValue: dtypeText) else {
+                throw error(.unknownDType(dtypeText), at: offset, tensor: name)
+            }
+            let rank = Int(try r.u8())
+            guard rank <= 64 else { throw error(.badShape("rank \(rank) exceeds 64"), at: offset, tensor: name) }
+            var shape: [Int] = []
+            for _ in 0..<rank {
+                let d = try r.u64()
+                guard d <= UInt64(Int.max) else { throw error(.badShape("dimension \(d) too large"), at: offset, tensor: name) }
+                shape.append(Int(d))
+            }
+            do {
+                return try TensorDescriptor(name: name, dtype: dtype, shape: shape)
+            } catch {
+                throw self.error(.badShape(error.reason), at: offset, tensor: name)
+            }
+        } catch let e as ByteReader.OutOfBounds {
+            throw malformed(kind, "body too short (needed \(e.wanted) bytes at body offset \(e.offset))", at: offset)
+        } catch let e as StreamError {
+            throw e
+        } catch {
+            fatalError("unreachable: \(error)")
+        }
+    }
+
+    public func manifest(_ body: [UInt8], at offset: Int) throws(StreamError) -> [TensorDescriptor] {
+        var r = ByteReader(body)
+        guard let count = try? r.u64() else { throw malformed(.manifest, "body too short", at: offset) }
+        // Each entry needs at least 6 bytes: refuse counts the body cannot hold.
+        guard count <= UInt64(body.count / 6) else { throw malformed(.manifest, "count \(count) exceeds what the body holds", at: offset) }
+        var out: [TensorDescriptor] = []
+        out.reserveCapacity(Int(count))
+        for _ in 0..<count { out.append(try descriptor(&r, kind: .manifest, at: offset)) }
+        guard r.remaining == 0 else { throw malformed(.manifest, "\(r.remaining) unexpected bytes after the entries", at: offset) }
+        var seen = Set<String>()
+        for d in out where !seen.insert(d.name).inserted {
+            throw error(.manifestMismatch("tensor name listed twice"), at: offset, tensor: d.name)
+        }
+        return out
+    }
+
+    public func tensor(_ body: [UInt8], at offset: Int) throws(StreamError) -> TensorHeader {
+        var r = ByteReader(body)
+        let d = try descriptor(&r, kind: .tensor, at: offset)
+        guard let length = try? r.u64(), let attrBytes = try? r.bytes32() else {
+            throw malformed(.tensor, "body too short", at: offset)
+        }
+        guard r.remaining == 0 else { throw malformed(.tensor, "\(r.remaining) unexpected bytes at the end", at: offset) }
+        guard length == UInt64(d.byteCount) else {
+            throw error(.malformedFrame(kind: "tensor", reason: "byte length \(length) does not match \(d.dtype.rawValue)\(d.shapeText) (\(d.byteCount) bytes)"),
+                        at: offset, tensor: d.name)
+        }
+        var attributes = JSONObject()
+        if !attrBytes.isEmpty {
+            let value: JSONValue
+            do { value = try JSONParser.parse(attrBytes) } catch {
+                throw self.error(.badJSON("attributes: \(error.description)"), at: offset, tensor: d.name)
+            }
+            guard let o = value.objectValue else { throw malformed(.tensor, "attributes are not a JSON object", at: offset) }
+            attributes = o
+        }
+        return TensorHeader(d, attributes: attributes)
+    }
+
+    public func chunkHeader(_ bytes: [UInt8], bodyLength: UInt64, at offset: Int, tensor: String) throws(StreamError) -> ChunkHeader {
+        guard bodyLength >= UInt64(StreamFormat.chunkHeaderSize) else {
+            throw malformed(.chunk, "body shorter than the 48-byte chunk header", at: offset)
+        }
+        var r = ByteReader(bytes)
+        let off = try! r.u64(), raw = try! r.u64(), codecRaw = try! r.u32(), crc = try! r.u32()
+        guard try! r.bytes(24).allSatisfy({ $0 == 0 }) else { throw error(.nonZeroReserved("chunk header"), at: offset, tensor: tensor) }
+        guard let codec = StreamFormat.Codec(rawValue: codecRaw) else { throw error(.unknownCodec(codecRaw), at: offset, tensor: tensor) }
+        let stored = bodyLength - UInt64(StreamFormat.chunkHeaderSize)
+        guard raw <= UInt64(StreamFormat.maxChunkSize), stored <= UInt64(StreamFormat.maxChunkSize) + 65536 else {
+            throw error(.frameTooLarge(kind: "chunk", length: max(raw, stored), limit: StreamFormat.maxChunkSize), at: offset, tensor: tensor)
+        }
+        if codec == .none && stored != raw {
+            throw malformed(.chunk, "uncompressed chunk stores \(stored) bytes but declares \(raw)", at: offset)
+        }
+        return ChunkHeader(offset: off, rawLength: raw, codec: codec, crc: crc, storedLength: Int(stored))
+    }
+
+    public func tensorEnd(_ body: [UInt8], at offset: Int) throws(StreamError) -> (length: UInt64, crc: UInt32) {
+        guard body.count == 16 else { throw malformed(.tensorEnd, "body is \(body.count) bytes, expected 16", at: offset) }
+        var r = ByteReader(body)
+        let length = try! r.u64(), crc = try! r.u32(), reserved = try! r.u32()
+        guard reserved == 0 else { throw error(.nonZeroReserved("tensor-end"), at: offset) }
+        return (length, crc)
+    }
+
+    public func end(_ body: [UInt8], at offset: Int) throws(StreamError) -> (tensors: UInt64, bytes: UInt64) {
+        guard body.count == 16 else { throw malformed(.end, "body is \(body.count) bytes, expected 16", at: offset) }
+        var r = ByteReader(body)
+        return (try! r.u64(), try! r.u64())
+    }
+}

@@ -1,0 +1,68 @@
+import Dispatch
+
+/// A unit of CPU work (compress or decompress one chunk) run on another core.
+public class Job: @unchecked Sendable {
+    private let finished = DispatchSemaphore(value: 0)
+    public var failure: Error?
+
+    /// Override: the work itself. Runs on a worker thread.
+    open func run() throws {}
+
+    func execute() {
+        do { try run() } catch { failure = error }
+        finished.signal()
+    }
+
+    /// Blocks until `run()` has returned; rethrows its error.
+    public func wait() throws {
+        finished.wait()
+        if let failure { throw failure }
+    }
+}
+
+/// Starts jobs on worker threads and hands them back in submission order, with at most
+/// `window` in flight so memory stays bounded (window × chunk buffers).
+public final class OrderedWork<J: Job> {
+    public let window: Int
+    private var pending: [J] = []
+    private var head = 0
+    private static var queue: DispatchQueue { DispatchQueue.global(qos: .userInitiated) }
+
+    public init(window: Int) { self.window = max(1, window) }
+
+    public var count: Int { pending.count - head }
+    public var isFull: Bool { count >= window }
+
+    public func submit(_ job: J) {
+        pending.append(job)
+        OrderedWork.queue.async { job.execute() }
+    }
+
+    /// The oldest job, once finished; nil if none is pending.
+    public func next() throws -> J? {
+        guard head < pending.count else { return nil }
+        let job = pending[head]
+        head += 1
+        if head > 64 && head * 2 > pending.count {
+            pending.removeFirst(head)
+            head = 0
+        }
+        try job.wait()
+        return job
+    }
+
+    /// Waits for every job still running (used on errors, so no worker outlives its buffers).
+    public func drain() {
+        while head < pending.count {
+            try? pending[head].wait()
+            head += 1
+        }
+        pending.removeAll()
+        head = 0
+    }
+
+    /// How many worker threads to keep busy: every core.
+    public static var cores: Int { max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN))) }
+}
+
+import Glibc

@@ -1,0 +1,354 @@
+/// Reads a ckpt stream and checks everything the spec promises: the grammar
+/// (`preamble header manifest? (tensor chunk* tensor-end)* end EOF`), each chunk's
+/// offset and CRC, each tensor's length and CRC, the manifest, and the end frame's
+/// totals. The source behind every stage's standard input.
+///
+/// Chunks are read a few frames ahead and inflated/checksummed on worker threads, so a
+/// compressed stream decodes on all cores; plain and compressed chunks may be mixed.
+public final class StreamReader: TensorSource {
+    public let header: StreamHeader
+    public private(set) var manifest: [TensorDescriptor]? = nil
+    public let source: String
+
+    private let input: BufferedInput
+    private let decoder: FrameDecoder
+
+    // Read side (ahead of the consumer): where the parser is in the grammar.
+    private enum Event {
+        case tensor(TensorHeader, offset: Int)
+        case chunk(ChunkJob)
+        case tensorEnd(length: UInt64, crc: UInt32, offset: Int)
+        case end
+    }
+    private var events: [Event] = []
+    private var eventHead = 0
+    private var chunksAhead = 0
+    private var readingTensor: TensorDescriptor?
+    private var readingOffset: UInt64 = 0
+    private var sawEnd = false
+    private var tensorsRead = 0
+    private var bytesRead = 0
+
+    // Consumer side.
+    private var currentTensor: TensorDescriptor?
+    private var currentCRC: UInt32 = 0
+    private var delivered = 0
+    private var heldChunk: ChunkJob?
+
+    private let work: OrderedWork<ChunkJob>
+    private let rawPool = BufferPool(bufferSize: StreamFormat.defaultChunkSize)
+    private let packedPool = BufferPool(bufferSize: ZlibCodec.bound(StreamFormat.defaultChunkSize))
+    private let lookahead: Int
+
+    public init(_ descriptor: FileDescriptor) throws {
+        input = BufferedInput(descriptor)
+        source = descriptor.path
+        decoder = FrameDecoder(source: descriptor.path)
+        lookahead = OrderedWork<ChunkJob>.cores + 1
+        work = OrderedWork(window: lookahead + 1)
+
+        let pre = try input.read(StreamFormat.preambleSize)
+        if pre.count < StreamFormat.preambleSize {
+            if pre.count >= 8 && Array(pre[0..<8]) == StreamFormat.magic {
+                throw StreamError(.truncated(inside: "the preamble"), source: source, offset: pre.count)
+            }
+            throw StreamError(.badMagic, source: source, offset: 0)
+        }
+        try decoder.preamble(pre)
+
+        let at = input.offset
+        guard let (kind, body) = try StreamReader.readSmallFrame(input, decoder) else {
+            throw StreamError(.truncated(inside: "the stream before its header frame"), source: source, offset: at)
+        }
+        guard kind == .header else {
+            throw StreamError(.unexpectedFrame(got: kind.description, expected: "header"), source: source, offset: at)
+        }
+        header = try decoder.header(body, at: at)
+
+        // The manifest, if any, comes right after the header.
+        if let first = try readEvent(allowManifest: true) {
+            if case .manifestFrame(let m) = first { manifest = m } else { pushEvent(first) }
+        }
+    }
+
+    deinit { work.drain() }
+
+    // MARK: - TensorSource
+
+    public func nextTensor() throws -> TensorHeader? {
+        if currentTensor != nil {
+            // Skip the rest of an unfinished tensor.
+            while try nextChunk() != nil {}
+        }
+        switch try nextEvent() {
+        case .tensor(let t, _):
+            currentTensor = t.descriptor
+            currentCRC = 0
+            delivered = 0
+            return t
+        case .end:
+            return nil
+        default:
+            preconditionFailure("parser let a chunk frame through outside a tensor")
+        }
+    }
+
+    public func nextChunk() throws -> UnsafeRawBufferPointer? {
+        releaseHeld()
+        guard let tensor = currentTensor else { return nil }
+        switch try nextEvent() {
+        case .chunk(let job):
+            _ = try work.next()  // the oldest job is this one: events and jobs share one order
+            if job.crc != job.storedCRC {
+                throw StreamError(.chunkCRCMismatch(chunkOffset: job.tensorOffset, expected: job.storedCRC, actual: job.crc),
+                                  source: source, offset: job.frameOffset, tensor: tensor.name)
+            }
+            currentCRC = CRC32.combine(currentCRC, job.crc, lengthOfB: job.output.count)
+            delivered += job.output.count
+            heldChunk = job
+            return job.output.bytes
+        case .tensorEnd(let length, let crc, let offset):
+            if crc != currentCRC {
+                throw StreamError(.tensorCRCMismatch(expected: crc, actual: currentCRC), source: source, offset: offset, tensor: tensor.name)
+            }
+            _ = length
+            currentTensor = nil
+            return nil
+        default:
+            preconditionFailure("parser let a non-chunk frame through inside a tensor")
+        }
+    }
+
+    private func releaseHeld() {
+        guard let job = heldChunk else { return }
+        heldChunk = nil
+        if job.packed !== job.output { rawPool.give(job.output) }
+        packedPool.give(job.packed)
+    }
+
+    // MARK: - Events, read ahead of the consumer
+
+    private enum Parsed {
+        case manifestFrame([TensorDescriptor])
+        case event(Event)
+    }
+
+    private func pushEvent(_ p: Parsed) {
+        if case .event(let e) = p {
+            if case .chunk = e { chunksAhead += 1 }
+            events.append(e)
+        }
+    }
+
+    private func nextEvent() throws -> Event {
+        // Keep `lookahead` chunks in flight: reading is sequential, inflating parallel.
+        while !sawEnd && (eventHead == events.count || (chunksAhead < lookahead && events.count - eventHead < 256)) {
+            guard let p = try readEvent(allowManifest: false) else { break }
+            pushEvent(p)
+        }
+        precondition(eventHead < events.count, "no event after the end frame")
+        let e = events[eventHead]
+        eventHead += 1
+        if eventHead == events.count { events.removeAll(keepingCapacity: true); eventHead = 0 }
+        if case .chunk = e { chunksAhead -= 1 }
+        return e
+    }
+
+    static func readSmallFrame(_ input: BufferedInput, _ decoder: FrameDecoder) throws -> (StreamFormat.Kind, [UInt8])? {
+        while true {
+            let at = input.offset
+            let h = try input.read(StreamFormat.frameHeaderSize)
+            if h.isEmpty { return nil }
+            guard h.count == StreamFormat.frameHeaderSize else {
+                throw StreamError(.truncated(inside: "a frame header"), source: decoder.source, offset: at)
+            }
+            let fh = try decoder.frameHeader(h, at: at)
+            guard let kind = StreamFormat.Kind(rawValue: fh.kind), kind != .chunk else {
+                if StreamFormat.Kind(rawValue: fh.kind) == .chunk {
+                    throw StreamError(.unexpectedFrame(got: "chunk", expected: "header"), source: decoder.source, offset: at)
+                }
+                try skipBody(input, decoder, length: fh.bodyLength, at: at, kind: "ancillary")
+                continue
+            }
+            guard fh.bodyLength <= UInt64(StreamFormat.maxMetadataFrameSize) else {
+                throw StreamError(.frameTooLarge(kind: kind.description, length: fh.bodyLength, limit: StreamFormat.maxMetadataFrameSize),
+                                  source: decoder.source, offset: at)
+            }
+            let body = try input.read(Int(fh.bodyLength))
+            guard body.count == Int(fh.bodyLength) else {
+                throw StreamError(.truncated(inside: "a \(kind) frame"), source: decoder.source, offset: at)
+            }
+            try skipPadding(input, decoder, after: StreamFormat.frameHeaderSize + body.count, at: at, kind: kind.description)
+            return (kind, body)
+        }
+    }
+
+    static func skipPadding(_ input: BufferedInput, _ decoder: FrameDecoder, after length: Int, at: Int, kind: String) throws {
+        let pad = StreamFormat.padding(after: length)
+        guard pad > 0 else { return }
+        let bytes = try input.read(pad)
+        guard bytes.count == pad else { throw StreamError(.truncated(inside: "the padding of a \(kind) frame"), source: decoder.source, offset: at) }
+        guard bytes.allSatisfy({ $0 == 0 }) else { throw StreamError(.nonZeroReserved("padding of a \(kind) frame"), source: decoder.source, offset: at) }
+    }
+
+    static func skipBody(_ input: BufferedInput, _ decoder: FrameDecoder, length: UInt64, at: Int, kind: String) throws {
+        var left = length
+        while left > 0 {
+            let n = Int(min(left, 1 << 16))
+            let got = try input.read(n)
+            guard got.count == n else { throw StreamError(.truncated(inside: "an \(kind) frame"), source: decoder.source, offset: at) }
+            left -= UInt64(n)
+        }
+        let total = UInt64(StreamFormat.frameHeaderSize) + length
+        try skipPadding(input, decoder, after: Int(total % UInt64(StreamFormat.alignment)), at: at, kind: kind)
+    }
+
+    /// Reads and checks the next frame against the grammar; nil only at a clean EOF
+    /// after the end frame (which has been checked for trailing data).
+    private func readEvent(allowManifest: Bool) throws -> Parsed? {
+        if sawEnd { return nil }
+        while true {
+            let at = input.offset
+            let h = try input.read(StreamFormat.frameHeaderSize)
+            guard h.count == StreamFormat.frameHeaderSize else {
+                let inside = readingTensor.map { "tensor \($0.name)" } ?? (h.isEmpty ? "the stream" : "a frame header")
+                throw StreamError(.truncated(inside: inside), source: source, offset: at)
+            }
+            let fh = try decoder.frameHeader(h, at: at)
+            guard let kind = StreamFormat.Kind(rawValue: fh.kind) else {
+                try StreamReader.skipBody(input, decoder, length: fh.bodyLength, at: at, kind: "ancillary")
+                continue
+            }
+            let expected = readingTensor == nil ? "tensor or end" : "chunk or tensor-end"
+            if kind == .chunk {
+                guard let tensor = readingTensor else {
+                    throw StreamError(.unexpectedFrame(got: "chunk", expected: expected), source: source, offset: at)
+                }
+                return .event(.chunk(try readChunk(fh, at: at, tensor: tensor)))
+            }
+            guard fh.bodyLength <= UInt64(StreamFormat.maxMetadataFrameSize) else {
+                throw StreamError(.frameTooLarge(kind: kind.description, length: fh.bodyLength, limit: StreamFormat.maxMetadataFrameSize),
+                                  source: source, offset: at)
+            }
+            let body = try input.read(Int(fh.bodyLength))
+            guard body.count == Int(fh.bodyLength) else {
+                throw StreamError(.truncated(inside: "a \(kind) frame"), source: source, offset: at, tensor: readingTensor?.name)
+            }
+            try StreamReader.skipPadding(input, decoder, after: StreamFormat.frameHeaderSize + body.count, at: at, kind: kind.description)
+
+            switch (kind, readingTensor) {
+            case (.manifest, nil) where allowManifest:
+                return .manifestFrame(try decoder.manifest(body, at: at))
+            case (.tensor, nil):
+                let t = try decoder.tensor(body, at: at)
+                if let manifest {
+                    guard tensorsRead < manifest.count else {
+                        throw StreamError(.manifestMismatch("more tensors than the manifest's \(manifest.count)"),
+                                          source: source, offset: at, tensor: t.descriptor.name)
+                    }
+                    guard manifest[tensorsRead] == t.descriptor else {
+                        throw StreamError(.manifestMismatch("manifest entry \(tensorsRead) is \(manifest[tensorsRead]), stream has \(t.descriptor)"),
+                                          source: source, offset: at, tensor: t.descriptor.name)
+                    }
+                }
+                readingTensor = t.descriptor
+                readingOffset = 0
+                return .event(.tensor(t, offset: at))
+            case (.tensorEnd, let tensor?):
+                let (length, crc) = try decoder.tensorEnd(body, at: at)
+                guard length == UInt64(tensor.byteCount), readingOffset == UInt64(tensor.byteCount) else {
+                    throw StreamError(.tensorLengthMismatch(declared: UInt64(tensor.byteCount), received: readingOffset),
+                                      source: source, offset: at, tensor: tensor.name)
+                }
+                readingTensor = nil
+                tensorsRead += 1
+                bytesRead += tensor.byteCount
+                return .event(.tensorEnd(length: length, crc: crc, offset: at))
+            case (.end, nil):
+                let (count, bytes) = try decoder.end(body, at: at)
+                guard count == UInt64(tensorsRead), bytes == UInt64(bytesRead) else {
+                    throw StreamError(.endMismatch("says \(count) tensors / \(bytes) bytes, stream carried \(tensorsRead) / \(bytesRead)"),
+                                      source: source, offset: at)
+                }
+                if let manifest, manifest.count != tensorsRead {
+                    throw StreamError(.manifestMismatch("manifest lists \(manifest.count) tensors, stream carried \(tensorsRead)"),
+                                      source: source, offset: at)
+                }
+                guard try input.atEnd() else { throw StreamError(.trailingData, source: source, offset: input.offset) }
+                sawEnd = true
+                return .event(.end)
+            default:
+                throw StreamError(.unexpectedFrame(got: kind.description, expected: expected),
+                                  source: source, offset: at, tensor: readingTensor?.name)
+            }
+        }
+    }
+
+    private func readChunk(_ fh: FrameDecoder.FrameHeader, at: Int, tensor: TensorDescriptor) throws -> ChunkJob {
+        let hb = try input.read(StreamFormat.chunkHeaderSize)
+        guard hb.count == StreamFormat.chunkHeaderSize else {
+            throw StreamError(.truncated(inside: "a chunk header of tensor \(tensor.name)"), source: source, offset: at)
+        }
+        let ch = try decoder.chunkHeader(hb, bodyLength: fh.bodyLength, at: at, tensor: tensor.name)
+        guard ch.offset == readingOffset else {
+            throw StreamError(.chunkOutOfOrder(expectedOffset: readingOffset, got: ch.offset), source: source, offset: at, tensor: tensor.name)
+        }
+        guard ch.offset + ch.rawLength <= UInt64(tensor.byteCount) else {
+            throw StreamError(.chunkBeyondTensor(offset: ch.offset, length: ch.rawLength, tensorLength: UInt64(tensor.byteCount)),
+                              source: source, offset: at, tensor: tensor.name)
+        }
+        let packed = packedPool.take(minimum: ch.storedLength)
+        let got = try input.read(into: UnsafeMutableRawBufferPointer(start: packed.pointer, count: ch.storedLength))
+        guard got == ch.storedLength else {
+            packedPool.give(packed)
+            throw StreamError(.truncated(inside: "chunk data of tensor \(tensor.name)"), source: source, offset: at, tensor: tensor.name)
+        }
+        packed.count = got
+        try StreamReader.skipPadding(input, decoder, after: StreamFormat.frameHeaderSize + Int(fh.bodyLength), at: at, kind: "chunk")
+        readingOffset += ch.rawLength
+        let output = ch.codec == .none ? packed : rawPool.take(minimum: Int(ch.rawLength))
+        let job = ChunkJob(codec: ch.codec, packed: packed, output: output, rawLength: Int(ch.rawLength),
+                           storedCRC: ch.crc, tensorOffset: ch.offset, frameOffset: at, tensor: tensor.name, source: source)
+        work.submit(job)
+        return job
+    }
+}
+
+/// Inflates (if compressed) and checksums one chunk on a worker thread.
+final class ChunkJob: Job, @unchecked Sendable {
+    let codec: StreamFormat.Codec
+    let packed: AlignedBuffer
+    let output: AlignedBuffer
+    let rawLength: Int
+    let storedCRC: UInt32
+    let tensorOffset: UInt64
+    let frameOffset: Int
+    let tensor: String
+    let source: String
+    var crc: UInt32 = 0
+
+    init(codec: StreamFormat.Codec, packed: AlignedBuffer, output: AlignedBuffer, rawLength: Int, storedCRC: UInt32,
+         tensorOffset: UInt64, frameOffset: Int, tensor: String, source: String) {
+        self.codec = codec
+        self.packed = packed
+        self.output = output
+        self.rawLength = rawLength
+        self.storedCRC = storedCRC
+        self.tensorOffset = tensorOffset
+        self.frameOffset = frameOffset
+        self.tensor = tensor
+        self.source = source
+    }
+
+    override func run() throws {
+        if codec == .zlib {
+            do {
+                try ZlibCodec.decompress(packed.bytes, into: UnsafeMutableRawBufferPointer(start: output.pointer, count: rawLength))
+            } catch {
+                throw StreamError(.decompressionFailed(error.description), source: source, offset: frameOffset, tensor: tensor)
+            }
+            output.count = rawLength
+        }
+        crc = CRC32.checksum(output.bytes)
+    }
+}

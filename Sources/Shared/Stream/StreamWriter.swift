@@ -1,0 +1,177 @@
+/// Writes a ckpt stream (see `StreamFormat`) to a file descriptor: the sink behind every
+/// stage's standard output.
+///
+/// Data is cut into chunks of at most `chunkSize` bytes. With zlib compression the chunks
+/// are compressed on all cores, `window` at a time, and written in order.
+public final class StreamWriter: TensorSink {
+    private let output: FileDescriptor
+    private let atomic: AtomicOutput?
+    private let compression: ChunkCompression
+    private let chunkSize: Int
+    private let producer: String
+
+    private var manifest: [TensorDescriptor]?
+    private var current: TensorDescriptor?
+    private var tensorOffset = 0
+    private var tensorCRC: UInt32 = 0
+    private var tensorCount = 0
+    private var totalBytes = 0
+
+    private let rawPool: BufferPool
+    private let packedPool: BufferPool
+    private let work: OrderedWork<CompressJob>
+
+    /// - Parameters:
+    ///   - producer: replaces the header's producer (e.g. `lora-merge 0.1.0`), keeping its source format.
+    ///   - atomic: when writing a file, committed by `finish()` and removed by `abort()`.
+    public init(output: FileDescriptor, atomic: AtomicOutput? = nil, compression: ChunkCompression = .none,
+                chunkSize: Int = StreamFormat.defaultChunkSize, producer: String) {
+        precondition(chunkSize > 0 && chunkSize <= StreamFormat.maxChunkSize)
+        self.output = output
+        self.atomic = atomic
+        self.compression = compression
+        self.chunkSize = chunkSize
+        self.producer = producer
+        rawPool = BufferPool(bufferSize: chunkSize)
+        packedPool = BufferPool(bufferSize: ZlibCodec.bound(chunkSize))
+        work = OrderedWork(window: OrderedWork<CompressJob>.cores + 1)
+        output.enlargePipeBuffer()
+    }
+
+    public func begin(_ header: StreamHeader, manifest: [TensorDescriptor]?) throws {
+        var h = header
+        h.producer = producer
+        var bytes = FrameEncoder.preamble()
+        bytes += FrameEncoder.header(h)
+        if let manifest { bytes += FrameEncoder.manifest(manifest) }
+        self.manifest = manifest
+        try write(bytes)
+    }
+
+    public func beginTensor(_ tensor: TensorHeader) throws {
+        precondition(current == nil, "beginTensor inside a tensor")
+        let d = tensor.descriptor
+        if let manifest {
+            // Never emit a stream that contradicts its own manifest.
+            guard tensorCount < manifest.count else {
+                throw StreamError(.manifestMismatch("more tensors than the manifest lists"), source: output.path, tensor: d.name)
+            }
+            let expected = manifest[tensorCount]
+            guard expected == d else {
+                throw StreamError(.manifestMismatch("manifest entry \(tensorCount) is \(expected), tensor is \(d)"),
+                                  source: output.path, tensor: d.name)
+            }
+        }
+        current = d
+        tensorOffset = 0
+        tensorCRC = 0
+        try write(FrameEncoder.tensor(tensor))
+    }
+
+    public func write(_ chunk: UnsafeRawBufferPointer) throws {
+        guard let d = current else { preconditionFailure("write outside a tensor") }
+        guard tensorOffset + chunk.count <= d.byteCount else {
+            throw StreamError(.tensorLengthMismatch(declared: UInt64(d.byteCount), received: UInt64(tensorOffset + chunk.count)),
+                              source: output.path, tensor: d.name)
+        }
+        var start = 0
+        while start < chunk.count {
+            let n = min(chunkSize, chunk.count - start)
+            let piece = UnsafeRawBufferPointer(rebasing: chunk[start..<start + n])
+            switch compression {
+            case .none:
+                let crc = CRC32.checksum(piece)
+                let prefix = FrameEncoder.chunkPrefix(offset: tensorOffset, rawLength: n, codec: .none, crc: crc, storedLength: n)
+                try writeFrame(prefix: prefix, data: piece)
+                tensorCRC = CRC32.combine(tensorCRC, crc, lengthOfB: n)
+            case .zlib(let level):
+                let raw = rawPool.take()
+                raw.pointer.copyMemory(from: piece.baseAddress!, byteCount: n)
+                raw.count = n
+                let job = CompressJob(offset: tensorOffset, raw: raw, packed: packedPool.take(), level: level)
+                if work.isFull { try emitOldest() }
+                work.submit(job)
+            }
+            tensorOffset += n
+            start += n
+        }
+    }
+
+    public func endTensor() throws {
+        guard let d = current else { preconditionFailure("endTensor outside a tensor") }
+        while work.count > 0 { try emitOldest() }
+        guard tensorOffset == d.byteCount else {
+            throw StreamError(.tensorLengthMismatch(declared: UInt64(d.byteCount), received: UInt64(tensorOffset)),
+                              source: output.path, tensor: d.name)
+        }
+        try write(FrameEncoder.tensorEnd(byteLength: d.byteCount, crc: tensorCRC))
+        tensorCount += 1
+        totalBytes += d.byteCount
+        current = nil
+    }
+
+    public func finish() throws {
+        precondition(current == nil, "finish inside a tensor")
+        if let manifest, manifest.count != tensorCount {
+            throw StreamError(.manifestMismatch("manifest lists \(manifest.count) tensors, \(tensorCount) were written"),
+                              source: output.path)
+        }
+        try write(FrameEncoder.end(tensorCount: tensorCount, totalBytes: totalBytes))
+        try atomic?.commit()
+    }
+
+    public func abort() {
+        work.drain()
+        atomic?.abort()
+    }
+
+    // MARK: - Output
+
+    private func emitOldest() throws {
+        guard let job = try work.next() else { return }
+        defer {
+            rawPool.give(job.raw)
+            packedPool.give(job.packed)
+        }
+        let prefix = FrameEncoder.chunkPrefix(offset: job.offset, rawLength: job.raw.count, codec: .zlib,
+                                              crc: job.crc, storedLength: job.packed.count)
+        try writeFrame(prefix: prefix, data: job.packed.bytes)
+        tensorCRC = CRC32.combine(tensorCRC, job.crc, lengthOfB: job.raw.count)
+    }
+
+    private static let zeros = [UInt8](repeating: 0, count: StreamFormat.alignment)
+
+    private func writeFrame(prefix: [UInt8], data: UnsafeRawBufferPointer) throws {
+        let pad = StreamFormat.padding(after: data.count)
+        try prefix.withUnsafeBytes { p in
+            try StreamWriter.zeros.withUnsafeBytes { z in
+                try output.writeAll([p, data, UnsafeRawBufferPointer(rebasing: z[0..<pad])])
+            }
+        }
+    }
+
+    private func write(_ bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { try output.writeAll($0) }
+    }
+}
+
+/// Compresses one chunk and checksums its raw bytes, on a worker thread.
+final class CompressJob: Job, @unchecked Sendable {
+    let offset: Int
+    let raw: AlignedBuffer
+    let packed: AlignedBuffer
+    let level: Int32
+    var crc: UInt32 = 0
+
+    init(offset: Int, raw: AlignedBuffer, packed: AlignedBuffer, level: Int32) {
+        self.offset = offset
+        self.raw = raw
+        self.packed = packed
+        self.level = level
+    }
+
+    override func run() throws {
+        crc = CRC32.checksum(raw.bytes)
+        packed.count = try ZlibCodec.compress(raw.bytes, into: packed.whole, level: level)
+    }
+}

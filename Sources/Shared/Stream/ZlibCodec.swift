@@ -1,0 +1,51 @@
+import CZlib
+
+/// One-shot zlib (RFC 1950) compression of a chunk into a caller-owned buffer, and
+/// decompression into a buffer of the exact declared size.
+public enum ZlibCodec {
+    public struct Failure: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    /// The largest output `compress` can produce for `length` input bytes.
+    public static func bound(_ length: Int) -> Int { Int(compressBound(uLong(length))) }
+
+    /// Compresses `input` into `output` (at least `bound(input.count)` bytes) and returns
+    /// the compressed length.
+    public static func compress(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer,
+                                level: Int32) throws(Failure) -> Int {
+        var outLen = uLongf(output.count)
+        let rc = compress2(output.baseAddress!.assumingMemoryBound(to: Bytef.self), &outLen,
+                           input.baseAddress?.assumingMemoryBound(to: Bytef.self) ?? UnsafePointer(bitPattern: 1),
+                           uLong(input.count), level)
+        guard rc == Z_OK else { throw Failure(description: "compress2 returned \(rc)") }
+        return Int(outLen)
+    }
+
+    /// Decompresses `input`, which must inflate to exactly `output.count` bytes.
+    public static func decompress(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) throws(Failure) {
+        var strm = z_stream()
+        var rc = inflateInit_(&strm, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size))
+        guard rc == Z_OK else { throw Failure(description: "inflateInit returned \(rc)") }
+        defer { inflateEnd(&strm) }
+        strm.next_in = UnsafeMutablePointer(mutating: input.baseAddress?.assumingMemoryBound(to: Bytef.self))
+        strm.avail_in = uInt(input.count)
+        strm.next_out = output.baseAddress?.assumingMemoryBound(to: Bytef.self)
+        strm.avail_out = uInt(output.count)
+        rc = inflate(&strm, Z_FINISH)
+        switch rc {
+        case Z_STREAM_END:
+            guard strm.avail_out == 0 else {
+                throw Failure(description: "inflated to \(output.count - Int(strm.avail_out)) bytes, declared \(output.count)")
+            }
+            guard strm.avail_in == 0 else { throw Failure(description: "\(strm.avail_in) bytes after the end of the zlib stream") }
+        case Z_BUF_ERROR where strm.avail_out == 0:
+            throw Failure(description: "inflates to more than the declared \(output.count) bytes")
+        case Z_BUF_ERROR:
+            throw Failure(description: "zlib stream is truncated")
+        default:
+            let msg = strm.msg.map { String(cString: $0) } ?? "error \(rc)"
+            throw Failure(description: msg)
+        }
+    }
+}
