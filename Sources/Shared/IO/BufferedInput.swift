@@ -61,6 +61,19 @@ public final class BufferedInput {
         return got
     }
 
+    /// Hands over up to `max` already-buffered bytes (valid until the next call) so a caller
+    /// can move the rest of a region with splice(2), then account for it with `consumed`.
+    public func takeBuffered(max: Int) -> UnsafeRawBufferPointer {
+        let n = min(max, end - start)
+        let p = UnsafeRawBufferPointer(start: buffer.pointer + start, count: n)
+        start += n
+        offset += n
+        return p
+    }
+
+    /// Records `n` bytes read from the descriptor behind the buffer's back (by splice).
+    public func consumedDirectly(_ n: Int) { offset += n }
+
     /// True when no byte is left.
     public func atEnd() throws -> Bool {
         if end > start { return false }

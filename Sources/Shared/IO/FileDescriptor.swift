@@ -25,9 +25,10 @@ public struct FileDescriptor: Sendable {
         return FileDescriptor(rawValue: fd, path: path)
     }
 
-    /// Creates a new file that must not exist yet (used for temporary outputs).
+    /// Creates a new file that must not exist yet (temporary outputs). Opened read-write so
+    /// writers can verify what they wrote through a read-only mapping.
     public static func createExclusive(_ path: String, mode: mode_t = 0o644) throws -> FileDescriptor {
-        let fd = retryingOnInterrupt { open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode) }
+        let fd = retryingOnInterrupt { open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, mode) }
         if fd < 0 { throw IOError(.create, path: path, errno: errno) }
         return FileDescriptor(rawValue: fd, path: path)
     }

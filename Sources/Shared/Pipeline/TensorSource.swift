@@ -66,10 +66,23 @@ public func pump(from source: TensorSource, to sink: TensorSink, progress: Progr
         while let tensor = try source.nextTensor() {
             try sink.beginTensor(tensor)
             var received = 0
-            while let chunk = try source.nextChunk() {
-                received += chunk.count
-                try sink.write(chunk)
-                progress?.advance(bytes: chunk.count)
+            if let direct = source as? DirectChunkSource, let regionSink = sink as? FileRegionSink {
+                while let n = try direct.nextChunk(into: regionSink) {
+                    received += n
+                    progress?.advance(bytes: n)
+                }
+            } else if let backed = source as? FileBackedSource, let spliceSink = sink as? SpliceAwareSink {
+                while let chunk = try backed.nextChunk() {
+                    received += chunk.count
+                    if let origin = backed.lastChunkOrigin { try spliceSink.write(chunk, origin: origin) } else { try sink.write(chunk) }
+                    progress?.advance(bytes: chunk.count)
+                }
+            } else {
+                while let chunk = try source.nextChunk() {
+                    received += chunk.count
+                    try sink.write(chunk)
+                    progress?.advance(bytes: chunk.count)
+                }
             }
             guard received == tensor.descriptor.byteCount else {
                 throw StreamError(.tensorLengthMismatch(declared: UInt64(tensor.descriptor.byteCount),
@@ -89,4 +102,32 @@ public func pump(from source: TensorSource, to sink: TensorSink, progress: Progr
         throw error
     }
     return totals
+}
+
+/// A sink that knows where in a file each byte goes, so a stream reader can move
+/// uncompressed chunks straight from a pipe into place with splice(2).
+public protocol FileRegionSink: TensorSink {
+    /// The file and absolute offset for the current tensor's next bytes, or nil to decline.
+    func nextFileRegion() -> (descriptor: FileDescriptor, offset: Int)?
+    /// `count` bytes were placed at the region `nextFileRegion()` gave.
+    func didWriteRegion(count: Int) throws
+}
+
+/// A source whose chunks are also bytes of a regular file, so a sink writing to a pipe can
+/// move them with splice(2) instead of copying them out of memory.
+public protocol FileBackedSource: TensorSource {
+    /// The file and offset holding the chunk most recently returned by `nextChunk()`.
+    var lastChunkOrigin: (descriptor: FileDescriptor, offset: Int)? { get }
+}
+
+/// A sink that can take a chunk's bytes from its place in a file rather than from memory.
+public protocol SpliceAwareSink: TensorSink {
+    /// Writes `chunk`, whose bytes are also at `origin` in a regular file.
+    func write(_ chunk: UnsafeRawBufferPointer, origin: (descriptor: FileDescriptor, offset: Int)) throws
+}
+
+/// A source that can deliver its next chunk to a `FileRegionSink` itself (by splice when
+/// it can, by `write` otherwise). Returns the bytes delivered, or nil at the tensor's end.
+public protocol DirectChunkSource: TensorSource {
+    func nextChunk(into sink: FileRegionSink) throws -> Int?
 }

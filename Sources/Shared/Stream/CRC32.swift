@@ -1,21 +1,21 @@
+import CFastCRC
 import CZlib
 
-/// CRC-32 (ISO-HDLC, the zlib/PNG/zip polynomial) via the system zlib.
+/// CRC-32 (ISO-HDLC, the zlib/PNG/zip polynomial): the same values as zlib's and
+/// Python's `zlib.crc32`, computed with carry-less multiplication where the CPU has it.
 public enum CRC32 {
     @inline(__always)
     public static func update(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
-        var c = UInt(crc)
-        var p = bytes.baseAddress?.assumingMemoryBound(to: UInt8.self)
-        var left = bytes.count
-        // zlib's length argument is 32-bit on some builds: feed at most 1 GiB at a time.
-        while left > 0 {
-            let n = min(left, 1 << 30)
-            c = CZlib.crc32(c, p, uInt(n))
-            p = p! + n
-            left -= n
-        }
-        return UInt32(truncatingIfNeeded: c)
+        guard let base = bytes.baseAddress, bytes.count > 0 else { return crc }
+        return ckpt_crc32(crc, base, bytes.count)
     }
+
+    /// zlib's own table-driven CRC, kept as the reference the fast path is tested against.
+    public static func zlibReference(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
+        UInt32(truncatingIfNeeded: CZlib.crc32(uLong(crc), bytes.baseAddress?.assumingMemoryBound(to: UInt8.self), uInt(bytes.count)))
+    }
+
+    public static var isAccelerated: Bool { ckpt_crc32_is_accelerated() != 0 }
 
     public static func checksum(_ bytes: UnsafeRawBufferPointer) -> UInt32 { update(0, bytes) }
 

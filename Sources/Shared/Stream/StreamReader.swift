@@ -5,7 +5,7 @@
 ///
 /// Chunks are read a few frames ahead and inflated/checksummed on worker threads, so a
 /// compressed stream decodes on all cores; plain and compressed chunks may be mixed.
-public final class StreamReader: TensorSource {
+public final class StreamReader: DirectChunkSource {
     public let header: StreamHeader
     public private(set) var manifest: [TensorDescriptor]? = nil
     public let source: String
@@ -17,6 +17,8 @@ public final class StreamReader: TensorSource {
     private enum Event {
         case tensor(TensorHeader, offset: Int)
         case chunk(ChunkJob)
+        /// An uncompressed chunk whose data has not been read yet: read (or spliced) by the consumer.
+        case rawChunk(FrameDecoder.ChunkHeader, bodyLength: UInt64, offset: Int)
         case tensorEnd(length: UInt64, crc: UInt32, offset: Int)
         case end
     }
@@ -26,6 +28,8 @@ public final class StreamReader: TensorSource {
     private var readingTensor: TensorDescriptor?
     private var readingOffset: UInt64 = 0
     private var sawEnd = false
+    /// A raw chunk's data is next in the input: nothing more can be read ahead.
+    private var rawChunkPending = false
     private var tensorsRead = 0
     private var bytesRead = 0
 
@@ -34,17 +38,20 @@ public final class StreamReader: TensorSource {
     private var currentCRC: UInt32 = 0
     private var delivered = 0
     private var heldChunk: ChunkJob?
+    private var heldRaw: AlignedBuffer?
 
     private let work: OrderedWork<ChunkJob>
     private let rawPool = BufferPool(bufferSize: StreamFormat.defaultChunkSize)
     private let packedPool = BufferPool(bufferSize: ZlibCodec.bound(StreamFormat.defaultChunkSize))
     private let lookahead: Int
+    private let inputIsPipe: Bool
 
     public init(_ descriptor: FileDescriptor) throws {
         input = BufferedInput(descriptor)
         source = descriptor.path
         decoder = FrameDecoder(source: descriptor.path)
         lookahead = OrderedWork<ChunkJob>.cores + 1
+        inputIsPipe = descriptor.isPipe
         work = OrderedWork(window: lookahead + 1)
 
         let pre = try input.read(StreamFormat.preambleSize)
@@ -107,6 +114,14 @@ public final class StreamReader: TensorSource {
             delivered += job.output.count
             heldChunk = job
             return job.output.bytes
+        case .rawChunk(let ch, let bodyLength, let at):
+            let buffer = rawPool.take(minimum: Int(ch.rawLength))
+            try readRawData(ch, bodyLength: bodyLength, at: at, tensor: tensor.name,
+                            into: UnsafeMutableRawBufferPointer(start: buffer.pointer, count: Int(ch.rawLength)))
+            buffer.count = Int(ch.rawLength)
+            try accept(crc: CRC32.checksum(buffer.bytes), of: ch, at: at, tensor: tensor.name)
+            heldRaw = buffer
+            return buffer.bytes
         case .tensorEnd(let length, let crc, let offset):
             if crc != currentCRC {
                 throw StreamError(.tensorCRCMismatch(expected: crc, actual: currentCRC), source: source, offset: offset, tensor: tensor.name)
@@ -119,10 +134,63 @@ public final class StreamReader: TensorSource {
         }
     }
 
+    /// Delivers the next chunk to `sink`. An uncompressed chunk read from a pipe is spliced
+    /// into its place in the sink's file and its CRC checked there (from the page cache), so
+    /// the data never passes through this process's memory; anything else is written.
+    public func nextChunk(into sink: FileRegionSink) throws -> Int? {
+        releaseHeld()
+        guard let tensor = currentTensor else { return nil }
+        if inputIsPipe, case .rawChunk(let ch, let bodyLength, let at) = try peekEvent(),
+           let (fd, offset) = sink.nextFileRegion() {
+            _ = try nextEvent()
+            rawChunkPending = false
+            let n = Int(ch.rawLength)
+            let buffered = input.takeBuffered(max: n)
+            if buffered.count > 0 { try fd.pwriteAll(buffered, at: offset) }
+            let moved = try input.descriptor.splice(count: n - buffered.count, to: fd, at: offset + buffered.count)
+            input.consumedDirectly(moved)
+            guard buffered.count + moved == n else {
+                throw StreamError(.truncated(inside: "chunk data of tensor \(tensor.name)"), source: source, offset: at, tensor: tensor.name)
+            }
+            try StreamReader.skipPadding(input, decoder, after: StreamFormat.frameHeaderSize + Int(bodyLength), at: at, kind: "chunk")
+            try accept(crc: try fd.crc32(offset: offset, count: n), of: ch, at: at, tensor: tensor.name)
+            try sink.didWriteRegion(count: n)
+            return n
+        }
+        guard let chunk = try nextChunk() else { return nil }
+        try sink.write(chunk)
+        return chunk.count
+    }
+
+    /// Checks a raw chunk's CRC and adds it to the tensor's.
+    private func accept(crc: UInt32, of ch: FrameDecoder.ChunkHeader, at: Int, tensor: String) throws {
+        if crc != ch.crc {
+            throw StreamError(.chunkCRCMismatch(chunkOffset: ch.offset, expected: ch.crc, actual: crc),
+                              source: source, offset: at, tensor: tensor)
+        }
+        currentCRC = CRC32.combine(currentCRC, crc, lengthOfB: Int(ch.rawLength))
+        delivered += Int(ch.rawLength)
+    }
+
+    /// Reads a pending raw chunk's data and padding.
+    private func readRawData(_ ch: FrameDecoder.ChunkHeader, bodyLength: UInt64, at: Int, tensor: String,
+                             into destination: UnsafeMutableRawBufferPointer) throws {
+        rawChunkPending = false
+        let got = try input.read(into: destination)
+        guard got == destination.count else {
+            throw StreamError(.truncated(inside: "chunk data of tensor \(tensor)"), source: source, offset: at, tensor: tensor)
+        }
+        try StreamReader.skipPadding(input, decoder, after: StreamFormat.frameHeaderSize + Int(bodyLength), at: at, kind: "chunk")
+    }
+
     private func releaseHeld() {
+        if let raw = heldRaw {
+            heldRaw = nil
+            rawPool.give(raw)
+        }
         guard let job = heldChunk else { return }
         heldChunk = nil
-        if job.packed !== job.output { rawPool.give(job.output) }
+        rawPool.give(job.output)
         packedPool.give(job.packed)
     }
 
@@ -140,14 +208,19 @@ public final class StreamReader: TensorSource {
         }
     }
 
-    private func nextEvent() throws -> Event {
+    /// The next event, without consuming it.
+    private func peekEvent() throws -> Event {
         // Keep `lookahead` chunks in flight: reading is sequential, inflating parallel.
-        while !sawEnd && (eventHead == events.count || (chunksAhead < lookahead && events.count - eventHead < 256)) {
+        while !sawEnd && !rawChunkPending && (eventHead == events.count || (chunksAhead < lookahead && events.count - eventHead < 256)) {
             guard let p = try readEvent(allowManifest: false) else { break }
             pushEvent(p)
         }
         precondition(eventHead < events.count, "no event after the end frame")
-        let e = events[eventHead]
+        return events[eventHead]
+    }
+
+    private func nextEvent() throws -> Event {
+        let e = try peekEvent()
         eventHead += 1
         if eventHead == events.count { events.removeAll(keepingCapacity: true); eventHead = 0 }
         if case .chunk = e { chunksAhead -= 1 }
@@ -224,7 +297,7 @@ public final class StreamReader: TensorSource {
                 guard let tensor = readingTensor else {
                     throw StreamError(.unexpectedFrame(got: "chunk", expected: expected), source: source, offset: at)
                 }
-                return .event(.chunk(try readChunk(fh, at: at, tensor: tensor)))
+                return .event(try readChunk(fh, at: at, tensor: tensor))
             }
             guard fh.bodyLength <= UInt64(StreamFormat.maxMetadataFrameSize) else {
                 throw StreamError(.frameTooLarge(kind: kind.description, length: fh.bodyLength, limit: StreamFormat.maxMetadataFrameSize),
@@ -284,7 +357,7 @@ public final class StreamReader: TensorSource {
         }
     }
 
-    private func readChunk(_ fh: FrameDecoder.FrameHeader, at: Int, tensor: TensorDescriptor) throws -> ChunkJob {
+    private func readChunk(_ fh: FrameDecoder.FrameHeader, at: Int, tensor: TensorDescriptor) throws -> Event {
         let hb = try input.read(StreamFormat.chunkHeaderSize)
         guard hb.count == StreamFormat.chunkHeaderSize else {
             throw StreamError(.truncated(inside: "a chunk header of tensor \(tensor.name)"), source: source, offset: at)
@@ -297,6 +370,11 @@ public final class StreamReader: TensorSource {
             throw StreamError(.chunkBeyondTensor(offset: ch.offset, length: ch.rawLength, tensorLength: UInt64(tensor.byteCount)),
                               source: source, offset: at, tensor: tensor.name)
         }
+        readingOffset += ch.rawLength
+        if ch.codec == .none {
+            rawChunkPending = true
+            return .rawChunk(ch, bodyLength: fh.bodyLength, offset: at)
+        }
         let packed = packedPool.take(minimum: ch.storedLength)
         let got = try input.read(into: UnsafeMutableRawBufferPointer(start: packed.pointer, count: ch.storedLength))
         guard got == ch.storedLength else {
@@ -305,12 +383,10 @@ public final class StreamReader: TensorSource {
         }
         packed.count = got
         try StreamReader.skipPadding(input, decoder, after: StreamFormat.frameHeaderSize + Int(fh.bodyLength), at: at, kind: "chunk")
-        readingOffset += ch.rawLength
-        let output = ch.codec == .none ? packed : rawPool.take(minimum: Int(ch.rawLength))
-        let job = ChunkJob(codec: ch.codec, packed: packed, output: output, rawLength: Int(ch.rawLength),
+        let job = ChunkJob(codec: ch.codec, packed: packed, output: rawPool.take(minimum: Int(ch.rawLength)), rawLength: Int(ch.rawLength),
                            storedCRC: ch.crc, tensorOffset: ch.offset, frameOffset: at, tensor: tensor.name, source: source)
         work.submit(job)
-        return job
+        return .chunk(job)
     }
 }
 

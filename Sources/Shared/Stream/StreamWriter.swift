@@ -1,14 +1,18 @@
+import CLinux
+import Glibc
+
 /// Writes a ckpt stream (see `StreamFormat`) to a file descriptor: the sink behind every
 /// stage's standard output.
 ///
 /// Data is cut into chunks of at most `chunkSize` bytes. With zlib compression the chunks
 /// are compressed on all cores, `window` at a time, and written in order.
-public final class StreamWriter: TensorSink {
+public final class StreamWriter: SpliceAwareSink {
     private let output: FileDescriptor
     private let atomic: AtomicOutput?
     private let compression: ChunkCompression
     private let chunkSize: Int
     private let producer: String
+    private let outputIsPipe: Bool
 
     private var manifest: [TensorDescriptor]?
     private var current: TensorDescriptor?
@@ -36,6 +40,7 @@ public final class StreamWriter: TensorSink {
         packedPool = BufferPool(bufferSize: ZlibCodec.bound(chunkSize))
         work = OrderedWork(window: OrderedWork<CompressJob>.cores + 1)
         output.enlargePipeBuffer()
+        outputIsPipe = output.isPipe
     }
 
     public func begin(_ header: StreamHeader, manifest: [TensorDescriptor]?) throws {
@@ -95,6 +100,40 @@ public final class StreamWriter: TensorSink {
             tensorOffset += n
             start += n
         }
+    }
+
+    /// Uncompressed output to a pipe moves the bytes from the source file with splice(2):
+    /// the page cache pages go into the pipe without a copy. The CRC is still computed
+    /// from `chunk`, the same bytes seen through the reader's mapping.
+    public func write(_ chunk: UnsafeRawBufferPointer, origin: (descriptor: FileDescriptor, offset: Int)) throws {
+        guard compression == .none, outputIsPipe, let d = current, chunk.count <= chunkSize,
+              tensorOffset + chunk.count <= d.byteCount else {
+            return try write(chunk)
+        }
+        let n = chunk.count
+        let crc = CRC32.checksum(chunk)
+        let prefix = FrameEncoder.chunkPrefix(offset: tensorOffset, rawLength: n, codec: .none, crc: crc, storedLength: n)
+        try write(prefix)
+        var from = Int64(origin.offset)
+        var done = 0
+        while done < n {
+            let moved = ckpt_splice(origin.descriptor.rawValue, &from, output.rawValue, nil, n - done, 1)
+            if moved < 0 {
+                if errno == EINTR || errno == EAGAIN { continue }
+                if done == 0 && errno == EINVAL {
+                    // This pair of files cannot splice: copy the bytes instead.
+                    try output.writeAll(chunk)
+                    break
+                }
+                throw IOError(.write, path: output.path, errno: errno, detail: "splice from \(origin.descriptor.path)")
+            }
+            if moved == 0 { throw IOError(.read, path: origin.descriptor.path, errno: EIO, detail: "file shorter than expected") }
+            done += moved
+        }
+        let pad = StreamFormat.padding(after: n)
+        if pad > 0 { try write(Array(StreamWriter.zeros[0..<pad])) }
+        tensorCRC = CRC32.combine(tensorCRC, crc, lengthOfB: n)
+        tensorOffset += n
     }
 
     public func endTensor() throws {

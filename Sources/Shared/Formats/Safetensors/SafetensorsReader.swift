@@ -3,12 +3,12 @@ import Glibc
 /// Reads a `.safetensors` file, or a sharded checkpoint through its
 /// `*.safetensors.index.json`, as a tensor source: headers first (so the manifest is
 /// known before any data), then each tensor's bytes in file order with large `pread`s.
-public final class SafetensorsReader: TensorSource {
+public final class SafetensorsReader: FileBackedSource {
     public let header: StreamHeader
     public let manifest: [TensorDescriptor]?
 
     private struct Shard {
-        var fd: FileDescriptor
+        var file: MappedFile
         var header: SafetensorsHeader
     }
     private var shards: [Shard] = []
@@ -16,14 +16,13 @@ public final class SafetensorsReader: TensorSource {
     private var next = 0
     private var current: (shard: Int, entry: SafetensorsHeader.Entry)?
     private var position = 0
-    private let buffer: AlignedBuffer
     private let chunkSize: Int
+    public private(set) var lastChunkOrigin: (descriptor: FileDescriptor, offset: Int)?
 
     /// - Parameter path: a `.safetensors` file, an `*.index.json`, or a folder holding one of them.
     public init(path: String, selection: TensorSelection = .all, producer: String,
                 chunkSize: Int = StreamFormat.defaultChunkSize) throws {
         self.chunkSize = chunkSize
-        buffer = AlignedBuffer(capacity: chunkSize)
         let (files, index) = try SafetensorsReader.locate(path)
         var metadata = JSONObject()
         var owner: [String: String] = [:]
@@ -34,7 +33,7 @@ public final class SafetensorsReader: TensorSource {
                 throw SafetensorsError(.index("not a regular file"), file: file)
             }
             let h = try SafetensorsHeader.read(from: fd, fileSize: size)
-            shards.append(Shard(fd: fd, header: h))
+            shards.append(Shard(file: try MappedFile(fd, size: size), header: h))
             if i == 0, let m = h.metadata { metadata = m }
             for e in h.entries {
                 if let other = owner[e.descriptor.name] {
@@ -64,7 +63,7 @@ public final class SafetensorsReader: TensorSource {
         manifest = plan.map(\.entry.descriptor)
     }
 
-    deinit { for s in shards { s.fd.close() } }
+    deinit { for s in shards { s.file.descriptor.close() } }
 
     /// The files to read, in order, and the index if there is one.
     static func locate(_ path: String) throws -> ([String], (String, SafetensorsIndex)?) {
@@ -115,10 +114,12 @@ public final class SafetensorsReader: TensorSource {
         }
         let n = min(chunkSize, length - position)
         let shard = shards[s]
-        try shard.fd.pread(into: UnsafeMutableRawBufferPointer(start: buffer.pointer, count: n),
-                           at: shard.header.dataStart + e.begin + position)
+        let at = shard.header.dataStart + e.begin + position
+        // The header was validated against the file size, so the range is inside the mapping.
+        shard.file.willNeed(at: at + n, count: chunkSize)
         position += n
-        return UnsafeRawBufferPointer(start: buffer.pointer, count: n)
+        lastChunkOrigin = (shard.file.descriptor, at)
+        return shard.file.bytes(at: at, count: n)
     }
 }
 

@@ -7,7 +7,7 @@ import Glibc
 /// each chunk goes straight to its final offset (`pwrite`), in one pass, memory
 /// independent of model size. Without one, data is spooled to a temporary file in the
 /// output's folder and laid out at the end. Files appear only on success.
-public final class SafetensorsWriter: TensorSink {
+public final class SafetensorsWriter: FileRegionSink {
     public let path: String
     public let maxShardSize: Int?
     public let overwrite: Bool
@@ -123,6 +123,19 @@ public final class SafetensorsWriter: TensorSink {
         let fd = spool?.descriptor ?? files[cursor.file].output.descriptor
         try fd.pwriteAll(chunk, at: cursor.offset + written)
         written += chunk.count
+    }
+
+    public func nextFileRegion() -> (descriptor: FileDescriptor, offset: Int)? {
+        guard current != nil else { return nil }
+        return (spool?.descriptor ?? files[cursor.file].output.descriptor, cursor.offset + written)
+    }
+
+    public func didWriteRegion(count: Int) throws {
+        guard let d = current, written + count <= d.byteCount else {
+            throw StreamError(.tensorLengthMismatch(declared: UInt64(current?.byteCount ?? 0), received: UInt64(written + count)),
+                              source: path, tensor: current?.name)
+        }
+        written += count
     }
 
     public func endTensor() throws {

@@ -1,0 +1,118 @@
+// CRC-32 by carry-less multiplication (PCLMULQDQ), after Gopal et al., "Fast CRC
+// Computation for Generic Polynomials Using PCLMULQDQ Instruction" (Intel, 2009): fold
+// 64 bytes at a time with four 128-bit accumulators, reduce to 32 bits by Barrett
+// reduction. The constants are x^k mod P(x), bit-reflected, for the CRC-32 polynomial
+// 0x04C11DB7. Lengths below 64 bytes, and CPUs without PCLMULQDQ, use zlib's crc32().
+//
+// zlib's crc32(c, p, n) is ~raw(~c, p, n) where raw() is the plain reflected remainder;
+// this file computes raw() and applies the same inversions, so results are identical.
+#include "fast_crc32.h"
+#include <zlib.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+__attribute__((target("pclmul,sse4.1")))
+static uint32_t fold_pclmul(uint32_t raw, const uint8_t *p, size_t len) {
+    // Precondition: len >= 64 and len % 16 == 0.
+    __m128i x1 = _mm_loadu_si128((const __m128i *)(p + 0));
+    __m128i x2 = _mm_loadu_si128((const __m128i *)(p + 16));
+    __m128i x3 = _mm_loadu_si128((const __m128i *)(p + 32));
+    __m128i x4 = _mm_loadu_si128((const __m128i *)(p + 48));
+    x1 = _mm_xor_si128(x1, _mm_cvtsi32_si128((int)raw));
+    p += 64;
+    len -= 64;
+
+    // x^(512+64) and x^(512) mod P: fold each accumulator forward by 64 bytes.
+    __m128i k = _mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL);
+    while (len >= 64) {
+        __m128i t1 = _mm_clmulepi64_si128(x1, k, 0x00);
+        __m128i t2 = _mm_clmulepi64_si128(x2, k, 0x00);
+        __m128i t3 = _mm_clmulepi64_si128(x3, k, 0x00);
+        __m128i t4 = _mm_clmulepi64_si128(x4, k, 0x00);
+        x1 = _mm_clmulepi64_si128(x1, k, 0x11);
+        x2 = _mm_clmulepi64_si128(x2, k, 0x11);
+        x3 = _mm_clmulepi64_si128(x3, k, 0x11);
+        x4 = _mm_clmulepi64_si128(x4, k, 0x11);
+        x1 = _mm_xor_si128(_mm_xor_si128(x1, t1), _mm_loadu_si128((const __m128i *)(p + 0)));
+        x2 = _mm_xor_si128(_mm_xor_si128(x2, t2), _mm_loadu_si128((const __m128i *)(p + 16)));
+        x3 = _mm_xor_si128(_mm_xor_si128(x3, t3), _mm_loadu_si128((const __m128i *)(p + 32)));
+        x4 = _mm_xor_si128(_mm_xor_si128(x4, t4), _mm_loadu_si128((const __m128i *)(p + 48)));
+        p += 64;
+        len -= 64;
+    }
+
+    // Fold the four accumulators into one, then the remaining 16-byte blocks (by 16 bytes).
+    k = _mm_set_epi64x(0x0ccaa009eLL, 0x1751997d0LL);
+    __m128i t;
+    t = _mm_clmulepi64_si128(x1, k, 0x00); x1 = _mm_clmulepi64_si128(x1, k, 0x11);
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, t), x2);
+    t = _mm_clmulepi64_si128(x1, k, 0x00); x1 = _mm_clmulepi64_si128(x1, k, 0x11);
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, t), x3);
+    t = _mm_clmulepi64_si128(x1, k, 0x00); x1 = _mm_clmulepi64_si128(x1, k, 0x11);
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, t), x4);
+    while (len >= 16) {
+        t = _mm_clmulepi64_si128(x1, k, 0x00); x1 = _mm_clmulepi64_si128(x1, k, 0x11);
+        x1 = _mm_xor_si128(_mm_xor_si128(x1, t), _mm_loadu_si128((const __m128i *)p));
+        p += 16;
+        len -= 16;
+    }
+
+    // 128 -> 64 bits (also appends the 32 zero bits of the CRC definition).
+    t = _mm_clmulepi64_si128(k, x1, 0x01);
+    x1 = _mm_xor_si128(_mm_srli_si128(x1, 8), t);
+
+    // 64 -> 32 bits.
+    const __m128i mask32 = _mm_set_epi32(0, 0, 0, -1);
+    k = _mm_set_epi64x(0, 0x163cd6124LL);
+    __m128i hi = _mm_srli_si128(x1, 4);
+    x1 = _mm_clmulepi64_si128(_mm_and_si128(x1, mask32), k, 0x00);
+    x1 = _mm_xor_si128(x1, hi);
+
+    // Barrett reduction with P' = 0x1DB710641 and u' = 0x1F7011641.
+    k = _mm_set_epi64x(0x1F7011641LL, 0x1DB710641LL);
+    __m128i keep = x1;
+    x1 = _mm_clmulepi64_si128(_mm_and_si128(x1, mask32), k, 0x10);
+    x1 = _mm_clmulepi64_si128(_mm_and_si128(x1, mask32), k, 0x00);
+    x1 = _mm_xor_si128(x1, keep);
+    return (uint32_t)_mm_extract_epi32(x1, 1);
+}
+
+static int detect(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+}
+#endif
+
+static int accelerated = -1;
+
+int ckpt_crc32_is_accelerated(void) {
+#if defined(__x86_64__)
+    if (accelerated < 0) accelerated = detect();
+    return accelerated;
+#else
+    return 0;
+#endif
+}
+
+static uint32_t zlib_crc(uint32_t crc, const uint8_t *p, size_t len) {
+    while (len > 0) {
+        unsigned n = len > (1u << 30) ? (1u << 30) : (unsigned)len;
+        crc = (uint32_t)crc32(crc, p, n);
+        p += n;
+        len -= n;
+    }
+    return crc;
+}
+
+uint32_t ckpt_crc32(uint32_t crc, const void *data, size_t length) {
+    const uint8_t *p = (const uint8_t *)data;
+#if defined(__x86_64__)
+    if (length >= 64 && ckpt_crc32_is_accelerated()) {
+        size_t body = length & ~(size_t)15;
+        uint32_t raw = fold_pclmul(~crc, p, body);
+        return zlib_crc(~raw, p + body, length - body);
+    }
+#endif
+    return zlib_crc(crc, p, length);
+}

@@ -1,0 +1,42 @@
+import Glibc
+
+/// A whole regular file mapped read-only, so readers hand out pointers into the page cache
+/// instead of copying (and can splice the same bytes onward by offset).
+///
+/// If another process truncates the file while it is mapped, touching the lost pages
+/// raises SIGBUS; checkpoints are not expected to change while they are being read.
+public final class MappedFile: @unchecked Sendable {
+    public let descriptor: FileDescriptor
+    public let size: Int
+    private let base: UnsafeMutableRawPointer?
+
+    public init(_ descriptor: FileDescriptor, size: Int) throws {
+        self.descriptor = descriptor
+        self.size = size
+        if size == 0 {
+            base = nil
+            return
+        }
+        guard let p = mmap(nil, size, PROT_READ, MAP_SHARED, descriptor.rawValue, 0), p != MAP_FAILED else {
+            throw IOError(.mmap, path: descriptor.path, errno: errno)
+        }
+        _ = madvise(p, size, MADV_SEQUENTIAL)
+        base = p
+    }
+
+    deinit { if let base { munmap(base, size) } }
+
+    /// Bytes `[offset, offset + count)`; the caller has checked the range against `size`.
+    public func bytes(at offset: Int, count: Int) -> UnsafeRawBufferPointer {
+        precondition(offset >= 0 && count >= 0 && offset + count <= size, "mapped range out of bounds")
+        return UnsafeRawBufferPointer(start: base.map { $0 + offset }, count: count)
+    }
+
+    /// Tells the kernel the range will be read soon (reads ahead in the background).
+    public func willNeed(at offset: Int, count: Int) {
+        guard let base, count > 0 else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let start = offset - offset % page
+        _ = madvise(base + start, min(size - start, count + offset - start), MADV_WILLNEED)
+    }
+}
