@@ -1,0 +1,254 @@
+import Testing
+@testable import Shared
+
+@Suite struct StreamRoundTripTests {
+    func randomTensors(seed: UInt64) -> [(TensorHeader, [UInt8])] {
+        var rng = SplitMix64(seed: seed)
+        var out: [(TensorHeader, [UInt8])] = []
+        for (i, shape) in [[0], [1], [7, 13], [1000, 3], [64, 64, 5], []].enumerated() {
+            let d = DType.allCases[i * 3 % DType.allCases.count]
+            let n = shape.reduce(1, *) * d.size
+            // Half random (incompressible), half repetitive (compressible).
+            let bytes = (0..<n).map { j in j % 2 == 0 ? UInt8(truncatingIfNeeded: rng.next()) : UInt8(j % 7) }
+            out.append(tensor("layer.\(i).w", d, shape, bytes, attributes: i == 2 ? JSONObject([("k", .string("v"))]) : JSONObject()))
+        }
+        return out
+    }
+
+    @Test(arguments: [ChunkCompression.none, .zlib(level: 1), .zlib(level: 9)], [3, 100, 4 << 20])
+    func roundTrip(compression: ChunkCompression, chunkSize: Int) throws {
+        let tensors = randomTensors(seed: 1)
+        let bytes = try streamBytes(MemorySource(tensors, chunk: 1000), compression: compression, chunkSize: chunkSize)
+        #expect(bytes.count % 64 == 0)
+        let sink = try readStream(bytes)
+        #expect(sink.finished)
+        #expect(sink.tensors.map(\.0) == tensors.map(\.0))
+        #expect(sink.tensors.map(\.1) == tensors.map(\.1))
+        #expect(sink.manifest == tensors.map(\.0.descriptor))
+    }
+
+    @Test func compressionShrinksRepetitiveData() throws {
+        let t = [tensor("zeros", .f32, [1 << 16], [UInt8](repeating: 0, count: 1 << 18))]
+        let plain = try streamBytes(MemorySource(t))
+        let packed = try streamBytes(MemorySource(t), compression: .zlib(level: 1))
+        #expect(packed.count < plain.count / 20)
+    }
+
+    @Test func compressionArgumentParsing() {
+        #expect(ChunkCompression(argument: "none") == ChunkCompression.none)
+        #expect(ChunkCompression(argument: "zlib") == .zlib(level: 1))
+        #expect(ChunkCompression(argument: "zlib:9") == .zlib(level: 9))
+        #expect(ChunkCompression(argument: "zlib:10") == nil)
+        #expect(ChunkCompression(argument: "zstd") == nil)
+        #expect(ChunkCompression(argument: "zlib:") == nil)
+    }
+
+    @Test func writerRefusesDataBeyondTheDeclaredLength() throws {
+        let dir = temporaryDirectory()
+        let out = try AtomicOutput(path: dir + "/x.ckpts", overwrite: false)
+        let w = StreamWriter(output: out.descriptor, atomic: out, producer: "t")
+        try w.begin(StreamHeader(producer: "t", sourceFormat: "t"), manifest: nil)
+        try w.beginTensor(TensorHeader(try TensorDescriptor(name: "a", dtype: .f32, shape: [1])))
+        let data: [UInt8] = [1, 2, 3, 4, 5]
+        #expect(throws: StreamError.self) { try data.withUnsafeBytes { try w.write($0) } }
+        w.abort()
+        #expect(!fileExists(dir + "/x.ckpts"))
+    }
+
+    @Test func writerRefusesToContradictItsManifest() throws {
+        let source = MemorySource([tensor("a", .u8, [1], [1])])
+        let dir = temporaryDirectory()
+        let out = try AtomicOutput(path: dir + "/x.ckpts", overwrite: false)
+        let w = StreamWriter(output: out.descriptor, atomic: out, producer: "t")
+        try w.begin(source.header, manifest: [try TensorDescriptor(name: "b", dtype: .u8, shape: [1])])
+        #expect(throws: StreamError.self) { try w.beginTensor(TensorHeader(try TensorDescriptor(name: "a", dtype: .u8, shape: [1]))) }
+    }
+}
+
+/// Bad streams: each must fail with its own StreamError, never crash or succeed.
+@Suite struct StreamBadInputTests {
+    func reason(_ bytes: [UInt8]) -> StreamError.Reason? {
+        do {
+            _ = try readStream(bytes)
+            return nil
+        } catch let e as StreamError {
+            return e.reason
+        } catch {
+            Issue.record("unexpected error type: \(error)")
+            return nil
+        }
+    }
+
+    @Test func everyTruncationIsAnError() {
+        let full = golden("chunked-zlib.ckpts")
+        for n in 0..<full.count {
+            let r = reason(Array(full[0..<n]))
+            #expect(r != nil, "prefix of \(n) bytes was accepted")
+        }
+        #expect(reason(full) == nil)
+    }
+
+    @Test func missingEndFrameSaysTruncated() {
+        let tiny = golden("tiny.ckpts")
+        guard case .truncated = reason(Array(tiny.dropLast(64))) else {
+            Issue.record("expected truncated")
+            return
+        }
+    }
+
+    @Test func flippedDataBitIsACRCError() {
+        var tiny = golden("tiny.ckpts")
+        tiny[0x182] ^= 0x10
+        #expect(reason(tiny) == .chunkCRCMismatch(chunkOffset: 0, expected: 0x2E3F_A576, actual: CRC32.checksum([0, 0, 0x90, 0x3F, 0, 0, 0, 0x40])))
+    }
+
+    @Test func flippedBitInCompressedDataIsAnError() {
+        var z = golden("chunked-zlib.ckpts")
+        // The first chunk frame (kind 4 after an FFFFFFFF marker); its stored bytes start 64 bytes in.
+        let firstChunk = stride(from: 0, to: z.count, by: 64).first { z[$0] == 0xFF && z[$0 + 4] == 0x04 }!
+        z[firstChunk + 66] ^= 0x01
+        let r = reason(z)
+        switch r {
+        case .decompressionFailed, .chunkCRCMismatch: break
+        default: Issue.record("expected a decompression or CRC error, got \(String(describing: r))")
+        }
+    }
+
+    @Test func flippedTensorEndCRCIsDetected() {
+        var tiny = golden("tiny.ckpts")
+        tiny[0x1D8] ^= 0x01
+        #expect(reason(tiny) == .tensorCRCMismatch(expected: 0x2E3F_A577, actual: 0x2E3F_A576))
+    }
+
+    @Test func badMagic() {
+        var tiny = golden("tiny.ckpts")
+        tiny[1] = UInt8(ascii: "X")
+        #expect(reason(tiny) == .badMagic)
+        #expect(reason(Array("PK\u{3}\u{4} not a stream at all, but long enough to fill a preamble of 64 bytes...".utf8)) == .badMagic)
+        #expect(reason([]) == .badMagic)
+    }
+
+    @Test func unsupportedMajorVersion() {
+        var tiny = golden("tiny.ckpts")
+        tiny[8] = 2
+        #expect(reason(tiny) == .unsupportedVersion(major: 2, minor: 0))
+    }
+
+    @Test func nonZeroPaddingIsRefused() {
+        var tiny = golden("tiny.ckpts")
+        tiny[0x1F0] = 1
+        #expect(reason(tiny) == .nonZeroReserved("padding of a tensor-end frame"))
+    }
+
+    @Test func trailingDataAfterEnd() {
+        #expect(reason(golden("tiny.ckpts") + [0]) == .trailingData)
+    }
+
+    /// Builds streams frame by frame to break one rule at a time.
+    func stream(_ frames: [[UInt8]]) -> [UInt8] { FrameEncoder.preamble() + frames.flatMap { $0 } }
+    let header = FrameEncoder.header(StreamHeader(producer: "t", sourceFormat: "t"))
+    let a = TensorHeader(try! TensorDescriptor(name: "a", dtype: .u8, shape: [4]))
+    func chunk(offset: Int, _ data: [UInt8], raw: Int? = nil) -> [UInt8] {
+        var f = FrameEncoder.chunkPrefix(offset: offset, rawLength: raw ?? data.count, codec: .none, crc: CRC32.checksum(data), storedLength: data.count) + data
+        f += [UInt8](repeating: 0, count: StreamFormat.padding(after: f.count))
+        return f
+    }
+    var end0: [UInt8] { FrameEncoder.end(tensorCount: 0, totalBytes: 0) }
+
+    @Test func unknownCriticalFrameIsRefusedAncillaryIsSkipped() {
+        #expect(reason(stream([header, FrameEncoder.frame(.init(rawValue: 0x01)!, body: []).replacing(at: 4, with: 0x10), end0]))
+                == .unknownCriticalFrame(0x10))
+        let ancillary = FrameEncoder.frame(.header, body: Array("anything".utf8)).replacing(at: 4, with: 0x90)
+        #expect(reason(stream([header, ancillary, end0])) == nil)
+    }
+
+    @Test func headerMustComeFirst() {
+        #expect(reason(stream([end0])) == .unexpectedFrame(got: "end", expected: "header"))
+    }
+
+    @Test func chunkOutsideATensor() {
+        #expect(reason(stream([header, chunk(offset: 0, [1]), end0])) == .unexpectedFrame(got: "chunk", expected: "tensor or end"))
+    }
+
+    @Test func chunkGapIsDetected() {
+        let s = stream([header, FrameEncoder.tensor(a), chunk(offset: 1, [1, 2, 3])])
+        #expect(reason(s) == .chunkOutOfOrder(expectedOffset: 0, got: 1))
+    }
+
+    @Test func chunkBeyondTheTensor() {
+        let s = stream([header, FrameEncoder.tensor(a), chunk(offset: 0, [1, 2, 3, 4, 5])])
+        #expect(reason(s) == .chunkBeyondTensor(offset: 0, length: 5, tensorLength: 4))
+    }
+
+    @Test func hugeDeclaredChunkIsRefusedBeforeAllocating() {
+        let s = stream([header, FrameEncoder.tensor(TensorHeader(try! TensorDescriptor(name: "big", dtype: .u8, shape: [1 << 40]))),
+                        chunk(offset: 0, [1], raw: 1 << 40)])
+        #expect(reason(s) == .frameTooLarge(kind: "chunk", length: 1 << 40, limit: StreamFormat.maxChunkSize))
+    }
+
+    @Test func shortTensor() {
+        let s = stream([header, FrameEncoder.tensor(a), chunk(offset: 0, [1, 2]), FrameEncoder.tensorEnd(byteLength: 4, crc: 0), end0])
+        #expect(reason(s) == .tensorLengthMismatch(declared: 4, received: 2))
+    }
+
+    @Test func endFrameTotalsMustMatch() {
+        let s = stream([header, FrameEncoder.tensor(a), chunk(offset: 0, [1, 2, 3, 4]),
+                        FrameEncoder.tensorEnd(byteLength: 4, crc: CRC32.checksum([1, 2, 3, 4])), end0])
+        #expect(reason(s) == .endMismatch("says 0 tensors / 0 bytes, stream carried 1 / 4"))
+    }
+
+    @Test func manifestContradiction() {
+        let m = FrameEncoder.manifest([try! TensorDescriptor(name: "a", dtype: .u8, shape: [2, 2])])
+        let s = stream([header, m, FrameEncoder.tensor(a), chunk(offset: 0, [1, 2, 3, 4]),
+                        FrameEncoder.tensorEnd(byteLength: 4, crc: CRC32.checksum([1, 2, 3, 4])), FrameEncoder.end(tensorCount: 1, totalBytes: 4)])
+        guard case .manifestMismatch = reason(s) else {
+            Issue.record("expected a manifest mismatch")
+            return
+        }
+    }
+
+    @Test func manifestWithTooFewTensorsInTheStream() {
+        let m = FrameEncoder.manifest([a.descriptor])
+        #expect(reason(stream([header, m, end0])) == .manifestMismatch("manifest lists 1 tensors, stream carried 0"))
+    }
+
+    @Test func unknownDType() {
+        var t = FrameEncoder.tensor(a)
+        // "U8" → "U9" in the descriptor (name length 4 + "a" + dtype length 1 → offset 16 + 6).
+        t[16 + 7] = UInt8(ascii: "9")
+        #expect(reason(stream([header, t])) == .unknownDType("U9"))
+    }
+
+    @Test func tensorLengthMustMatchShape() {
+        var t = FrameEncoder.tensor(a)
+        t[16 + 17] = 5  // the u64 byte length after the descriptor
+        guard case .malformedFrame = reason(stream([header, t])) else {
+            Issue.record("expected malformed frame")
+            return
+        }
+    }
+
+    @Test func shapeOverflowIsRefused() {
+        var w = ByteWriter()
+        w.string32("x"); w.string8("F64"); w.u8(2); w.u64(1 << 40); w.u64(1 << 40); w.u64(0); w.u32(0)
+        guard case .badShape = reason(stream([header, FrameEncoder.frame(.tensor, body: w.bytes)])) else {
+            Issue.record("expected a shape error")
+            return
+        }
+    }
+
+    @Test func headerMustBeJSON() {
+        guard case .badJSON = reason(stream([FrameEncoder.frame(.header, body: Array("{nope".utf8))])) else {
+            Issue.record("expected a JSON error")
+            return
+        }
+    }
+}
+
+extension Array where Element == UInt8 {
+    func replacing(at i: Int, with v: UInt8) -> [UInt8] {
+        var c = self
+        c[i] = v
+        return c
+    }
+}
