@@ -16,21 +16,25 @@ public final class BufferedInput {
         descriptor.enlargePipeBuffer()
     }
 
-    private func refill() throws {
+    /// Buffers at least `wanted` bytes unless the input ends first. Each read(2) takes what
+    /// is available rather than waiting for a full buffer: on a pipe, a stage must act on a
+    /// frame as soon as it has arrived.
+    private func refill(wanted: Int) throws {
         if start > 0 {
             if end > start { buffer.pointer.copyMemory(from: buffer.pointer + start, byteCount: end - start) }
             end -= start
             start = 0
         }
-        if eof || end == buffer.capacity { return }
-        let n = try descriptor.readFully(into: UnsafeMutableRawBufferPointer(start: buffer.pointer + end, count: buffer.capacity - end))
-        if n < buffer.capacity - end { eof = true }
-        end += n
+        while end - start < wanted && !eof && end < buffer.capacity {
+            let n = try descriptor.readSome(into: UnsafeMutableRawBufferPointer(start: buffer.pointer + end, count: buffer.capacity - end))
+            if n == 0 { eof = true }
+            end += n
+        }
     }
 
     /// Reads up to `n` bytes; fewer only at end of input.
     public func read(_ n: Int) throws -> [UInt8] {
-        if end - start < n && n <= buffer.capacity { try refill() }
+        if end - start < n && n <= buffer.capacity { try refill(wanted: n) }
         if end - start >= n {
             let out = [UInt8](UnsafeRawBufferPointer(start: buffer.pointer + start, count: n))
             start += n
@@ -77,7 +81,7 @@ public final class BufferedInput {
     /// True when no byte is left.
     public func atEnd() throws -> Bool {
         if end > start { return false }
-        try refill()
+        try refill(wanted: 1)
         return end == start
     }
 }

@@ -69,6 +69,16 @@ public struct FileDescriptor: Sendable {
         return done
     }
 
+    /// One read(2): whatever is available now, at least one byte; 0 only at end of file.
+    public func readSome(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        while true {
+            let n = Glibc.read(rawValue, buffer.baseAddress!, buffer.count)
+            if n >= 0 { return n }
+            if errno == EINTR || errno == EAGAIN { continue }
+            throw IOError(.read, path: path, errno: errno)
+        }
+    }
+
     /// Reads exactly `buffer.count` bytes at `offset`, or throws if the file is shorter.
     public func pread(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws {
         var done = 0

@@ -2,7 +2,7 @@
 """Writes the golden ckpt streams with the Python implementation (scripts/ckpt_stream.py).
 
 The Swift tests write the same tensors with StreamWriter and require identical bytes, so
-the two implementations pin each other. Run from the repository root; commit the output.
+the two implementations pin each other. Usage: make_golden.py [OUTDIR] (default: this folder). Commit the output.
 """
 import os
 import struct
@@ -17,8 +17,11 @@ def pattern(n, seed):
     return bytes((i * 37 + seed) % 256 for i in range(n))
 
 
+out_dir = sys.argv[1] if len(sys.argv) > 1 else here
+
+
 def write(name, header, tensors, manifest=True, **kw):
-    with open(os.path.join(here, name), "wb") as f:
+    with open(os.path.join(out_dir, name), "wb") as f:
         w = cs.StreamWriter(f, header, manifest=[(t.name, t.dtype, t.shape) for t in tensors] if manifest else None, **kw)
         for t in tensors:
             w.write(t)

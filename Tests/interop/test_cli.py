@@ -1,0 +1,178 @@
+"""The tools as a user runs them: exit codes (sysexits), one-line errors, no partial outputs."""
+import json
+import os
+import pty
+import signal
+import struct
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from conftest import run, shell, tool
+
+EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_CANTCREAT = 64, 65, 66, 69, 73
+
+
+@pytest.fixture
+def small(tmp_path):
+    path = tmp_path / "small.safetensors"
+    save_file({"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(4, np.float32)}, str(path))
+    return path
+
+
+def stream_of(path):
+    return run(["ckpt-read", str(path)], check=True).stdout
+
+
+def raw_safetensors(path, header: dict, data: bytes, pad=True):
+    h = json.dumps(header, separators=(",", ":")).encode()
+    if pad:
+        h += b" " * ((8 - len(h) % 8) % 8)
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+
+
+def assert_one_line_error(p, code, *needles):
+    err = p.stderr.decode()
+    assert p.returncode == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "Fatal error" not in err
+    for n in needles:
+        assert n in err, err
+
+
+BAD_SAFETENSORS = [
+    ("overlap", {"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}, "b": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]}}, 6, "InvalidOffset"),
+    ("hole", {"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, "b": {"dtype": "U8", "shape": [2], "data_offsets": [4, 6]}}, 6, "InvalidOffset"),
+    ("beyond", {"a": {"dtype": "F32", "shape": [100], "data_offsets": [0, 400]}}, 16, "MetadataIncompleteBuffer"),
+    ("trailing", {"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}, 9, "after the last tensor"),
+    ("size", {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8, "TensorInvalidInfo"),
+    ("dtype", {"a": {"dtype": "float32", "shape": [1], "data_offsets": [0, 4]}}, 4, "unknown dtype"),
+]
+
+
+@pytest.mark.parametrize("name,header,nbytes,needle", BAD_SAFETENSORS, ids=[b[0] for b in BAD_SAFETENSORS])
+def test_bad_safetensors_are_refused_and_leave_nothing(tmp_path, name, header, nbytes, needle):
+    src = tmp_path / "bad.safetensors"
+    raw_safetensors(src, header, bytes(nbytes))
+    out = tmp_path / "out.safetensors"
+    p = shell(f"ckpt-read {src} | ckpt-write {out}")
+    assert p.returncode != 0
+    single = run(["ckpt-read", str(src)])
+    assert_one_line_error(single, EX_DATAERR, "bad.safetensors", needle)
+    assert not out.exists() and os.listdir(tmp_path) == ["bad.safetensors"]
+
+
+def test_header_too_large_and_too_small(tmp_path):
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(struct.pack("<Q", 200_000_000) + b"{}")
+    assert_one_line_error(run(["ckpt-read", str(big)]), EX_DATAERR, "HeaderTooLarge")
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(struct.pack("<Q", 1000) + b"{}")
+    assert_one_line_error(run(["ckpt-read", str(short)]), EX_DATAERR, "InvalidHeaderLength")
+    tiny = tmp_path / "tiny.safetensors"
+    tiny.write_bytes(b"{}")
+    assert_one_line_error(run(["ckpt-read", "--list", str(tiny)]), EX_DATAERR, "HeaderTooSmall")
+
+
+def test_truncated_stream_fails_and_leaves_no_output(small, tmp_path):
+    s = stream_of(small)
+    out = tmp_path / "o.safetensors"
+    for cut in (len(s) - 64, len(s) // 2, 100, 10):
+        p = run(["ckpt-write", str(out)], input=s[:cut])
+        assert_one_line_error(p, EX_DATAERR, "<stdin>")
+        assert "truncated" in p.stderr.decode() or "magic" in p.stderr.decode()
+        assert sorted(os.listdir(tmp_path)) == ["small.safetensors"]
+
+
+def test_flipped_bit_is_a_crc_error(small, tmp_path):
+    s = bytearray(stream_of(small))
+    data_at = s.index(struct.pack("<4f", 0, 1, 2, 3))
+    s[data_at + 5] ^= 0x04
+    out = tmp_path / "o.safetensors"
+    p = run(["ckpt-write", str(out)], input=bytes(s))
+    assert_one_line_error(p, EX_DATAERR, "tensor w", "crc32 mismatch")
+    assert not out.exists()
+
+
+def test_bad_magic(tmp_path):
+    p = run(["ckpt-write", str(tmp_path / "o.safetensors")], input=b"PK\x03\x04" + bytes(100))
+    assert_one_line_error(p, EX_DATAERR, "bad magic")
+
+
+def test_existing_output_needs_force(small, tmp_path):
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"precious")
+    p = run(["ckpt-write", str(out)], input=stream_of(small))
+    assert_one_line_error(p, EX_CANTCREAT, "already exists", "--force")
+    assert out.read_bytes() == b"precious"
+    assert run(["ckpt-write", "--force", str(out)], input=stream_of(small)).returncode == 0
+    assert out.read_bytes() == small.read_bytes()
+
+
+def test_missing_input_and_usage_errors(tmp_path):
+    assert_one_line_error(run(["ckpt-read", str(tmp_path / "nope.safetensors")]), EX_NOINPUT, "nope.safetensors")
+    assert run(["ckpt-read"]).returncode == EX_USAGE
+    assert run(["ckpt-read", "--compress", "brotli", "x"]).returncode == EX_USAGE
+    p = run(["ckpt-write", str(tmp_path / "out.bin")], input=b"")
+    assert_one_line_error(p, EX_USAGE, "--format")
+    assert run(["ckpt-write", "--max-shard-size", "lots", str(tmp_path / "o.safetensors")], input=b"").returncode == EX_USAGE
+
+
+def test_refuses_binary_to_a_terminal(small):
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.run([tool("ckpt-read"), str(small)], stdout=slave, stderr=subprocess.PIPE, timeout=30)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert p.returncode == EX_USAGE
+    assert b"terminal" in p.stderr
+
+
+def test_sigpipe_ends_quietly(minilm):
+    p = shell(f"ckpt-read {minilm} | head -c 100 > /dev/null; echo ${{PIPESTATUS[0]}}")
+    assert p.stderr == b""
+    assert p.stdout.strip() == str(128 + signal.SIGPIPE).encode()
+
+
+def test_interrupted_write_leaves_no_file(small, tmp_path):
+    s = stream_of(small)
+    out = tmp_path / "o.safetensors"
+    proc = subprocess.Popen([tool("ckpt-write"), str(out)], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(s[:-64])  # all but the end frame: the writer has laid out its file and waits
+    proc.stdin.flush()
+    for _ in range(100):
+        if any(n.endswith(".tmp") for n in os.listdir(tmp_path)):
+            break
+        time.sleep(0.05)
+    assert any(n.endswith(".tmp") for n in os.listdir(tmp_path)), "the temporary output never appeared"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGTERM
+    assert sorted(os.listdir(tmp_path)) == ["small.safetensors"]
+
+
+def test_progress_is_forced_or_silenced(minilm, tmp_path):
+    p = shell(f"ckpt-read --progress {minilm} | ckpt-write --quiet --progress {tmp_path}/o.safetensors")
+    assert p.returncode == 0
+    assert b"ckpt-read:" in p.stderr and b"104 tensors" in p.stderr and b"MiB/s" in p.stderr
+    assert b"ckpt-write:" not in p.stderr
+
+
+@pytest.mark.parametrize("stage", ["lora-merge", "ckpt-slice"])
+def test_unbuilt_stages_refuse_to_pretend(stage, small):
+    p = run([stage], input=stream_of(small))
+    assert p.returncode == EX_UNAVAILABLE
+    assert b"not implemented yet" in p.stderr
+    assert p.stdout == b""
+
+
+def test_help_and_version():
+    for t in ("ckpt-read", "ckpt-write"):
+        p = run([t, "--help"])
+        assert p.returncode == 0 and b"USAGE" in p.stdout.upper()
+        assert run([t, "--version"]).stdout.strip() == b"0.1.0"
