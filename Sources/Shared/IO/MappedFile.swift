@@ -9,6 +9,8 @@ public final class MappedFile: @unchecked Sendable {
     public let descriptor: FileDescriptor
     public let size: Int
     private let base: UnsafeMutableRawPointer?
+    private var releasedUpTo = 0
+    private static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
 
     public init(_ descriptor: FileDescriptor, size: Int) throws {
         self.descriptor = descriptor
@@ -30,6 +32,17 @@ public final class MappedFile: @unchecked Sendable {
     public func bytes(at offset: Int, count: Int) -> UnsafeRawBufferPointer {
         precondition(offset >= 0 && count >= 0 && offset + count <= size, "mapped range out of bounds")
         return UnsafeRawBufferPointer(start: base.map { $0 + offset }, count: count)
+    }
+
+    /// Unmaps the pages wholly before `offset` from this process (the data stays in the page
+    /// cache). Touched pages of a mapping count as resident memory: without this, reading a
+    /// 100 GB file would show a 100 GB RSS and could push other memory out.
+    public func release(before offset: Int) {
+        guard let base else { return }
+        let end = offset - offset % MappedFile.pageSize
+        guard end > releasedUpTo else { return }
+        _ = madvise(base + releasedUpTo, end - releasedUpTo, MADV_DONTNEED)
+        releasedUpTo = end
     }
 
     /// Tells the kernel the range will be read soon (reads ahead in the background).

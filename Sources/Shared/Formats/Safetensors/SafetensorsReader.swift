@@ -115,6 +115,8 @@ public final class SafetensorsReader: FileBackedSource {
         let n = min(chunkSize, length - position)
         let shard = shards[s]
         let at = shard.header.dataStart + e.begin + position
+        // The previous chunk has been consumed (the caller's pointer is valid only until now).
+        shard.file.release(before: at)
         // The header was validated against the file size, so the range is inside the mapping.
         shard.file.willNeed(at: at + n, count: chunkSize)
         position += n

