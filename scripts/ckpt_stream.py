@@ -34,7 +34,8 @@ MAX_SMALL_FRAME = 1 << 30
 HEADER, MANIFEST, TENSOR, CHUNK, TENSOR_END, END = 0x01, 0x02, 0x03, 0x04, 0x05, 0x7F
 KIND_NAMES = {HEADER: "header", MANIFEST: "manifest", TENSOR: "tensor", CHUNK: "chunk",
               TENSOR_END: "tensor-end", END: "end"}
-CODEC_NONE, CODEC_ZLIB = 0, 1
+CODEC_NONE, CODEC_ZLIB, CODEC_ZLIB_SHUFFLED = 0, 1, 2
+MAX_SHUFFLE = 16
 
 #: Bytes per element, by safetensors dtype name.
 DTYPE_SIZES = {
@@ -68,6 +69,25 @@ def _descriptor(name: str, dtype: str, shape) -> bytes:
     d = dtype.encode("ascii")
     return (struct.pack("<I", len(n)) + n + struct.pack("<B", len(d)) + d
             + struct.pack("<B", len(shape)) + b"".join(struct.pack("<Q", int(x)) for x in shape))
+
+
+def shuffle(data: bytes, width: int) -> bytes:
+    """Codec 2's byte shuffle: element bytes grouped by position; the n % width tail stays."""
+    m = len(data) // width
+    return b"".join(data[j:m * width:width] for j in range(width)) + data[m * width:]
+
+
+def unshuffle(data: bytes, width: int) -> bytes:
+    m = len(data) // width
+    out = bytearray(data)
+    for j in range(width):
+        out[j:m * width:width] = data[j * m:(j + 1) * m]
+    return bytes(out)
+
+
+def shuffle_width(dtype: str) -> int:
+    """What writers shuffle by: the element size (complex64 as two float32), 1 = none."""
+    return 4 if dtype == "C64" else DTYPE_SIZES[dtype]
 
 
 def nbytes(dtype: str, shape) -> int:
@@ -173,6 +193,7 @@ class StreamWriter:
         attrs = json.dumps(attributes, separators=(",", ":")).encode() if attributes else b""
         self.out.write(_frame(TENSOR, _descriptor(name, dtype, shape) + struct.pack("<QI", length, len(attrs)) + attrs))
         self._current = [name, length, 0, 0]  # name, length, offset, crc
+        self._width = shuffle_width(dtype)
 
     def write_chunk(self, data):
         name, length, offset, crc = self._current
@@ -182,12 +203,20 @@ class StreamWriter:
         for start in range(0, len(data), self.chunk_size):
             piece = data[start:start + self.chunk_size]
             c = zlib.crc32(piece)
+            width = 0
             if self.compress is None:
                 stored, codec = piece, CODEC_NONE
             else:
-                stored, codec = zlib.compress(piece, self.compress), CODEC_ZLIB
+                # As the Swift writer: shuffle multi-byte elements, deflate with the RLE strategy.
+                z = zlib.compressobj(self.compress, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+                if self._width > 1:
+                    width, codec = self._width, CODEC_ZLIB_SHUFFLED
+                    stored = z.compress(shuffle(bytes(piece), width)) + z.flush()
+                else:
+                    codec = CODEC_ZLIB
+                    stored = z.compress(piece) + z.flush()
             head = struct.pack("<IBBHQ", MARKER, CHUNK, 0, 0, CHUNK_HEADER + len(stored))
-            head += struct.pack("<QQII", offset, len(piece), codec, c) + b"\0" * 24
+            head += struct.pack("<QQIIB", offset, len(piece), codec, c, width) + b"\0" * 23
             self.out.write(head)
             self.out.write(stored)
             self.out.write(b"\0" * _pad(len(stored)))
@@ -359,7 +388,9 @@ class StreamReader:
             head = self._read(CHUNK_HEADER)
             if len(head) < CHUNK_HEADER or blen < CHUNK_HEADER:
                 raise StreamError(f"byte {at}: truncated chunk of tensor {name}")
-            coff, raw, codec, ccrc = struct.unpack_from("<QQII", head)
+            coff, raw, codec, ccrc, width = struct.unpack_from("<QQIIB", head)
+            if any(head[25:]) or (codec == CODEC_ZLIB_SHUFFLED) != (width != 0) or width == 1 or width > MAX_SHUFFLE:
+                raise StreamError(f"byte {at}: bad reserved bytes or shuffle width in a chunk of tensor {name}")
             stored = blen - CHUNK_HEADER
             if coff != offset or coff + raw > length or raw > MAX_CHUNK or stored > MAX_CHUNK + 65536:
                 raise StreamError(f"byte {at}: bad chunk offset or length in tensor {name}")
@@ -369,6 +400,8 @@ class StreamReader:
             self._skip(_pad(16 + blen), at)
             if codec == CODEC_ZLIB:
                 data = zlib.decompress(data)
+            elif codec == CODEC_ZLIB_SHUFFLED:
+                data = unshuffle(zlib.decompress(data), width)
             elif codec != CODEC_NONE:
                 raise StreamError(f"byte {at}: unknown codec {codec}")
             if len(data) != raw:

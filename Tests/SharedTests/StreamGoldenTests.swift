@@ -35,12 +35,13 @@ import Testing
         #expect(bytes == golden("all-dtypes.ckpts"))
     }
 
-    @Test(arguments: ["tiny.ckpts", "chunked.ckpts", "chunked-zlib.ckpts", "all-dtypes.ckpts"])
+    @Test(arguments: ["tiny.ckpts", "chunked.ckpts", "chunked-zlib.ckpts", "all-dtypes.ckpts", "bytes-zlib.ckpts"])
     func goldenFilesReadBack(_ name: String) throws {
         let sink = try readStream(golden(name))
         let expected: [(TensorHeader, [UInt8])] = switch name {
         case "tiny.ckpts": Self.tiny
         case "all-dtypes.ckpts": Self.allDtypes
+        case "bytes-zlib.ckpts": [tensor("u", .u8, [300], pattern(300, seed: 1))]
         default: Self.chunked
         }
         #expect(sink.header?.producer == "golden")

@@ -19,7 +19,7 @@ def test_python_writer_reproduces_the_golden_files(tmp_path):
     # make_golden.py regenerates them; they must be identical to what is committed
     # (which the Swift writer also reproduces, in the Swift tests).
     subprocess.run([sys.executable, os.path.join(GOLDEN, "make_golden.py"), str(tmp_path)], check=True)
-    for name in ("tiny.ckpts", "chunked.ckpts", "all-dtypes.ckpts", "chunked-zlib.ckpts"):
+    for name in ("tiny.ckpts", "chunked.ckpts", "all-dtypes.ckpts", "chunked-zlib.ckpts", "bytes-zlib.ckpts"):
         assert (tmp_path / name).read_bytes() == open(os.path.join(GOLDEN, name), "rb").read(), name
 
 

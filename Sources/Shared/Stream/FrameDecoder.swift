@@ -16,6 +16,8 @@ public struct FrameDecoder {
         public var codec: StreamFormat.Codec
         public var crc: UInt32
         public var storedLength: Int
+        /// Element width of the byte shuffle (codec 2), else 0.
+        public var shuffleWidth: Int
     }
 
     func error(_ r: StreamError.Reason, at offset: Int, tensor: String? = nil) -> StreamError {
@@ -143,9 +145,16 @@ public struct FrameDecoder {
             throw malformed(.chunk, "body shorter than the 48-byte chunk header", at: offset)
         }
         var r = ByteReader(bytes)
-        let off = try! r.u64(), raw = try! r.u64(), codecRaw = try! r.u32(), crc = try! r.u32()
-        guard try! r.bytes(24).allSatisfy({ $0 == 0 }) else { throw error(.nonZeroReserved("chunk header"), at: offset, tensor: tensor) }
+        let off = try! r.u64(), raw = try! r.u64(), codecRaw = try! r.u32(), crc = try! r.u32(), width = Int(try! r.u8())
+        guard try! r.bytes(23).allSatisfy({ $0 == 0 }) else { throw error(.nonZeroReserved("chunk header"), at: offset, tensor: tensor) }
         guard let codec = StreamFormat.Codec(rawValue: codecRaw) else { throw error(.unknownCodec(codecRaw), at: offset, tensor: tensor) }
+        if codec == .zlibShuffled {
+            guard (2...StreamFormat.maxShuffleWidth).contains(width) else {
+                throw malformed(.chunk, "shuffle width \(width) is not in 2...\(StreamFormat.maxShuffleWidth)", at: offset)
+            }
+        } else if width != 0 {
+            throw error(.nonZeroReserved("chunk shuffle width (codec \(codecRaw))"), at: offset, tensor: tensor)
+        }
         let stored = bodyLength - UInt64(StreamFormat.chunkHeaderSize)
         guard raw <= UInt64(StreamFormat.maxChunkSize), stored <= UInt64(StreamFormat.maxChunkSize) + 65536 else {
             throw error(.frameTooLarge(kind: "chunk", length: max(raw, stored), limit: StreamFormat.maxChunkSize), at: offset, tensor: tensor)
@@ -153,7 +162,7 @@ public struct FrameDecoder {
         if codec == .none && stored != raw {
             throw malformed(.chunk, "uncompressed chunk stores \(stored) bytes but declares \(raw)", at: offset)
         }
-        return ChunkHeader(offset: off, rawLength: raw, codec: codec, crc: crc, storedLength: Int(stored))
+        return ChunkHeader(offset: off, rawLength: raw, codec: codec, crc: crc, storedLength: Int(stored), shuffleWidth: width)
     }
 
     public func tensorEnd(_ body: [UInt8], at offset: Int) throws(StreamError) -> (length: UInt64, crc: UInt32) {

@@ -72,14 +72,15 @@ public enum FrameEncoder {
     /// Frame header plus chunk header: exactly 64 bytes, after which `storedLength`
     /// bytes of data follow, then padding to 64.
     public static func chunkPrefix(offset: Int, rawLength: Int, codec: StreamFormat.Codec,
-                                   crc: UInt32, storedLength: Int) -> [UInt8] {
+                                   crc: UInt32, storedLength: Int, shuffleWidth: Int = 0) -> [UInt8] {
         var w = ByteWriter(capacity: 64)
         w.raw(frameHeader(.chunk, bodyLength: StreamFormat.chunkHeaderSize + storedLength))
         w.u64(UInt64(offset))
         w.u64(UInt64(rawLength))
         w.u32(codec.rawValue)
         w.u32(crc)
-        w.zeros(24)
+        w.u8(UInt8(shuffleWidth))
+        w.zeros(23)
         return w.bytes
     }
 

@@ -53,7 +53,12 @@ public enum StreamFormat {
         case none = 0
         /// RFC 1950 zlib stream (deflate with header and Adler-32) of the chunk's raw bytes.
         case zlib = 1
+        /// zlib stream of the raw bytes after `ByteShuffle` with the width in the chunk header.
+        case zlibShuffled = 2
     }
+
+    /// Largest byte-shuffle width a chunk header may declare.
+    public static let maxShuffleWidth = 16
 
     /// Padding that brings `length` up to the next multiple of the alignment.
     @inline(__always)

@@ -42,7 +42,7 @@ public final class StreamReader: DirectChunkSource {
 
     private let work: OrderedWork<ChunkJob>
     private let rawPool = BufferPool(bufferSize: StreamFormat.defaultChunkSize)
-    private let packedPool = BufferPool(bufferSize: ZlibCodec.bound(StreamFormat.defaultChunkSize))
+    private let packedPool = BufferPool(bufferSize: ZlibCodec.bound(StreamFormat.defaultChunkSize) + 4096)
     private let lookahead: Int
     private let inputIsPipe: Bool
 
@@ -191,6 +191,7 @@ public final class StreamReader: DirectChunkSource {
         guard let job = heldChunk else { return }
         heldChunk = nil
         rawPool.give(job.output)
+        if let s = job.scratch { rawPool.give(s) }
         packedPool.give(job.packed)
     }
 
@@ -384,7 +385,8 @@ public final class StreamReader: DirectChunkSource {
         packed.count = got
         try StreamReader.skipPadding(input, decoder, after: StreamFormat.frameHeaderSize + Int(fh.bodyLength), at: at, kind: "chunk")
         let job = ChunkJob(codec: ch.codec, packed: packed, output: rawPool.take(minimum: Int(ch.rawLength)), rawLength: Int(ch.rawLength),
-                           storedCRC: ch.crc, tensorOffset: ch.offset, frameOffset: at, tensor: tensor.name, source: source)
+                           storedCRC: ch.crc, tensorOffset: ch.offset, frameOffset: at, tensor: tensor.name, source: source,
+                           shuffleWidth: ch.shuffleWidth, scratch: ch.shuffleWidth > 1 ? rawPool.take(minimum: Int(ch.rawLength)) : nil)
         work.submit(job)
         return .chunk(job)
     }
@@ -401,10 +403,14 @@ final class ChunkJob: Job, @unchecked Sendable {
     let frameOffset: Int
     let tensor: String
     let source: String
+    let shuffleWidth: Int
+    let scratch: AlignedBuffer?
     var crc: UInt32 = 0
 
     init(codec: StreamFormat.Codec, packed: AlignedBuffer, output: AlignedBuffer, rawLength: Int, storedCRC: UInt32,
-         tensorOffset: UInt64, frameOffset: Int, tensor: String, source: String) {
+         tensorOffset: UInt64, frameOffset: Int, tensor: String, source: String, shuffleWidth: Int, scratch: AlignedBuffer?) {
+        self.shuffleWidth = shuffleWidth
+        self.scratch = scratch
         self.codec = codec
         self.packed = packed
         self.output = output
@@ -417,14 +423,16 @@ final class ChunkJob: Job, @unchecked Sendable {
     }
 
     override func run() throws {
-        if codec == .zlib {
-            do {
-                try ZlibCodec.decompress(packed.bytes, into: UnsafeMutableRawBufferPointer(start: output.pointer, count: rawLength))
-            } catch {
-                throw StreamError(.decompressionFailed(error.description), source: source, offset: frameOffset, tensor: tensor)
-            }
-            output.count = rawLength
+        let target = scratch ?? output
+        do {
+            try ZlibCodec.decompress(packed.bytes, into: UnsafeMutableRawBufferPointer(start: target.pointer, count: rawLength))
+        } catch {
+            throw StreamError(.decompressionFailed(error.description), source: source, offset: frameOffset, tensor: tensor)
         }
+        if let scratch {
+            ByteShuffle.unshuffle(UnsafeRawBufferPointer(start: scratch.pointer, count: rawLength), into: output.whole, width: shuffleWidth)
+        }
+        output.count = rawLength
         crc = CRC32.checksum(output.bytes)
     }
 }

@@ -37,7 +37,7 @@ public final class StreamWriter: SpliceAwareSink {
         self.chunkSize = chunkSize
         self.producer = producer
         rawPool = BufferPool(bufferSize: chunkSize)
-        packedPool = BufferPool(bufferSize: ZlibCodec.bound(chunkSize))
+        packedPool = BufferPool(bufferSize: ZlibCodec.bound(chunkSize) + 4096)
         work = OrderedWork(window: OrderedWork<CompressJob>.cores + 1)
         output.enlargePipeBuffer()
         outputIsPipe = output.isPipe
@@ -93,7 +93,9 @@ public final class StreamWriter: SpliceAwareSink {
                 let raw = rawPool.take()
                 raw.pointer.copyMemory(from: piece.baseAddress!, byteCount: n)
                 raw.count = n
-                let job = CompressJob(offset: tensorOffset, raw: raw, packed: packedPool.take(), level: level)
+                let width = ByteShuffle.width(for: d.dtype)
+                let job = CompressJob(offset: tensorOffset, raw: raw, packed: packedPool.take(), level: level,
+                                      shuffleWidth: width > 1 ? width : 0, scratch: width > 1 ? rawPool.take() : nil)
                 if work.isFull { try emitOldest() }
                 work.submit(job)
             }
@@ -170,10 +172,12 @@ public final class StreamWriter: SpliceAwareSink {
         guard let job = try work.next() else { return }
         defer {
             rawPool.give(job.raw)
+            if let s = job.scratch { rawPool.give(s) }
             packedPool.give(job.packed)
         }
-        let prefix = FrameEncoder.chunkPrefix(offset: job.offset, rawLength: job.raw.count, codec: .zlib,
-                                              crc: job.crc, storedLength: job.packed.count)
+        let prefix = FrameEncoder.chunkPrefix(offset: job.offset, rawLength: job.raw.count,
+                                              codec: job.shuffleWidth > 0 ? .zlibShuffled : .zlib,
+                                              crc: job.crc, storedLength: job.packed.count, shuffleWidth: job.shuffleWidth)
         try writeFrame(prefix: prefix, data: job.packed.bytes)
         tensorCRC = CRC32.combine(tensorCRC, job.crc, lengthOfB: job.raw.count)
     }
@@ -194,23 +198,33 @@ public final class StreamWriter: SpliceAwareSink {
     }
 }
 
-/// Compresses one chunk and checksums its raw bytes, on a worker thread.
+/// Checksums one chunk, byte-shuffles it (multi-byte dtypes) and deflates it with the run-
+/// length strategy, on a worker thread. See docs/performance.md for why shuffle + RLE.
 final class CompressJob: Job, @unchecked Sendable {
     let offset: Int
     let raw: AlignedBuffer
     let packed: AlignedBuffer
     let level: Int32
+    let shuffleWidth: Int
+    let scratch: AlignedBuffer?
     var crc: UInt32 = 0
 
-    init(offset: Int, raw: AlignedBuffer, packed: AlignedBuffer, level: Int32) {
+    init(offset: Int, raw: AlignedBuffer, packed: AlignedBuffer, level: Int32, shuffleWidth: Int, scratch: AlignedBuffer?) {
         self.offset = offset
         self.raw = raw
         self.packed = packed
         self.level = level
+        self.shuffleWidth = shuffleWidth
+        self.scratch = scratch
     }
 
     override func run() throws {
         crc = CRC32.checksum(raw.bytes)
-        packed.count = try ZlibCodec.compress(raw.bytes, into: packed.whole, level: level)
+        var input = raw.bytes
+        if shuffleWidth > 1, let scratch {
+            ByteShuffle.shuffle(raw.bytes, into: scratch.whole, width: shuffleWidth)
+            input = UnsafeRawBufferPointer(start: scratch.pointer, count: raw.count)
+        }
+        packed.count = try ZlibCodec.compress(input, into: packed.whole, level: level, strategy: .rle)
     }
 }

@@ -43,3 +43,6 @@ chunked = [cs.Tensor("x/y", "I16", (10,), pattern(20, 5)), cs.Tensor("z", "F64",
 write("chunked.ckpts", {"producer": "golden", "source_format": "test", "metadata": {}}, chunked, chunk_size=8)
 write("chunked-zlib.ckpts", {"producer": "golden", "source_format": "test", "metadata": {}}, chunked,
       chunk_size=8, compress=6)
+# Codec 1 (zlib over unshuffled bytes): what the writers use for one-byte dtypes.
+write("bytes-zlib.ckpts", {"producer": "golden", "source_format": "test", "metadata": {}},
+      [cs.Tensor("u", "U8", (300,), pattern(300, 1))], chunk_size=128, compress=9)
