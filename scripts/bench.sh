@@ -4,6 +4,7 @@
 #
 #   scripts/bench.sh [SIZE_GIB] [REPS]      defaults: 2 GiB, 3 repetitions
 #   BENCH_DIR=/big/disk scripts/bench.sh 8 1
+#   BENCH_CASES="cat ckpt" scripts/bench.sh 8 1    only some cases (python needs 2x SIZE of RAM)
 #
 # Makes SIZE_GIB of random f32 and bf16 tensors as one .safetensors file (written in the
 # safetensors library's own layout), warms it into the page cache, then runs each case REPS
@@ -16,6 +17,7 @@ cd "$(dirname "$0")/.."
 SIZE_GIB="${1:-2}"
 REPS="${2:-3}"
 WORK="${BENCH_DIR:-$PWD/bench-work}"
+CASES="${BENCH_CASES:-cat ckpt ckpt-zlib1 python-safetensors}"
 mkdir -p "$WORK"
 
 scripts/setup.sh >/dev/null
@@ -78,12 +80,19 @@ calc() { awk "BEGIN { print $* }"; }
 
 for rep in $(seq "$REPS"); do
     echo "repetition $rep/$REPS" >&2
-    run cat "$(T 1) cat '$IN' > '$OUT'"
-    run ckpt "$(T 1) $BIN/ckpt-read '$IN' | $(T 2) $BIN/ckpt-write '$OUT'"
-    cmp -s "$IN" "$OUT" || { echo "ckpt output differs from the input" >&2; exit 1; }
-    run ckpt-zlib1 "$(T 1) $BIN/ckpt-read --compress zlib:1 '$IN' | $(T 2) $BIN/ckpt-write '$OUT'"
-    cmp -s "$IN" "$OUT" || { echo "compressed ckpt output differs from the input" >&2; exit 1; }
-    run python-safetensors "$(T 1) $PY -c 'import sys, ml_dtypes; from safetensors.numpy import load_file, save_file; save_file(load_file(sys.argv[1]), sys.argv[2])' '$IN' '$OUT'"
+    for c in $CASES; do
+        case "$c" in
+        cat) run cat "$(T 1) cat '$IN' > '$OUT'" ;;
+        ckpt)
+            run ckpt "$(T 1) $BIN/ckpt-read '$IN' | $(T 2) $BIN/ckpt-write '$OUT'"
+            cmp -s "$IN" "$OUT" || { echo "ckpt output differs from the input" >&2; exit 1; } ;;
+        ckpt-zlib1)
+            run ckpt-zlib1 "$(T 1) $BIN/ckpt-read --compress zlib:1 '$IN' | $(T 2) $BIN/ckpt-write '$OUT'"
+            cmp -s "$IN" "$OUT" || { echo "compressed ckpt output differs from the input" >&2; exit 1; } ;;
+        python-safetensors)
+            run python-safetensors "$(T 1) $PY -c 'import sys, ml_dtypes; from safetensors.numpy import load_file, save_file; save_file(load_file(sys.argv[1]), sys.argv[2])' '$IN' '$OUT'" ;;
+        esac
+    done
 done
 rm -f "$OUT"
 
@@ -94,7 +103,7 @@ echo "| case | wall s | GB/s | vs cat | peak RSS per stage (MiB) |"
 echo "|---|---|---|---|---|"
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 cat_t=$(awk '$1=="cat"{print $2}' "$RESULTS" | median)
-for name in cat ckpt ckpt-zlib1 python-safetensors; do
+for name in $CASES; do
     t=$(awk -v n="$name" '$1==n{print $2}' "$RESULTS" | median)
     rss=$(awk -v n="$name" '$1==n{for(i=3;i<=NF;i++) if($i>m[i]) m[i]=$i; k=NF} END{s=""; for(i=3;i<=k;i++) s=s (i>3?" | ":"") sprintf("%.0f", m[i]/1024); print s}' "$RESULTS")
     printf "| %s | %.2f | %.2f | %.2f× | %s |\n" "$name" "$t" "$(calc "$BYTES / $t / 1e9")" "$(calc "$cat_t / $t")" "$rss"

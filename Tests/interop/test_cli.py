@@ -66,16 +66,32 @@ def test_bad_safetensors_are_refused_and_leave_nothing(tmp_path, name, header, n
     assert not out.exists() and os.listdir(tmp_path) == ["bad.safetensors"]
 
 
-def test_header_too_large_and_too_small(tmp_path):
-    big = tmp_path / "big.safetensors"
-    big.write_bytes(struct.pack("<Q", 200_000_000) + b"{}")
-    assert_one_line_error(run(["ckpt-read", str(big)]), EX_DATAERR, "HeaderTooLarge")
-    short = tmp_path / "short.safetensors"
-    short.write_bytes(struct.pack("<Q", 1000) + b"{}")
-    assert_one_line_error(run(["ckpt-read", str(short)]), EX_DATAERR, "InvalidHeaderLength")
-    tiny = tmp_path / "tiny.safetensors"
-    tiny.write_bytes(b"{}")
-    assert_one_line_error(run(["ckpt-read", "--list", str(tiny)]), EX_DATAERR, "HeaderTooSmall")
+@pytest.mark.parametrize("content,needle", [
+    (struct.pack("<Q", 200_000_000) + b"{}", "HeaderTooLarge"),
+    (struct.pack("<Q", 1000) + b"{}", "InvalidHeaderLength"),
+    (b"{}", "HeaderTooSmall"),
+    (struct.pack("<Q", 3) + b"{\xff}", "not valid UTF-8"),
+    (struct.pack("<Q", 6) + b'{"a":}', "InvalidHeaderDeserialization"),
+], ids=["too-large", "length-beyond-file", "too-small", "not-utf8", "not-json"])
+def test_bad_headers_are_refused_and_leave_nothing(tmp_path, content, needle):
+    src = tmp_path / "bad.safetensors"
+    src.write_bytes(content)
+    assert_one_line_error(run(["ckpt-read", "--list", str(src)]), EX_DATAERR, needle)
+    out = tmp_path / "out.safetensors"
+    assert shell(f"ckpt-read {src} | ckpt-write {out}").returncode == EX_DATAERR
+    assert os.listdir(tmp_path) == ["bad.safetensors"]
+
+
+def test_reserved_tensor_name_is_refused(tmp_path):
+    import io
+    import ckpt_stream as cs
+    buf = io.BytesIO()
+    w = cs.StreamWriter(buf, {"producer": "t", "source_format": "t"}, manifest=[("__metadata__", "U8", (1,))])
+    w.write(cs.Tensor("__metadata__", "U8", (1,), b"\x01"))
+    w.close()
+    p = run(["ckpt-write", str(tmp_path / "o.safetensors")], input=buf.getvalue())
+    assert_one_line_error(p, EX_DATAERR, "__metadata__")
+    assert os.listdir(tmp_path) == []
 
 
 def test_truncated_stream_fails_and_leaves_no_output(small, tmp_path):

@@ -1,22 +1,38 @@
 import Glibc
 
-/// A heap buffer aligned to 64 bytes (cache lines, and the stream's alignment), owned by
-/// one object so it can be handed between threads and recycled through a `BufferPool`.
+/// A buffer aligned to 64 bytes (cache lines, and the stream's alignment), owned by one
+/// object so it can be handed between threads and recycled through a `BufferPool`.
+///
+/// Large buffers are mapped directly (mmap/munmap) rather than malloc'd: glibc raises its
+/// mmap threshold after the first large free and then serves multi-MiB blocks from arenas
+/// it seldom returns, which made a stage's resident memory creep far past what it holds.
 public final class AlignedBuffer: @unchecked Sendable {
     public let capacity: Int
     public let pointer: UnsafeMutableRawPointer
     /// How many bytes are in use (set by whoever fills it).
     public var count = 0
+    private let mapped: Bool
+    private static let mapThreshold = 256 << 10
 
     public init(capacity: Int) {
         self.capacity = capacity
-        var p: UnsafeMutableRawPointer?
-        let rc = posix_memalign(&p, 64, max(capacity, 64))
-        precondition(rc == 0 && p != nil, "out of memory allocating \(capacity) bytes")
-        pointer = p!
+        if capacity >= AlignedBuffer.mapThreshold {
+            let p = mmap(nil, capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            precondition(p != nil && p != MAP_FAILED, "out of memory mapping \(capacity) bytes")
+            pointer = p!
+            mapped = true
+        } else {
+            var p: UnsafeMutableRawPointer?
+            let rc = posix_memalign(&p, 64, max(capacity, 64))
+            precondition(rc == 0 && p != nil, "out of memory allocating \(capacity) bytes")
+            pointer = p!
+            mapped = false
+        }
     }
 
-    deinit { free(pointer) }
+    deinit {
+        if mapped { munmap(pointer, capacity) } else { free(pointer) }
+    }
 
     public var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: pointer, count: count) }
     public var whole: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: pointer, count: capacity) }
@@ -26,10 +42,15 @@ public final class AlignedBuffer: @unchecked Sendable {
 /// allocations are fresh mmaps in glibc, and faulting 4 MiB in costs ~1000 page faults).
 public final class BufferPool: @unchecked Sendable {
     public let bufferSize: Int
+    /// Idle buffers kept for reuse; more are freed, so a burst cannot pin memory.
+    public let retain: Int
     private var free: [AlignedBuffer] = []
     private let lock = Mutex()
 
-    public init(bufferSize: Int) { self.bufferSize = bufferSize }
+    public init(bufferSize: Int, retain: Int) {
+        self.bufferSize = bufferSize
+        self.retain = retain
+    }
 
     /// A buffer of at least `minimum` bytes (the pool's size unless more is asked for).
     public func take(minimum: Int = 0) -> AlignedBuffer {
@@ -42,6 +63,6 @@ public final class BufferPool: @unchecked Sendable {
 
     public func give(_ b: AlignedBuffer) {
         guard b.capacity == bufferSize else { return }
-        lock.withLock { if free.count < 16 { free.append(b) } }
+        lock.withLock { if free.count < retain { free.append(b) } }
     }
 }

@@ -24,13 +24,14 @@ public class Job: @unchecked Sendable {
 /// `window` in flight so memory stays bounded (window × chunk buffers).
 public final class OrderedWork<J: Job> {
     public let window: Int
+    /// Jobs in submission order. Handed-back jobs leave at once: a finished job still holds
+    /// its buffers, and keeping it here would keep them alive.
     private var pending: [J] = []
-    private var head = 0
     private static var queue: DispatchQueue { DispatchQueue.global(qos: .userInitiated) }
 
     public init(window: Int) { self.window = max(1, window) }
 
-    public var count: Int { pending.count - head }
+    public var count: Int { pending.count }
     public var isFull: Bool { count >= window }
 
     public func submit(_ job: J) {
@@ -40,25 +41,16 @@ public final class OrderedWork<J: Job> {
 
     /// The oldest job, once finished; nil if none is pending.
     public func next() throws -> J? {
-        guard head < pending.count else { return nil }
-        let job = pending[head]
-        head += 1
-        if head > 64 && head * 2 > pending.count {
-            pending.removeFirst(head)
-            head = 0
-        }
+        guard !pending.isEmpty else { return nil }
+        let job = pending.removeFirst()  // the window is a handful of jobs: O(window)
         try job.wait()
         return job
     }
 
     /// Waits for every job still running (used on errors, so no worker outlives its buffers).
     public func drain() {
-        while head < pending.count {
-            try? pending[head].wait()
-            head += 1
-        }
+        for job in pending { try? job.wait() }
         pending.removeAll()
-        head = 0
     }
 
     /// How many worker threads to keep busy: every core.

@@ -41,8 +41,11 @@ public final class StreamReader: DirectChunkSource {
     private var heldRaw: AlignedBuffer?
 
     private let work: OrderedWork<ChunkJob>
-    private let rawPool = BufferPool(bufferSize: StreamFormat.defaultChunkSize)
-    private let packedPool = BufferPool(bufferSize: ZlibCodec.bound(StreamFormat.defaultChunkSize) + 4096)
+    // Read-ahead keeps `lookahead` compressed chunks in flight, each with a compressed and
+    // an output buffer, plus the chunk the consumer holds.
+    private let rawPool = BufferPool(bufferSize: StreamFormat.defaultChunkSize, retain: OrderedWork<ChunkJob>.cores + 2)
+    private let packedPool = BufferPool(bufferSize: ZlibCodec.bound(StreamFormat.defaultChunkSize) + 4096,
+                                        retain: OrderedWork<ChunkJob>.cores + 2)
     private let lookahead: Int
     private let inputIsPipe: Bool
 
@@ -110,10 +113,10 @@ public final class StreamReader: DirectChunkSource {
                 throw StreamError(.chunkCRCMismatch(chunkOffset: job.tensorOffset, expected: job.storedCRC, actual: job.crc),
                                   source: source, offset: job.frameOffset, tensor: tensor.name)
             }
-            currentCRC = CRC32.combine(currentCRC, job.crc, lengthOfB: job.output.count)
-            delivered += job.output.count
+            currentCRC = CRC32.combine(currentCRC, job.crc, lengthOfB: job.rawLength)
+            delivered += job.rawLength
             heldChunk = job
-            return job.output.bytes
+            return job.result.bytes
         case .rawChunk(let ch, let bodyLength, let at):
             let buffer = rawPool.take(minimum: Int(ch.rawLength))
             try readRawData(ch, bodyLength: bodyLength, at: at, tensor: tensor.name,
@@ -190,9 +193,7 @@ public final class StreamReader: DirectChunkSource {
         }
         guard let job = heldChunk else { return }
         heldChunk = nil
-        rawPool.give(job.output)
-        if let s = job.scratch { rawPool.give(s) }
-        packedPool.give(job.packed)
+        job.release(raw: rawPool, packed: packedPool)
     }
 
     // MARK: - Events, read ahead of the consumer
@@ -386,7 +387,7 @@ public final class StreamReader: DirectChunkSource {
         try StreamReader.skipPadding(input, decoder, after: StreamFormat.frameHeaderSize + Int(fh.bodyLength), at: at, kind: "chunk")
         let job = ChunkJob(codec: ch.codec, packed: packed, output: rawPool.take(minimum: Int(ch.rawLength)), rawLength: Int(ch.rawLength),
                            storedCRC: ch.crc, tensorOffset: ch.offset, frameOffset: at, tensor: tensor.name, source: source,
-                           shuffleWidth: ch.shuffleWidth, scratch: ch.shuffleWidth > 1 ? rawPool.take(minimum: Int(ch.rawLength)) : nil)
+                           shuffleWidth: ch.shuffleWidth)
         work.submit(job)
         return .chunk(job)
     }
@@ -404,13 +405,15 @@ final class ChunkJob: Job, @unchecked Sendable {
     let tensor: String
     let source: String
     let shuffleWidth: Int
-    let scratch: AlignedBuffer?
     var crc: UInt32 = 0
+    /// Where the chunk's bytes end up: `output`, or `packed` once unshuffled into it.
+    private(set) var result: AlignedBuffer
+    private var extra: AlignedBuffer?
 
     init(codec: StreamFormat.Codec, packed: AlignedBuffer, output: AlignedBuffer, rawLength: Int, storedCRC: UInt32,
-         tensorOffset: UInt64, frameOffset: Int, tensor: String, source: String, shuffleWidth: Int, scratch: AlignedBuffer?) {
+         tensorOffset: UInt64, frameOffset: Int, tensor: String, source: String, shuffleWidth: Int) {
         self.shuffleWidth = shuffleWidth
-        self.scratch = scratch
+        result = output
         self.codec = codec
         self.packed = packed
         self.output = output
@@ -423,16 +426,30 @@ final class ChunkJob: Job, @unchecked Sendable {
     }
 
     override func run() throws {
-        let target = scratch ?? output
         do {
-            try ZlibCodec.decompress(packed.bytes, into: UnsafeMutableRawBufferPointer(start: target.pointer, count: rawLength))
+            try ZlibCodec.decompress(packed.bytes, into: UnsafeMutableRawBufferPointer(start: output.pointer, count: rawLength))
         } catch {
             throw StreamError(.decompressionFailed(error.description), source: source, offset: frameOffset, tensor: tensor)
         }
-        if let scratch {
-            ByteShuffle.unshuffle(UnsafeRawBufferPointer(start: scratch.pointer, count: rawLength), into: output.whole, width: shuffleWidth)
-        }
         output.count = rawLength
-        crc = CRC32.checksum(output.bytes)
+        if shuffleWidth > 1 {
+            // The compressed bytes are no longer needed: unshuffle into their buffer when it is
+            // large enough (it is for our own writers' chunks), so no third buffer is held.
+            let target: AlignedBuffer
+            if packed.capacity >= rawLength { target = packed } else {
+                target = AlignedBuffer(capacity: rawLength)
+                extra = target
+            }
+            ByteShuffle.unshuffle(output.bytes, into: target.whole, width: shuffleWidth)
+            target.count = rawLength
+            result = target
+        }
+        crc = CRC32.checksum(result.bytes)
+    }
+
+    /// Returns the job's buffers to their pools once the consumer is done with `result`.
+    func release(raw: BufferPool, packed packedPool: BufferPool) {
+        raw.give(output)
+        packedPool.give(packed)
     }
 }

@@ -36,9 +36,12 @@ public final class StreamWriter: SpliceAwareSink {
         self.compression = compression
         self.chunkSize = chunkSize
         self.producer = producer
-        rawPool = BufferPool(bufferSize: chunkSize)
-        packedPool = BufferPool(bufferSize: ZlibCodec.bound(chunkSize) + 4096)
-        work = OrderedWork(window: OrderedWork<CompressJob>.cores + 1)
+        // Compression keeps `window` chunks in flight, each with a (shuffled) copy and a
+        // compressed buffer: 2 × 4 MiB × (cores + 1) at most.
+        let window = OrderedWork<CompressJob>.cores + 1
+        rawPool = BufferPool(bufferSize: chunkSize, retain: window)
+        packedPool = BufferPool(bufferSize: ZlibCodec.bound(chunkSize) + 4096, retain: window)
+        work = OrderedWork(window: window)
         output.enlargePipeBuffer()
         outputIsPipe = output.isPipe
     }
@@ -90,14 +93,21 @@ public final class StreamWriter: SpliceAwareSink {
                 try writeFrame(prefix: prefix, data: piece)
                 tensorCRC = CRC32.combine(tensorCRC, crc, lengthOfB: n)
             case .zlib(let level):
-                let raw = rawPool.take()
-                raw.pointer.copyMemory(from: piece.baseAddress!, byteCount: n)
-                raw.count = n
-                let width = ByteShuffle.width(for: d.dtype)
-                let job = CompressJob(offset: tensorOffset, raw: raw, packed: packedPool.take(), level: level,
-                                      shuffleWidth: width > 1 ? width : 0, scratch: width > 1 ? rawPool.take() : nil)
+                // Retire the oldest job before taking buffers: at most `window` jobs hold any.
                 if work.isFull { try emitOldest() }
-                work.submit(job)
+                // The chunk must be copied anyway (its memory is the source's); shuffling while
+                // copying saves a buffer per job. The CRC is of the bytes as they are.
+                let crc = CRC32.checksum(piece)
+                let width = ByteShuffle.width(for: d.dtype)
+                let raw = rawPool.take()
+                if width > 1 {
+                    ByteShuffle.shuffle(piece, into: raw.whole, width: width)
+                } else {
+                    raw.pointer.copyMemory(from: piece.baseAddress!, byteCount: n)
+                }
+                raw.count = n
+                work.submit(CompressJob(offset: tensorOffset, raw: raw, packed: packedPool.take(), level: level,
+                                        shuffleWidth: width > 1 ? width : 0, crc: crc))
             }
             tensorOffset += n
             start += n
@@ -172,7 +182,6 @@ public final class StreamWriter: SpliceAwareSink {
         guard let job = try work.next() else { return }
         defer {
             rawPool.give(job.raw)
-            if let s = job.scratch { rawPool.give(s) }
             packedPool.give(job.packed)
         }
         let prefix = FrameEncoder.chunkPrefix(offset: job.offset, rawLength: job.raw.count,
@@ -198,33 +207,28 @@ public final class StreamWriter: SpliceAwareSink {
     }
 }
 
-/// Checksums one chunk, byte-shuffles it (multi-byte dtypes) and deflates it with the run-
-/// length strategy, on a worker thread. See docs/performance.md for why shuffle + RLE.
+/// Deflates one (already shuffled) chunk with the run-length strategy on a worker thread.
+/// See docs/performance.md for why shuffle + RLE.
 final class CompressJob: Job, @unchecked Sendable {
     let offset: Int
+    /// The chunk's bytes, shuffled by `shuffleWidth` when it is not 0.
     let raw: AlignedBuffer
     let packed: AlignedBuffer
     let level: Int32
     let shuffleWidth: Int
-    let scratch: AlignedBuffer?
-    var crc: UInt32 = 0
+    /// CRC-32 of the unshuffled bytes.
+    let crc: UInt32
 
-    init(offset: Int, raw: AlignedBuffer, packed: AlignedBuffer, level: Int32, shuffleWidth: Int, scratch: AlignedBuffer?) {
+    init(offset: Int, raw: AlignedBuffer, packed: AlignedBuffer, level: Int32, shuffleWidth: Int, crc: UInt32) {
         self.offset = offset
         self.raw = raw
         self.packed = packed
         self.level = level
         self.shuffleWidth = shuffleWidth
-        self.scratch = scratch
+        self.crc = crc
     }
 
     override func run() throws {
-        crc = CRC32.checksum(raw.bytes)
-        var input = raw.bytes
-        if shuffleWidth > 1, let scratch {
-            ByteShuffle.shuffle(raw.bytes, into: scratch.whole, width: shuffleWidth)
-            input = UnsafeRawBufferPointer(start: scratch.pointer, count: raw.count)
-        }
-        packed.count = try ZlibCodec.compress(input, into: packed.whole, level: level, strategy: .rle)
+        packed.count = try ZlibCodec.compress(raw.bytes, into: packed.whole, level: level, strategy: .rle)
     }
 }

@@ -69,8 +69,14 @@ public final class SafetensorsWriter: FileRegionSink {
     /// Plans the files, creates them and writes their headers.
     private func layOut(_ tensors: [TensorDescriptor]) throws {
         var names = Set<String>()
-        for t in tensors where !names.insert(t.name).inserted {
-            throw SafetensorsError(.index("tensor name appears twice in the stream"), file: path, tensor: t.name)
+        for t in tensors {
+            guard names.insert(t.name).inserted else {
+                throw SafetensorsError(.index("tensor name appears twice in the stream"), file: path, tensor: t.name)
+            }
+            guard t.name != "__metadata__" else {
+                throw SafetensorsError(.index("a tensor cannot be named __metadata__ in safetensors (the header key is reserved)"),
+                                       file: path, tensor: t.name)
+            }
         }
         let groups: [[TensorDescriptor]]
         if let maxShardSize { groups = SafetensorsIndex.planShards(tensors, maxShardSize: maxShardSize) } else { groups = [tensors] }
