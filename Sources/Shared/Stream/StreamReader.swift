@@ -48,6 +48,8 @@ public final class StreamReader: DirectChunkSource {
                                         retain: OrderedWork<ChunkJob>.cores + 2)
     private let lookahead: Int
     private let inputIsPipe: Bool
+    /// CRC checks of spliced chunks, run on another core while the next chunk moves.
+    private let verifications = OrderedWork<RegionCRCJob>(window: 2)
 
     public init(_ descriptor: FileDescriptor) throws {
         input = BufferedInput(descriptor)
@@ -81,7 +83,10 @@ public final class StreamReader: DirectChunkSource {
         }
     }
 
-    deinit { work.drain() }
+    deinit {
+        work.drain()
+        verifications.drain()
+    }
 
     // MARK: - TensorSource
 
@@ -126,6 +131,7 @@ public final class StreamReader: DirectChunkSource {
             heldRaw = buffer
             return buffer.bytes
         case .tensorEnd(let length, let crc, let offset):
+            while verifications.count > 0 { try settleOldestVerification() }
             if crc != currentCRC {
                 throw StreamError(.tensorCRCMismatch(expected: crc, actual: currentCRC), source: source, offset: offset, tensor: tensor.name)
             }
@@ -156,13 +162,20 @@ public final class StreamReader: DirectChunkSource {
                 throw StreamError(.truncated(inside: "chunk data of tensor \(tensor.name)"), source: source, offset: at, tensor: tensor.name)
             }
             try StreamReader.skipPadding(input, decoder, after: StreamFormat.frameHeaderSize + Int(bodyLength), at: at, kind: "chunk")
-            try accept(crc: try fd.crc32(offset: offset, count: n), of: ch, at: at, tensor: tensor.name)
+            if verifications.isFull { try settleOldestVerification() }
+            verifications.submit(RegionCRCJob(file: fd, offset: offset, header: ch, frameOffset: at, tensor: tensor.name))
             try sink.didWriteRegion(count: n)
             return n
         }
         guard let chunk = try nextChunk() else { return nil }
         try sink.write(chunk)
         return chunk.count
+    }
+
+    /// Checks the oldest spliced chunk's CRC (read back from the sink's file) in stream order.
+    private func settleOldestVerification() throws {
+        guard let job = try verifications.next() else { return }
+        try accept(crc: job.crc, of: job.header, at: job.frameOffset, tensor: job.tensor)
     }
 
     /// Checks a raw chunk's CRC and adds it to the tensor's.
@@ -390,6 +403,28 @@ public final class StreamReader: DirectChunkSource {
                            shuffleWidth: ch.shuffleWidth)
         work.submit(job)
         return .chunk(job)
+    }
+}
+
+/// Computes the CRC of a chunk spliced into a file, from the page cache, on a worker thread.
+final class RegionCRCJob: Job, @unchecked Sendable {
+    let file: FileDescriptor
+    let offset: Int
+    let header: FrameDecoder.ChunkHeader
+    let frameOffset: Int
+    let tensor: String
+    var crc: UInt32 = 0
+
+    init(file: FileDescriptor, offset: Int, header: FrameDecoder.ChunkHeader, frameOffset: Int, tensor: String) {
+        self.file = file
+        self.offset = offset
+        self.header = header
+        self.frameOffset = frameOffset
+        self.tensor = tensor
+    }
+
+    override func run() throws {
+        crc = try file.crc32(offset: offset, count: Int(header.rawLength))
     }
 }
 
