@@ -6,37 +6,31 @@
 ///     width 2:  a0 a1 b0 b1 c0 c1 t  ->  a0 b0 c0 a1 b1 c1 t
 public enum ByteShuffle {
     public static func shuffle(_ src: UnsafeRawBufferPointer, into dst: UnsafeMutableRawBufferPointer, width: Int) {
-        precondition(dst.count >= src.count && width >= 1)
-        let s = src.baseAddress!.assumingMemoryBound(to: UInt8.self)
-        let d = dst.baseAddress!.assumingMemoryBound(to: UInt8.self)
         let m = src.count / width
-        for j in 0..<width {
-            let plane = d + j * m
-            var p = s + j
-            for i in 0..<m {
-                plane[i] = p.pointee
-                p += width
-            }
-        }
-        let tail = src.count - m * width
-        if tail > 0 { (d + m * width).update(from: s + m * width, count: tail) }
+        transpose(src, into: dst, rows: m, columns: width)
     }
 
     public static func unshuffle(_ src: UnsafeRawBufferPointer, into dst: UnsafeMutableRawBufferPointer, width: Int) {
-        precondition(dst.count >= src.count && width >= 1)
+        let m = src.count / width
+        transpose(src, into: dst, rows: width, columns: m)
+    }
+
+    /// Transposes the leading `rows × columns` bytes (row-major) and copies the tail as is.
+    /// Shuffling is the transpose of an elements × width matrix; unshuffling, of width × elements.
+    static func transpose(_ src: UnsafeRawBufferPointer, into dst: UnsafeMutableRawBufferPointer, rows: Int, columns: Int) {
+        precondition(dst.count >= src.count && rows * columns <= src.count)
         let s = src.baseAddress!.assumingMemoryBound(to: UInt8.self)
         let d = dst.baseAddress!.assumingMemoryBound(to: UInt8.self)
-        let m = src.count / width
-        for j in 0..<width {
-            let plane = s + j * m
-            var p = d + j
-            for i in 0..<m {
-                p.pointee = plane[i]
-                p += width
+        for c in 0..<columns {
+            let out = d + c * rows
+            var p = s + c
+            for r in 0..<rows {
+                out[r] = p.pointee
+                p += columns
             }
         }
-        let tail = src.count - m * width
-        if tail > 0 { (d + m * width).update(from: s + m * width, count: tail) }
+        let body = rows * columns
+        if src.count > body { (d + body).update(from: s + body, count: src.count - body) }
     }
 
     /// The width the writer shuffles a dtype by: its element size, except complex64 which
