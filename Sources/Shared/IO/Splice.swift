@@ -17,7 +17,10 @@ extension FileDescriptor {
             let n = ckpt_splice(rawValue, nil, target.rawValue, &out, count - done, 1)
             if n < 0 {
                 if errno == EINTR || errno == EAGAIN { continue }
-                throw IOError(.write, path: target.path, errno: errno, detail: "splice from \(path)")
+                // EINVAL before anything moved means "this pair cannot splice": callers fall
+                // back to copying. After a partial move it is just a failure.
+                let e = errno == EINVAL && done > 0 ? EIO : errno
+                throw IOError(.write, path: target.path, errno: e, detail: "splice from \(path) after \(done) bytes")
             }
             if n == 0 { break }
             done += n

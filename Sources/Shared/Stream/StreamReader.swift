@@ -1,3 +1,5 @@
+import Glibc
+
 /// Reads a ckpt stream and checks everything the spec promises: the grammar
 /// (`preamble header manifest? (tensor chunk* tensor-end)* end EOF`), each chunk's
 /// offset and CRC, each tensor's length and CRC, the manifest, and the end frame's
@@ -15,11 +17,12 @@ public final class StreamReader: DirectChunkSource {
 
     // Read side (ahead of the consumer): where the parser is in the grammar.
     private enum Event {
-        case tensor(TensorHeader, offset: Int)
+        case tensor(TensorHeader)
         case chunk(ChunkJob)
         /// An uncompressed chunk whose data has not been read yet: read (or spliced) by the consumer.
         case rawChunk(FrameDecoder.ChunkHeader, bodyLength: UInt64, offset: Int)
-        case tensorEnd(length: UInt64, crc: UInt32, offset: Int)
+        /// The tensor's CRC (its length was checked when the frame was read).
+        case tensorEnd(crc: UInt32, offset: Int)
         case end
     }
     private var events: [Event] = []
@@ -36,7 +39,6 @@ public final class StreamReader: DirectChunkSource {
     // Consumer side.
     private var currentTensor: TensorDescriptor?
     private var currentCRC: UInt32 = 0
-    private var delivered = 0
     private var heldChunk: ChunkJob?
     private var heldRaw: AlignedBuffer?
 
@@ -47,7 +49,8 @@ public final class StreamReader: DirectChunkSource {
     private let packedPool = BufferPool(bufferSize: ZlibCodec.bound(StreamFormat.defaultChunkSize) + 4096,
                                         retain: OrderedWork<ChunkJob>.cores + 2)
     private let lookahead: Int
-    private let inputIsPipe: Bool
+    /// Splice needs a pipe on one side; cleared if the sink's file system refuses splice.
+    private var canSplice: Bool
     /// CRC checks of spliced chunks, run on another core while the next chunk moves.
     private let verifications = OrderedWork<RegionCRCJob>(window: 2)
 
@@ -56,7 +59,7 @@ public final class StreamReader: DirectChunkSource {
         source = descriptor.path
         decoder = FrameDecoder(source: descriptor.path)
         lookahead = OrderedWork<ChunkJob>.cores + 1
-        inputIsPipe = descriptor.isPipe
+        canSplice = descriptor.isPipe
         work = OrderedWork(window: lookahead + 1)
 
         let pre = try input.read(StreamFormat.preambleSize)
@@ -96,10 +99,9 @@ public final class StreamReader: DirectChunkSource {
             while try nextChunk() != nil {}
         }
         switch try nextEvent() {
-        case .tensor(let t, _):
+        case .tensor(let t):
             currentTensor = t.descriptor
             currentCRC = 0
-            delivered = 0
             return t
         case .end:
             return nil
@@ -119,7 +121,6 @@ public final class StreamReader: DirectChunkSource {
                                   source: source, offset: job.frameOffset, tensor: tensor.name)
             }
             currentCRC = CRC32.combine(currentCRC, job.crc, lengthOfB: job.rawLength)
-            delivered += job.rawLength
             heldChunk = job
             return job.result.bytes
         case .rawChunk(let ch, let bodyLength, let at):
@@ -130,12 +131,11 @@ public final class StreamReader: DirectChunkSource {
             try accept(crc: CRC32.checksum(buffer.bytes), of: ch, at: at, tensor: tensor.name)
             heldRaw = buffer
             return buffer.bytes
-        case .tensorEnd(let length, let crc, let offset):
+        case .tensorEnd(let crc, let offset):
             while verifications.count > 0 { try settleOldestVerification() }
             if crc != currentCRC {
                 throw StreamError(.tensorCRCMismatch(expected: crc, actual: currentCRC), source: source, offset: offset, tensor: tensor.name)
             }
-            _ = length
             currentTensor = nil
             return nil
         default:
@@ -149,15 +149,25 @@ public final class StreamReader: DirectChunkSource {
     public func nextChunk(into sink: FileRegionSink) throws -> Int? {
         releaseHeld()
         guard let tensor = currentTensor else { return nil }
-        if inputIsPipe, case .rawChunk(let ch, let bodyLength, let at) = try peekEvent(),
+        if canSplice, case .rawChunk(let ch, let bodyLength, let at) = try peekEvent(),
            let (fd, offset) = sink.nextFileRegion() {
             _ = try nextEvent()
             rawChunkPending = false
             let n = Int(ch.rawLength)
             let buffered = input.takeBuffered(max: n)
             if buffered.count > 0 { try fd.pwriteAll(buffered, at: offset) }
-            let moved = try input.descriptor.splice(count: n - buffered.count, to: fd, at: offset + buffered.count)
-            input.consumedDirectly(moved)
+            var moved = 0
+            do {
+                moved = try input.descriptor.splice(count: n - buffered.count, to: fd, at: offset + buffered.count)
+                input.consumedDirectly(moved)
+            } catch let e as IOError where e.errno == EINVAL {
+                // This file system does not take splice: copy through memory from now on.
+                canSplice = false
+                let rest = rawPool.take(minimum: n)
+                defer { rawPool.give(rest) }
+                moved = try input.read(into: UnsafeMutableRawBufferPointer(start: rest.pointer, count: n - buffered.count))
+                try fd.pwriteAll(UnsafeRawBufferPointer(start: rest.pointer, count: moved), at: offset + buffered.count)
+            }
             guard buffered.count + moved == n else {
                 throw StreamError(.truncated(inside: "chunk data of tensor \(tensor.name)"), source: source, offset: at, tensor: tensor.name)
             }
@@ -185,7 +195,6 @@ public final class StreamReader: DirectChunkSource {
                               source: source, offset: at, tensor: tensor)
         }
         currentCRC = CRC32.combine(currentCRC, crc, lengthOfB: Int(ch.rawLength))
-        delivered += Int(ch.rawLength)
     }
 
     /// Reads a pending raw chunk's data and padding.
@@ -341,7 +350,7 @@ public final class StreamReader: DirectChunkSource {
                 }
                 readingTensor = t.descriptor
                 readingOffset = 0
-                return .event(.tensor(t, offset: at))
+                return .event(.tensor(t))
             case (.tensorEnd, let tensor?):
                 let (length, crc) = try decoder.tensorEnd(body, at: at)
                 guard length == UInt64(tensor.byteCount), readingOffset == UInt64(tensor.byteCount) else {
@@ -351,7 +360,7 @@ public final class StreamReader: DirectChunkSource {
                 readingTensor = nil
                 tensorsRead += 1
                 bytesRead += tensor.byteCount
-                return .event(.tensorEnd(length: length, crc: crc, offset: at))
+                return .event(.tensorEnd(crc: crc, offset: at))
             case (.end, nil):
                 let (count, bytes) = try decoder.end(body, at: at)
                 guard count == UInt64(tensorsRead), bytes == UInt64(bytesRead) else {
