@@ -34,7 +34,7 @@ public func openSource(_ path: String, selection: TensorSelection, producer: Str
     }
     switch try CheckpointFormat.detect(path) {
     case .ckpts: return SelectedSource(try openStreamInput(path), selection: selection)
-    case .safetensors: return try SafetensorsReader(path: path, selection: selection, producer: producer)
+    case .safetensors: return try SafetensorsReader.open(path: path, selection: selection, producer: producer)
     }
 }
 

@@ -34,17 +34,26 @@ public enum ZlibCodec {
         return output.count - Int(strm.avail_out)
     }
 
-    /// Decompresses `input`, which must inflate to exactly `output.count` bytes.
+    /// Decompresses a zlib (RFC 1950) stream, which must inflate to exactly `output.count` bytes.
     public static func decompress(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) throws(Failure) {
+        try inflate(input, into: output, windowBits: 15)
+    }
+
+    /// Decompresses raw deflate (RFC 1951, as in zip members) to exactly `output.count` bytes.
+    public static func inflateRaw(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) throws(Failure) {
+        try inflate(input, into: output, windowBits: -15)
+    }
+
+    static func inflate(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer, windowBits: Int32) throws(Failure) {
         var strm = z_stream()
-        var rc = inflateInit_(&strm, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size))
+        var rc = inflateInit2_(&strm, windowBits, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size))
         guard rc == Z_OK else { throw Failure(description: "inflateInit returned \(rc)") }
         defer { inflateEnd(&strm) }
         strm.next_in = UnsafeMutablePointer(mutating: input.baseAddress?.assumingMemoryBound(to: Bytef.self))
         strm.avail_in = uInt(input.count)
         strm.next_out = output.baseAddress?.assumingMemoryBound(to: Bytef.self)
         strm.avail_out = uInt(output.count)
-        rc = inflate(&strm, Z_FINISH)
+        rc = CZlib.inflate(&strm, Z_FINISH)
         switch rc {
         case Z_STREAM_END:
             guard strm.avail_out == 0 else {

@@ -1,31 +1,15 @@
 import Glibc
 
 /// Reads a `.safetensors` file, or a sharded checkpoint through its
-/// `*.safetensors.index.json`, as a tensor source: headers first (so the manifest is
-/// known before any data), then each tensor's bytes in file order with large `pread`s.
-public final class SafetensorsReader: FileBackedSource {
-    public let header: StreamHeader
-    public let manifest: [TensorDescriptor]?
-
-    private struct Shard {
-        var file: MappedFile
-        var header: SafetensorsHeader
-    }
-    private var shards: [Shard] = []
-    private var plan: [(shard: Int, entry: SafetensorsHeader.Entry)] = []
-    private var next = 0
-    private var current: (shard: Int, entry: SafetensorsHeader.Entry)?
-    private var position = 0
-    private let chunkSize: Int
-    public private(set) var lastChunkOrigin: (descriptor: FileDescriptor, offset: Int)?
-
+/// `*.safetensors.index.json`: headers first (so the manifest is known before any data),
+/// then each tensor's bytes in file order, straight from the mapped file.
+public enum SafetensorsReader {
     /// - Parameter path: a `.safetensors` file, an `*.index.json`, or a folder holding one of them.
-    public init(path: String, selection: TensorSelection = .all, producer: String,
-                chunkSize: Int = StreamFormat.defaultChunkSize) throws {
-        self.chunkSize = chunkSize
-        let (files, index) = try SafetensorsReader.locate(path)
+    public static func open(path: String, selection: TensorSelection = .all, producer: String) throws -> PlannedSource {
+        let (files, index) = try locate(path)
         var metadata = JSONObject()
         var owner: [String: String] = [:]
+        var plan: [(TensorHeader, TensorData)] = []
         for (i, file) in files.enumerated() {
             let fd = try FileDescriptor.openForReading(file)
             fd.adviseSequential()
@@ -33,14 +17,15 @@ public final class SafetensorsReader: FileBackedSource {
                 throw SafetensorsError(.index("not a regular file"), file: file)
             }
             let h = try SafetensorsHeader.read(from: fd, fileSize: size)
-            shards.append(Shard(file: try MappedFile(fd, size: size), header: h))
+            let mapped = try MappedFile(fd, size: size)
             if i == 0, let m = h.metadata { metadata = m }
             for e in h.entries {
                 if let other = owner[e.descriptor.name] {
                     throw SafetensorsError(.duplicateTensor(otherFile: other), file: file, tensor: e.descriptor.name)
                 }
                 owner[e.descriptor.name] = file
-                if selection.includes(e.descriptor.name) { plan.append((i, e)) }
+                // The header was validated against the file size: the range is inside the mapping.
+                if selection.includes(e.descriptor.name) { plan.append((TensorHeader(e.descriptor), .mapped(mapped, offset: h.dataStart + e.begin))) }
             }
         }
         if let (indexPath, idx) = index {
@@ -59,11 +44,8 @@ public final class SafetensorsReader: FileBackedSource {
             }
             for (k, v) in idx.metadata where k != "total_size" && !metadata.contains(k) { metadata[k] = v }
         }
-        header = StreamHeader(producer: producer, sourceFormat: "safetensors", metadata: metadata)
-        manifest = plan.map(\.entry.descriptor)
+        return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "safetensors", metadata: metadata), plan: plan)
     }
-
-    deinit { for s in shards { s.file.descriptor.close() } }
 
     /// The files to read, in order, and the index if there is one.
     static func locate(_ path: String) throws -> ([String], (String, SafetensorsIndex)?) {
@@ -95,33 +77,6 @@ public final class SafetensorsReader: FileBackedSource {
         var files: [String] = []
         for f in Set(idx.weightMap.map(\.file)).sorted() { files.append((dir.isEmpty ? "" : dir + "/") + f) }
         return (files, (indexPath, idx))
-    }
-
-    public func nextTensor() throws -> TensorHeader? {
-        guard next < plan.count else { return nil }
-        current = plan[next]
-        next += 1
-        position = 0
-        return TensorHeader(current!.entry.descriptor)
-    }
-
-    public func nextChunk() throws -> UnsafeRawBufferPointer? {
-        guard let (s, e) = current else { return nil }
-        let length = e.end - e.begin
-        guard position < length else {
-            current = nil
-            return nil
-        }
-        let n = min(chunkSize, length - position)
-        let shard = shards[s]
-        let at = shard.header.dataStart + e.begin + position
-        // The previous chunk has been consumed (the caller's pointer is valid only until now).
-        shard.file.release(before: at)
-        // The header was validated against the file size, so the range is inside the mapping.
-        shard.file.willNeed(at: at + n, count: chunkSize)
-        position += n
-        lastChunkOrigin = (shard.file.descriptor, at)
-        return shard.file.bytes(at: at, count: n)
     }
 }
 
