@@ -7,8 +7,10 @@ public struct ReadCommand: ParsableCommand {
         commandName: "ckpt-read",
         abstract: "Read a checkpoint and write it as a ckpt stream on stdout.",
         discussion: """
-            INPUT is a .safetensors file, a sharded checkpoint (its *.safetensors.index.json, \
-            or the folder holding it), or a saved ckpt stream ('-' reads one from stdin).
+            INPUT is a .safetensors file, a torch.save file (.pt/.pth/.bin, zip or legacy), a \
+            NumPy .npy/.npz file, a sharded checkpoint (its *.index.json, or the folder holding \
+            it), or a saved ckpt stream ('-' reads one from stdin). The format is recognised \
+            from the content.
 
             Examples:
               ckpt-read model.safetensors | ckpt-write out.safetensors
@@ -29,6 +31,15 @@ public struct ReadCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Skip tensors whose name matches GLOB (repeatable).", valueName: "glob"))
     public var exclude: [String] = []
 
+    @Option(help: ArgumentHelp("torch: emit only the sub-tree at this dotted path (e.g. model, state_dict).", valueName: "path"))
+    public var root: String?
+
+    @Flag(help: "torch: emit tensors that are the very same view of one storage once (aliases go to the header metadata).")
+    public var dedupe = false
+
+    @Option(help: ArgumentHelp("NumPy: what opaque <V2/<V1 arrays matching GLOB hold, e.g. '*=BF16' (repeatable).", valueName: "glob=dtype"))
+    public var dtypeHint: [String] = []
+
     @OptionGroup public var stream: StreamOutputOptions
     @OptionGroup public var progressOptions: ProgressOptions
 
@@ -37,7 +48,11 @@ public struct ReadCommand: ParsableCommand {
     public func run() throws {
         try Tool.run("ckpt-read") {
             let producer = "ckpt-read \(Tool.version)"
-            let source = try openSource(input, selection: TensorSelection(only: only, exclude: exclude), producer: producer)
+            var options = ReadOptions()
+            options.selection = TensorSelection(only: only, exclude: exclude)
+            options.torch = TorchReader.Options(root: root, dedupe: dedupe)
+            options.hints = try DTypeHints(arguments: dtypeHint)
+            let source = try openSource(input, options: options, producer: producer)
             if list {
                 guard let manifest = source.manifest else {
                     throw UsageError("--list needs a manifest, and this stream has none")

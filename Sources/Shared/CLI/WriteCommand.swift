@@ -20,7 +20,7 @@ public struct WriteCommand: ParsableCommand {
     @Argument(help: "The file to write (or a folder for model.safetensors).")
     public var out: String
 
-    @Option(help: ArgumentHelp("Output format: \(CheckpointFormat.allCases.map(\.rawValue).joined(separator: ", ")).", valueName: "format"))
+    @Option(help: ArgumentHelp("Output format: \(CheckpointFormat.writable.map(\.rawValue).joined(separator: ", ")).", valueName: "format"))
     public var format: String?
 
     @Option(help: ArgumentHelp("Split into Hugging Face shards of at most SIZE (e.g. 5GB, 2GiB).", valueName: "size"))
@@ -72,6 +72,8 @@ public struct WriteCommand: ParsableCommand {
             case .safetensors:
                 sink = SafetensorsWriter(path: path, maxShardSize: maxShardSize.flatMap(parseByteSize), overwrite: force,
                                          log: { if !quiet { Tool.note("ckpt-write", $0) } })
+            case .torch, .npy, .npz:
+                throw NotImplementedError("writing \(fmt.rawValue) (issue 3; readable already, writable formats: safetensors, ckpts)")
             case .ckpts:
                 var options = StreamOutputOptions()
                 options.output = path

@@ -5,36 +5,75 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
     /// A saved ckpt stream (what `tee` or `-o x.ckpts` leaves on disk).
     case ckpts
     case safetensors
+    /// torch.save files (.pt, .pth, .bin): zip or legacy.
+    case torch
+    case npy
+    case npz
+
+    /// What `ckpt-write` can produce so far.
+    public static let writable: [CheckpointFormat] = [.safetensors, .ckpts]
 
     /// Guesses the format of an output path from its name.
     public static func forOutput(_ path: String) -> CheckpointFormat? {
         if path.hasSuffix(".safetensors") { return .safetensors }
         if path.hasSuffix(".ckpts") { return .ckpts }
+        if path.hasSuffix(".pt") || path.hasSuffix(".pth") || path.hasSuffix(".bin") { return .torch }
+        if path.hasSuffix(".npy") { return .npy }
+        if path.hasSuffix(".npz") { return .npz }
         return nil
     }
 
-    /// Recognises an input by its content (magic bytes), or a folder by what it holds.
+    /// Recognises an input by its content (magic bytes), or a folder or index by what it names.
     public static func detect(_ path: String) throws -> CheckpointFormat {
         var st = stat()
         guard stat(path, &st) == 0 else { throw IOError(.open, path: path, errno: errno) }
-        if (st.st_mode & S_IFMT) == S_IFDIR { return .safetensors }
+        if (st.st_mode & S_IFMT) == S_IFDIR {
+            let names = try listDirectory(path)
+            if names.contains(where: { $0.hasSuffix(".safetensors") || $0.hasSuffix(".safetensors.index.json") }) { return .safetensors }
+            if names.contains(where: { $0.hasSuffix(".bin.index.json") || $0.hasSuffix(".bin") || $0.hasSuffix(".pt") || $0.hasSuffix(".pth") }) {
+                return .torch
+            }
+            return .safetensors
+        }
+        if path.hasSuffix(".json") {
+            let idx = try SafetensorsIndex.parse(try readWholeFile(path, limit: 1 << 30), file: path)
+            return idx.weightMap.allSatisfy({ $0.file.hasSuffix(".safetensors") }) ? .safetensors : .torch
+        }
         let fd = try FileDescriptor.openForReading(path)
         defer { fd.close() }
-        var head = [UInt8](repeating: 0, count: 8)
+        var head = [UInt8](repeating: 0, count: 14)
         let n = try head.withUnsafeMutableBytes { try fd.readFully(into: $0) }
-        if n == 8 && head == StreamFormat.magic { return .ckpts }
+        if n >= 8 && Array(head[0..<8]) == StreamFormat.magic { return .ckpts }
+        if n >= 6 && Array(head[0..<6]) == NpyHeader.magic { return .npy }
+        if n == 14 && head == TorchReader.legacyMagic { return .torch }
+        if n >= 4 && head[0..<4] == [0x50, 0x4B, 0x03, 0x04] {
+            // torch.save archives hold <prefix>/data.pkl; numpy's hold *.npy members.
+            let size = try fd.regularFileSize() ?? 0
+            let zip = try ZipArchive(try MappedFile(try FileDescriptor.openForReading(path), size: size))
+            return zip.entries.contains(where: { $0.name.hasSuffix("/data.pkl") }) ? .torch : .npz
+        }
         return .safetensors
     }
 }
 
+/// How to read: which tensors, and the format-specific choices.
+public struct ReadOptions: Sendable {
+    public var selection = TensorSelection.all
+    public var torch = TorchReader.Options()
+    public var hints = DTypeHints()
+    public init() {}
+}
+
 /// Opens any readable checkpoint as a tensor source.
-public func openSource(_ path: String, selection: TensorSelection, producer: String) throws -> TensorSource {
+public func openSource(_ path: String, options: ReadOptions, producer: String) throws -> TensorSource {
     if path == "-" {
-        return SelectedSource(try openStreamInput("-"), selection: selection)
+        return SelectedSource(try openStreamInput("-"), selection: options.selection)
     }
     switch try CheckpointFormat.detect(path) {
-    case .ckpts: return SelectedSource(try openStreamInput(path), selection: selection)
-    case .safetensors: return try SafetensorsReader.open(path: path, selection: selection, producer: producer)
+    case .ckpts: return SelectedSource(try openStreamInput(path), selection: options.selection)
+    case .safetensors: return try SafetensorsReader.open(path: path, selection: options.selection, producer: producer)
+    case .torch: return try TorchReader.openAny(path: path, selection: options.selection, options: options.torch, producer: producer)
+    case .npy, .npz: return try NumPyReader.open(path: path, selection: options.selection, hints: options.hints, producer: producer)
     }
 }
 

@@ -13,7 +13,7 @@ public enum TensorData {
 public final class PlannedSource: FileBackedSource {
     public let header: StreamHeader
     public let manifest: [TensorDescriptor]?
-    private let plan: [(TensorHeader, TensorData)]
+    public let plan: [(TensorHeader, TensorData)]
     private let chunkSize: Int
     private var next = 0
     private var current: TensorData?

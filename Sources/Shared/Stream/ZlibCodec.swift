@@ -44,6 +44,29 @@ public enum ZlibCodec {
         try inflate(input, into: output, windowBits: -15)
     }
 
+    /// The first `limit` bytes that raw deflate `input` inflates to (fewer if it is shorter):
+    /// enough to read a member's header without inflating the whole member.
+    public static func inflateRawPrefix(_ input: UnsafeRawBufferPointer, upTo limit: Int) throws(Failure) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: limit)
+        var strm = z_stream()
+        guard inflateInit2_(&strm, -15, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else {
+            throw Failure(description: "inflateInit failed")
+        }
+        defer { inflateEnd(&strm) }
+        let produced = out.withUnsafeMutableBytes { o -> Int32 in
+            strm.next_in = UnsafeMutablePointer(mutating: input.baseAddress?.assumingMemoryBound(to: Bytef.self))
+            strm.avail_in = uInt(input.count)
+            strm.next_out = o.baseAddress?.assumingMemoryBound(to: Bytef.self)
+            strm.avail_out = uInt(limit)
+            return CZlib.inflate(&strm, Z_SYNC_FLUSH)
+        }
+        guard produced == Z_OK || produced == Z_STREAM_END || (produced == Z_BUF_ERROR && strm.avail_out == 0) else {
+            throw Failure(description: strm.msg.map { String(cString: $0) } ?? "error \(produced)")
+        }
+        out.removeLast(Int(strm.avail_out))
+        return out
+    }
+
     static func inflate(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer, windowBits: Int32) throws(Failure) {
         var strm = z_stream()
         var rc = inflateInit2_(&strm, windowBits, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size))

@@ -30,6 +30,7 @@ enum TorchRebuild {
             if s.dtype != dtype {
                 guard s.dtype == .u8, s.numel % dtype.size == 0 else { throw bad("storage of \(s.dtype.rawValue) viewed as \(dtype.rawValue)") }
                 s.numel /= dtype.size
+                s.rootNumel /= dtype.size
                 s.dtype = dtype
             }
             return .tensor(try tensor(s, dtype: dtype, args[1], args[2], args[3], bad))

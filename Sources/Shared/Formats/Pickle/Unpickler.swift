@@ -53,16 +53,16 @@ public final class PickleDict {
 
 /// A storage referenced by a persistent id: torch's `('storage', type, key, location, numel)`.
 public struct StorageRef: Equatable, Sendable {
+    /// The storage whose bytes are in the file.
     public var key: String
     /// The element type the storage class implies (UntypedStorage: U8, numel in bytes).
     public var dtype: DType
+    /// Elements a tensor on this storage may address.
     public var numel: Int
-    /// Legacy files: a view into another storage (`view_metadata`: root key, offset, size).
-    public var viewOf: (key: String, offset: Int)?
-
-    public static func == (a: StorageRef, b: StorageRef) -> Bool {
-        a.key == b.key && a.dtype == b.dtype && a.numel == b.numel && a.viewOf?.key == b.viewOf?.key && a.viewOf?.offset == b.viewOf?.offset
-    }
+    /// Legacy storage views (`view_metadata`): where the view starts in the root storage, in elements.
+    public var offset = 0
+    /// Elements of the root storage (what the legacy file stores for `key`).
+    public var rootNumel: Int
 }
 
 /// A tensor as torch describes it: a strided view of a storage (offsets and strides in

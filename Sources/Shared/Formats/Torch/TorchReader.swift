@@ -1,0 +1,374 @@
+import Glibc
+
+// PyTorch checkpoints as torch.save writes them (torch/serialization.py):
+// - the zip format (default since 1.6): `<prefix>/data.pkl` (the object, protocol 2+),
+//   `<prefix>/data/<key>` raw storages, `<prefix>/byteorder`, `<prefix>/version`;
+// - the legacy format (`_use_new_zipfile_serialization=False`): five pickles — magic
+//   number, protocol 1001, sys_info, the object, the sorted storage keys — then for each key
+//   an i64 element count and the raw storage.
+// Objects are rebuilt by `Unpickler` (restricted: it executes nothing).
+
+public struct TorchError: CkptError, Equatable {
+    public var message: String
+    public var file: String
+    public var tensor: String?
+    public var exitStatus: SysExit { .dataError }
+    public var description: String { tensor.map { "\(file): tensor \($0): \(message)" } ?? "\(file): \(message)" }
+}
+
+public enum TorchReader {
+    /// The first bytes of the legacy format: pickle protocol 2, LONG1 of the magic number.
+    static let legacyMagic: [UInt8] = [0x80, 0x02, 0x8A, 0x0A, 0x6C, 0xFC, 0x9C, 0x46, 0xF9, 0x20, 0x6A, 0xA8, 0x50, 0x19]
+
+    public struct Options: Sendable {
+        /// Emit only the sub-tree under this dotted path (e.g. `model`, `state_dict`).
+        public var root: String?
+        /// Keep the first name of tensors that are exactly the same view of one storage.
+        public var dedupe = false
+        public init(root: String? = nil, dedupe: Bool = false) {
+            self.root = root
+            self.dedupe = dedupe
+        }
+    }
+
+    public static func open(path: String, selection: TensorSelection = .all, options: Options = Options(),
+                            producer: String) throws -> PlannedSource {
+        let fd = try FileDescriptor.openForReading(path)
+        guard let size = try fd.regularFileSize() else { throw TorchError(message: "not a regular file", file: path) }
+        let file = try MappedFile(fd, size: size)
+        let head = file.bytes(at: 0, count: min(size, 14))
+        if head.starts(with: [0x50, 0x4B, 0x03, 0x04]) {
+            return try openZip(file, path: path, selection: selection, options: options, producer: producer)
+        }
+        if Array(head) == legacyMagic {
+            return try openLegacy(file, path: path, selection: selection, options: options, producer: producer)
+        }
+        if size > 262, file.bytes(at: 257, count: 5).elementsEqual(Array("ustar".utf8)) {
+            throw TorchError(message: "a tar-era torch checkpoint (before torch 0.4): load and re-save it with a current torch", file: path)
+        }
+        throw TorchError(message: "not a torch checkpoint (neither a zip archive nor the legacy pickle format)", file: path)
+    }
+
+    // MARK: - Zip format
+
+    static func openZip(_ file: MappedFile, path: String, selection: TensorSelection, options: Options, producer: String) throws -> PlannedSource {
+        let zip = try ZipArchive(file)
+        guard let first = zip.entries.first, let slash = first.name.firstIndex(of: "/") else {
+            throw TorchError(message: "zip archive has no records under a folder: not written by torch.save", file: path)
+        }
+        let prefix = String(first.name[..<slash])
+        guard let pkl = zip.entry(prefix + "/data.pkl") else {
+            throw ZipError(.missingMember, file: path, member: prefix + "/data.pkl")
+        }
+        guard zip.entry(prefix + "/version") != nil || zip.entry(prefix + "/.data/version") != nil else {
+            throw ZipError(.missingMember, file: path, member: prefix + "/version")
+        }
+        var bigEndian = false
+        if let bo = zip.entry(prefix + "/byteorder") {
+            let text = String(decoding: try zip.readBytes(bo, limit: 64), as: UTF8.self)
+            guard text == "little" || text == "big" else { throw TorchError(message: "byteorder record says \"\(text)\"", file: path) }
+            bigEndian = text == "big"
+        }
+        let pickle = try zip.read(pkl, limit: 1 << 30)
+        let (root, _) = try Unpickler.load(pickle.bytes, file: path + ":" + pkl.name) { pid, at in
+            try storageRef(pid, legacy: false, file: path, at: at)
+        }
+        let tree = try subtree(root, options.root, path)
+        let (tensors, metadata) = try flatten(tree, path: path)
+
+        var plan: [(TensorHeader, TensorData)] = []
+        var metadataOut = metadata
+        for (name, t) in try dedupe(tensors, options, &metadataOut) where selection.includes(name) {
+            let descriptor = try TensorDescriptor(name: name, dtype: t.dtype, shape: t.shape)
+            guard let record = zip.entry("\(prefix)/data/\(t.storage.key)") else {
+                throw TorchError(message: "storage record data/\(t.storage.key) is missing from the archive", file: path, tensor: name)
+            }
+            let storageBytes = t.storage.numel * t.dtype.size
+            guard record.size == storageBytes else {
+                throw TorchError(message: "storage data/\(t.storage.key) holds \(record.size) bytes, its \(t.storage.numel) \(t.dtype.rawValue) elements need \(storageBytes)",
+                                 file: path, tensor: name)
+            }
+            let contiguous = StridedCopy.isContiguous(shape: t.shape, stride: t.stride)
+            if record.method == 0 && contiguous && !bigEndian {
+                plan.append((TensorHeader(descriptor), .mapped(file, offset: record.dataOffset + t.storageOffset * t.dtype.size)))
+            } else {
+                // Deflated records (torch never writes them, other tools may), strided views and
+                // big-endian data are rebuilt one tensor at a time.
+                plan.append((TensorHeader(descriptor), .materialized {
+                    let storage: UnsafeRawBufferPointer
+                    var inflated: AlignedBuffer?
+                    if record.method == 0 { storage = zip.storedBytes(record) } else {
+                        inflated = try zip.read(record)
+                        storage = inflated!.bytes
+                    }
+                    return materialize(storage, t, descriptor, bigEndian: bigEndian)
+                }))
+            }
+        }
+        return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "torch", metadata: metadataOut), plan: plan)
+    }
+
+    static func materialize(_ storage: UnsafeRawBufferPointer, _ t: TensorRef, _ d: TensorDescriptor, bigEndian: Bool) -> AlignedBuffer {
+        let out = AlignedBuffer(capacity: max(d.byteCount, 1))
+        out.count = d.byteCount
+        if d.byteCount > 0 {
+            StridedCopy.gather(from: storage.baseAddress!, elementSize: t.dtype.size, offset: t.storageOffset,
+                               shape: t.shape, stride: t.stride, into: out.pointer)
+        }
+        if bigEndian { StridedCopy.swapBytes(out.pointer, count: d.byteCount, elementSize: t.dtype == .c64 ? 4 : t.dtype.size) }
+        return out
+    }
+
+    // MARK: - Legacy format
+
+    static func openLegacy(_ file: MappedFile, path: String, selection: TensorSelection, options: Options, producer: String) throws -> PlannedSource {
+        let all = file.bytes(at: 0, count: file.size)
+        let noStorage: PersistentLoad = { _, at in
+            throw PickleError(reason: .badValue("unexpected persistent id in a header pickle"), file: path, offset: at)
+        }
+        var (magic, pos) = try Unpickler.load(all, at: 0, file: path, persistentLoad: noStorage)
+        guard case .bigInt = magic else { throw TorchError(message: "legacy magic number is wrong", file: path) }
+        let protocolVersion: PickleValue
+        (protocolVersion, pos) = try Unpickler.load(all, at: pos, file: path, persistentLoad: noStorage)
+        guard case .int(1001) = protocolVersion else { throw TorchError(message: "legacy protocol version is not 1001", file: path) }
+        let sysInfo: PickleValue
+        (sysInfo, pos) = try Unpickler.load(all, at: pos, file: path, persistentLoad: noStorage)
+        if case .dict(let d) = sysInfo {
+            for (k, v) in d.entries {
+                if case .string("little_endian") = k, case .bool(false) = v {
+                    throw TorchError(message: "big-endian legacy checkpoints are not supported", file: path)
+                }
+            }
+        }
+        var storages: [String: StorageRef] = [:]
+        let root: PickleValue
+        (root, pos) = try Unpickler.load(all, at: pos, file: path) { pid, at in
+            let s = try storageRef(pid, legacy: true, file: path, at: at)
+            if case .storage(let ref) = s, storages[ref.key] == nil { storages[ref.key] = ref }
+            return s
+        }
+        let keysValue: PickleValue
+        (keysValue, pos) = try Unpickler.load(all, at: pos, file: path, persistentLoad: noStorage)
+        guard case .list(let keyList) = keysValue else { throw TorchError(message: "legacy storage key list is missing", file: path) }
+
+        // The storages follow in key-list order: i64 element count, then the raw elements.
+        var dataOffset: [String: Int] = [:]
+        for k in keyList.items {
+            guard case .string(let key) = k else { throw TorchError(message: "legacy storage key is not a string", file: path) }
+            guard pos + 8 <= file.size else { throw TorchError(message: "file ends before storage \(key)", file: path) }
+            let countBytes = file.bytes(at: pos, count: 8)
+            let count = Int(Int64(littleEndian: countBytes.loadUnaligned(as: Int64.self)))
+            guard let ref = storages[key] else {
+                throw TorchError(message: "storage \(key) is listed but no tensor uses it", file: path)
+            }
+            guard count == ref.rootNumel else {
+                throw TorchError(message: "storage \(key) declares \(count) elements, the pickle says \(ref.rootNumel)", file: path)
+            }
+            let bytes = count.multipliedReportingOverflow(by: ref.dtype.size)
+            guard !bytes.overflow, pos + 8 + bytes.partialValue <= file.size else {
+                throw TorchError(message: "storage \(key) (\(count) elements) runs past the end of the file", file: path)
+            }
+            dataOffset[key] = pos + 8
+            pos += 8 + bytes.partialValue
+        }
+        guard pos == file.size else { throw TorchError(message: "\(file.size - pos) unexpected bytes after the last storage", file: path) }
+
+        let tree = try subtree(root, options.root, path)
+        let (tensors, metadata) = try flatten(tree, path: path)
+        var plan: [(TensorHeader, TensorData)] = []
+        var metadataOut = metadata
+        for (name, t) in try dedupe(tensors, options, &metadataOut) where selection.includes(name) {
+            let descriptor = try TensorDescriptor(name: name, dtype: t.dtype, shape: t.shape)
+            guard let base = dataOffset[t.storage.key] else {
+                throw TorchError(message: "storage \(t.storage.key) is not in the file", file: path, tensor: name)
+            }
+            let viewOffset = t.storage.offset
+            let start = base + (viewOffset + t.storageOffset) * t.dtype.size
+            if StridedCopy.isContiguous(shape: t.shape, stride: t.stride) {
+                plan.append((TensorHeader(descriptor), .mapped(file, offset: start)))
+            } else {
+                let storage = file.bytes(at: base + viewOffset * t.dtype.size, count: t.storage.numel * t.dtype.size)
+                plan.append((TensorHeader(descriptor), .materialized { materialize(storage, t, descriptor, bigEndian: false) }))
+            }
+        }
+        return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "torch", metadata: metadataOut), plan: plan)
+    }
+
+    // MARK: - Shared
+
+    /// torch's persistent ids: `('storage', StorageType, key, location, numel)` in zip files,
+    /// `(..., view_metadata)` with a sixth element in legacy files.
+    static func storageRef(_ pid: PickleValue, legacy: Bool, file: String, at: Int) throws -> PickleValue {
+        func bad(_ why: String) -> PickleError { PickleError(reason: .badValue("persistent id: \(why)"), file: file, offset: at) }
+        func text(_ v: PickleValue) -> String? {
+            switch v {
+            case .string(let s): return s
+            case .bytes(let b): return String(decoding: b, as: UTF8.self)
+            default: return nil
+            }
+        }
+        guard case .tuple(let t) = pid, t.count >= 5, text(t[0]) == "storage" else { throw bad("expected ('storage', type, key, location, numel)") }
+        guard case .global(let type) = t[1] else { throw bad("storage type is not a class") }
+        let dtype: DType
+        if type == PickleGlobal(module: "torch.storage", name: "UntypedStorage") {
+            dtype = .u8
+        } else if let d = PickleGlobal.storageTypes[type.name] {
+            dtype = d
+        } else {
+            throw bad("\(type) is not a storage type")
+        }
+        guard let key = text(t[2]), case .int(let numel) = t[4], numel >= 0 else { throw bad("malformed key or size") }
+        var ref = StorageRef(key: key, dtype: dtype, numel: numel, rootNumel: numel)
+        // Legacy views (torch < 0.4): (view key, offset, size) into the root storage `key`.
+        if legacy, t.count >= 6, case .tuple(let view) = t[5], view.count == 3, case .int(let off) = view[1], case .int(let n) = view[2] {
+            guard off >= 0, n >= 0, off + n <= numel else { throw bad("storage view [\(off), +\(n)) outside its storage of \(numel)") }
+            ref.offset = off
+            ref.numel = n
+        }
+        return .storage(ref)
+    }
+
+    static func subtree(_ root: PickleValue, _ path: String?, _ file: String) throws -> PickleValue {
+        guard let path, !path.isEmpty else { return root }
+        var node = root
+        for part in path.split(separator: ".") {
+            guard case .dict(let d) = node, let v = d.entries.first(where: { key($0.key) == String(part) })?.value else {
+                var keys: [String] = []
+                if case .dict(let d) = node { keys = d.entries.compactMap { key($0.key) } }
+                throw UsageError("\(file): --root \(path): no key \"\(part)\" (keys here: \(keys.joined(separator: ", ")))")
+            }
+            node = v
+        }
+        return node
+    }
+
+    static func key(_ v: PickleValue) -> String? {
+        switch v {
+        case .string(let s): return s
+        case .int(let i): return String(i)
+        case .bytes(let b): return String(decoding: b, as: UTF8.self)
+        default: return nil
+        }
+    }
+
+    /// Walks the object: tensors get dotted names (`model.encoder.weight`, list items by index);
+    /// other leaves (numbers, strings, None) go to the metadata under the same names.
+    static func flatten(_ root: PickleValue, path: String) throws -> ([(String, TensorRef)], JSONObject) {
+        var tensors: [(String, TensorRef)] = []
+        var metadata = JSONObject()
+        var seen = Set<String>()
+        func join(_ a: String, _ b: String) -> String { a.isEmpty ? b : a + "." + b }
+        func add(_ name: String) throws {
+            guard seen.insert(name).inserted else { throw TorchError(message: "two entries flatten to the same name", file: path, tensor: name) }
+        }
+        func walk(_ v: PickleValue, _ name: String) throws {
+            switch v {
+            case .tensor(let t):
+                try add(name)
+                tensors.append((name, t))
+            case .dict(let d):
+                for (k, value) in d.entries {
+                    guard let ks = key(k) else { throw TorchError(message: "dict key of type \(k.typeName) under \"\(name)\"", file: path) }
+                    try walk(value, join(name, ks))
+                }
+            case .list(let l):
+                for (i, item) in l.items.enumerated() { try walk(item, join(name, String(i))) }
+            case .tuple(let items):
+                for (i, item) in items.enumerated() { try walk(item, join(name, String(i))) }
+            case .none: try add(name); metadata[name] = .null
+            case .bool(let b): try add(name); metadata[name] = .bool(b)
+            case .int(let i): try add(name); metadata[name] = .int(i)
+            case .float(let f): try add(name); metadata[name] = f.isFinite ? .number("\(f)") : .string("\(f)")
+            case .string(let s): try add(name); metadata[name] = .string(s)
+            case .bytes(let b): try add(name); metadata[name] = .string(b.map { String(format2: $0) }.joined())
+            case .bigInt: try add(name); metadata[name] = .string("<integer wider than 64 bits>")
+            case .global(let g): try add(name); metadata[name] = .string(g.description)
+            case .storage: throw TorchError(message: "a bare storage (not inside a tensor) is not supported", file: path, tensor: name)
+            }
+        }
+        try walk(root, "")
+        return (tensors, metadata)
+    }
+
+    /// With `--dedupe`, tensors that are the very same view (storage, offset, shape, stride,
+    /// dtype) as an earlier one are dropped and recorded under metadata `ckpt.aliases`.
+    static func dedupe(_ tensors: [(String, TensorRef)], _ options: Options, _ metadata: inout JSONObject) throws -> [(String, TensorRef)] {
+        guard options.dedupe else { return tensors }
+        var first: [String: String] = [:]
+        var aliases = JSONObject()
+        var kept: [(String, TensorRef)] = []
+        for (name, t) in tensors {
+            let id = "\(t.storage.key)|\(t.storage.offset + t.storageOffset)|\(t.shape)|\(t.stride)|\(t.dtype)"
+            if let original = first[id] {
+                aliases[name] = .string(original)
+            } else {
+                first[id] = name
+                kept.append((name, t))
+            }
+        }
+        if !aliases.isEmpty { metadata["ckpt.aliases"] = .object(aliases) }
+        return kept
+    }
+}
+
+extension String {
+    /// Two lowercase hex digits.
+    init(format2 byte: UInt8) {
+        let h = Array("0123456789abcdef")
+        self = String([h[Int(byte >> 4)], h[Int(byte & 15)]])
+    }
+}
+
+extension TorchReader {
+    /// A torch file, or a sharded checkpoint through `pytorch_model.bin.index.json` (or the
+    /// folder holding it): every shard's tensors, checked against the index's weight_map.
+    public static func openAny(path: String, selection: TensorSelection, options: Options, producer: String) throws -> PlannedSource {
+        var st = stat()
+        guard stat(path, &st) == 0 else { throw IOError(.open, path: path, errno: errno) }
+        var indexPath: String?
+        if (st.st_mode & S_IFMT) == S_IFDIR {
+            let names = try listDirectory(path)
+            let indexes = names.filter { $0.hasSuffix(".bin.index.json") }
+            if let only = indexes.first, indexes.count == 1 {
+                indexPath = path + "/" + only
+            } else {
+                let files = names.filter { $0.hasSuffix(".bin") || $0.hasSuffix(".pt") || $0.hasSuffix(".pth") }
+                guard files.count == 1 else {
+                    throw TorchError(message: indexes.count > 1 ? "several *.bin.index.json files: name one of them"
+                                                                : "no single torch file or index in this folder: name one", file: path)
+                }
+                return try open(path: path + "/" + files[0], selection: selection, options: options, producer: producer)
+            }
+        } else if path.hasSuffix(".json") {
+            indexPath = path
+        }
+        guard let indexPath else { return try open(path: path, selection: selection, options: options, producer: producer) }
+        let idx = try SafetensorsIndex.parse(try readWholeFile(indexPath, limit: 1 << 30), file: indexPath)
+        let (dir, _) = splitPath(indexPath)
+        var plan: [(TensorHeader, TensorData)] = []
+        var metadata = JSONObject()
+        var owner: [String: String] = [:]
+        for f in Set(idx.weightMap.map(\.file)).sorted() {
+            let shard = try open(path: (dir.isEmpty ? "" : dir + "/") + f, selection: .all, options: options, producer: producer)
+            for (k, v) in shard.header.metadata where !metadata.contains(k) { metadata[k] = v }
+            for (t, data) in shard.plan {
+                if let other = owner[t.descriptor.name] {
+                    throw TorchError(message: "tensor appears in \(other) and \(f)", file: indexPath, tensor: t.descriptor.name)
+                }
+                owner[t.descriptor.name] = f
+                if selection.includes(t.descriptor.name) { plan.append((t, data)) }
+            }
+        }
+        var listed = Set<String>()
+        for (tensor, file) in idx.weightMap {
+            listed.insert(tensor)
+            guard owner[tensor] == file else {
+                throw TorchError(message: "weight_map puts it in \(file), which does not hold it", file: indexPath, tensor: tensor)
+            }
+        }
+        for (tensor, file) in owner where !listed.contains(tensor) {
+            throw TorchError(message: "in \(file) but missing from weight_map", file: indexPath, tensor: tensor)
+        }
+        return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "torch", metadata: metadata), plan: plan)
+    }
+}
