@@ -133,8 +133,10 @@ def test_missing_input_and_usage_errors(tmp_path):
     assert_one_line_error(run(["ckpt-read", str(tmp_path / "nope.safetensors")]), EX_NOINPUT, "nope.safetensors")
     assert run(["ckpt-read"]).returncode == EX_USAGE
     assert run(["ckpt-read", "--compress", "brotli", "x"]).returncode == EX_USAGE
-    p = run(["ckpt-write", str(tmp_path / "out.bin")], input=b"")
+    p = run(["ckpt-write", str(tmp_path / "out.xyz")], input=b"")
     assert_one_line_error(p, EX_USAGE, "--format")
+    p = run(["ckpt-write", str(tmp_path / "out.bin")], input=b"")
+    assert_one_line_error(p, EX_UNAVAILABLE, "not implemented yet")
     assert run(["ckpt-write", "--max-shard-size", "lots", str(tmp_path / "o.safetensors")], input=b"").returncode == EX_USAGE
 
 

@@ -59,6 +59,9 @@ public struct WriteCommand: ParsableCommand {
                 fmt = f
             }
             if isDir { path += "/model.safetensors" }
+            guard CheckpointFormat.writable.contains(fmt) else {
+                throw NotImplementedError("writing \(fmt.rawValue) (issue 3; readable already, writable formats: safetensors, ckpts)")
+            }
             if path == "-" && fmt != .ckpts {
                 throw UsageError("\(fmt.rawValue) output needs a file: it cannot be written to stdout")
             }
@@ -73,7 +76,7 @@ public struct WriteCommand: ParsableCommand {
                 sink = SafetensorsWriter(path: path, maxShardSize: maxShardSize.flatMap(parseByteSize), overwrite: force,
                                          log: { if !quiet { Tool.note("ckpt-write", $0) } })
             case .torch, .npy, .npz:
-                throw NotImplementedError("writing \(fmt.rawValue) (issue 3; readable already, writable formats: safetensors, ckpts)")
+                preconditionFailure("checked above")
             case .ckpts:
                 var options = StreamOutputOptions()
                 options.output = path
