@@ -136,7 +136,8 @@ def test_missing_input_and_usage_errors(tmp_path):
     p = run(["ckpt-write", str(tmp_path / "out.xyz")], input=b"")
     assert_one_line_error(p, EX_USAGE, "--format")
     p = run(["ckpt-write", str(tmp_path / "out.bin")], input=b"")
-    assert_one_line_error(p, EX_UNAVAILABLE, "not implemented yet")
+    assert_one_line_error(p, EX_DATAERR, "bad magic")
+    assert not (tmp_path / "out.bin").exists()
     assert run(["ckpt-write", "--max-shard-size", "lots", str(tmp_path / "o.safetensors")], input=b"").returncode == EX_USAGE
 
 

@@ -7,7 +7,8 @@ public struct WriteCommand: ParsableCommand {
         commandName: "ckpt-write",
         abstract: "Read a ckpt stream on stdin and write it as a checkpoint.",
         discussion: """
-            The format is taken from --format, else from OUT's extension (.safetensors, .ckpts). \
+            The format is taken from --format, else from OUT's extension (.safetensors, .pt/.pth/.bin, \
+            .npz, .npy, .ckpts). \
             If OUT is a folder, the file is OUT/model.safetensors. The output appears only when \
             the whole stream was read and checked; a failed run leaves nothing behind.
 
@@ -28,6 +29,9 @@ public struct WriteCommand: ParsableCommand {
 
     @Option(help: ArgumentHelp("Read the stream from FILE instead of stdin.", valueName: "file"))
     public var input: String = "-"
+
+    @Option(help: ArgumentHelp("torch: nest the tensors under this key, e.g. model → {\"model\": {...}}.", valueName: "key"))
+    public var nest: String?
 
     @Flag(help: "Replace existing output files.")
     public var force = false
@@ -60,8 +64,9 @@ public struct WriteCommand: ParsableCommand {
             }
             if isDir { path += "/model.safetensors" }
             guard CheckpointFormat.writable.contains(fmt) else {
-                throw NotImplementedError("writing \(fmt.rawValue) (issue 3; readable already, writable formats: safetensors, ckpts)")
+                throw NotImplementedError("writing \(fmt.rawValue)")
             }
+            if nest != nil && fmt != .torch { throw UsageError("--nest applies to torch output only") }
             if path == "-" && fmt != .ckpts {
                 throw UsageError("\(fmt.rawValue) output needs a file: it cannot be written to stdout")
             }
@@ -75,8 +80,10 @@ public struct WriteCommand: ParsableCommand {
             case .safetensors:
                 sink = SafetensorsWriter(path: path, maxShardSize: maxShardSize.flatMap(parseByteSize), overwrite: force,
                                          log: { if !quiet { Tool.note("ckpt-write", $0) } })
-            case .torch, .npy, .npz:
-                preconditionFailure("checked above")
+            case .torch:
+                sink = TorchWriter(path: path, nest: nest, overwrite: force)
+            case .npy, .npz:
+                sink = NumPyWriter(path: path, single: fmt == .npy, overwrite: force)
             case .ckpts:
                 var options = StreamOutputOptions()
                 options.output = path

@@ -11,7 +11,7 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
     case npz
 
     /// What `ckpt-write` can produce so far.
-    public static let writable: [CheckpointFormat] = [.safetensors, .ckpts]
+    public static let writable: [CheckpointFormat] = [.safetensors, .torch, .npz, .npy, .ckpts]
 
     /// Guesses the format of an output path from its name.
     public static func forOutput(_ path: String) -> CheckpointFormat? {
