@@ -6,6 +6,9 @@
 #   BENCH_DIR=/big/disk scripts/bench.sh 8 1
 #   BENCH_CASES="cat ckpt" scripts/bench.sh 8 1    only some cases (python needs 2x SIZE of RAM)
 #
+# Cases: cat, ckpt, ckpt-zlib1, python-safetensors (safetensors in and out); cat-pt, ckpt-pt,
+# python-torch (a torch.save zip of the same tensors in, safetensors out)
+#
 # Makes SIZE_GIB of random f32 and bf16 tensors as one .safetensors file (written in the
 # safetensors library's own layout), warms it into the page cache, then runs each case REPS
 # times, interleaved, with `sync` before every run so one case's dirty pages do not slow the
@@ -17,7 +20,7 @@ cd "$(dirname "$0")/.."
 SIZE_GIB="${1:-2}"
 REPS="${2:-3}"
 WORK="${BENCH_DIR:-$PWD/bench-work}"
-CASES="${BENCH_CASES:-cat ckpt ckpt-zlib1 python-safetensors}"
+CASES="${BENCH_CASES:-cat ckpt ckpt-zlib1 python-safetensors cat-pt ckpt-pt python-torch}"
 mkdir -p "$WORK"
 
 scripts/setup.sh >/dev/null
@@ -39,7 +42,7 @@ rng = np.random.default_rng(0)
 n = max(2, int(round(gib * 1024 / 64)))
 specs = [(f"layers.{i:04d}.{'w' if i % 2 == 0 else 'h'}", "F32" if i % 2 == 0 else "BF16") for i in range(n)]
 specs.sort(key=lambda s: (0 if s[1] == "F32" else 1, s[0]))
-header, off = {}, 0
+header, off = {"__metadata__": {"format": "pt"}}, 0
 for name, dt in specs:
     shape = [4096, 4096] if dt == "F32" else [4096, 8192]
     header[name] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + 64 * 2**20]}
@@ -58,6 +61,11 @@ EOF
 fi
 BYTES=$(stat -c %s "$IN")
 cat "$IN" > /dev/null
+PT="${IN%.safetensors}.pt"
+case " $CASES " in *-pt*|*python-torch*)
+    [ -f "$PT" ] || "$BIN/ckpt-read" "$IN" | "$BIN/ckpt-write" "$PT"
+    cat "$PT" > /dev/null ;;
+esac
 
 # run NAME COMMAND...: one timed run of a shell pipeline; each stage is wrapped by
 # `$TIME -o $WORK/rss.N` so we get its peak RSS. Appends "NAME wall rss1 rss2" to results.
@@ -91,6 +99,12 @@ for rep in $(seq "$REPS"); do
             cmp -s "$IN" "$OUT" || { echo "compressed ckpt output differs from the input" >&2; exit 1; } ;;
         python-safetensors)
             run python-safetensors "$(T 1) $PY -c 'import sys, ml_dtypes; from safetensors.numpy import load_file, save_file; save_file(load_file(sys.argv[1]), sys.argv[2])' '$IN' '$OUT'" ;;
+        cat-pt) run cat-pt "$(T 1) cat '$PT' > '$OUT'" ;;
+        ckpt-pt)
+            run ckpt-pt "$(T 1) $BIN/ckpt-read '$PT' | $(T 2) $BIN/ckpt-write '$OUT'"
+            cmp -s "$IN" "$OUT" || { echo "ckpt .pt -> safetensors differs from the original safetensors" >&2; exit 1; } ;;
+        python-torch)
+            run python-torch "$(T 1) $PY -c 'import sys, torch; from safetensors.torch import save_file; save_file(torch.load(sys.argv[1], weights_only=True), sys.argv[2])' '$PT' '$OUT'" ;;
         esac
     done
 done
@@ -99,11 +113,13 @@ rm -f "$OUT"
 echo
 echo "## $(calc "$BYTES / 1073741824") GiB safetensors (f32 + bf16), median of $REPS, $(nproc) cores, $(date -u +%Y-%m-%d)"
 echo
-echo "| case | wall s | GB/s | vs cat | peak RSS per stage (MiB) |"
+echo "| case | wall s | GB/s | vs cat (of the same input) | peak RSS per stage (MiB) |"
 echo "|---|---|---|---|---|"
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-cat_t=$(awk '$1=="cat"{print $2}' "$RESULTS" | median)
 for name in $CASES; do
+    ref=cat
+    case "$name" in *-pt|python-torch) ref=cat-pt ;; esac
+    cat_t=$(awk -v r="$ref" '$1==r{print $2}' "$RESULTS" | median)
     t=$(awk -v n="$name" '$1==n{print $2}' "$RESULTS" | median)
     rss=$(awk -v n="$name" '$1==n{for(i=3;i<=NF;i++) if($i>m[i]) m[i]=$i; k=NF} END{s=""; for(i=3;i<=k;i++) s=s (i>3?" | ":"") sprintf("%.0f", m[i]/1024); print s}' "$RESULTS")
     printf "| %s | %.2f | %.2f | %.2f× | %s |\n" "$name" "$t" "$(calc "$BYTES / $t / 1e9")" "$(calc "$cat_t / $t")" "$rss"

@@ -1,3 +1,4 @@
+import Glibc
 import Testing
 @testable import Shared
 
@@ -155,5 +156,29 @@ extension PickleValue {
             Issue.record("expected the central directory to be out of bounds")
             return
         }
+    }
+}
+
+@Suite struct ZipWriterTests {
+    @Test func zip64SizesAndOffsetsReadBack() throws {
+        let dir = temporaryDirectory()
+        let out = try AtomicOutput(path: dir + "/big.zip", overwrite: false)
+        let z = ZipWriter(out.descriptor)
+        try z.add("a/small", Array("hi".utf8))
+        try z.begin("a/huge", size: 5 << 30)  // over 4 GiB: zip64 sizes
+        z.skipForTesting(5 << 30)
+        try z.end()
+        try z.add("a/after", Array("tail".utf8))  // its local header sits past 4 GiB: zip64 offset
+        try z.finish()
+        try out.commit()
+        let fd = try FileDescriptor.openForReading(dir + "/big.zip")
+        let archive = try ZipArchive(try MappedFile(fd, size: try fd.regularFileSize()!))
+        #expect(archive.entries.map(\.name) == ["a/small", "a/huge", "a/after"])
+        let huge = archive.entry("a/huge")!, after = archive.entry("a/after")!
+        #expect(huge.size == 5 << 30 && huge.dataOffset % 64 == 0)
+        #expect(after.localHeaderOffset > 0xFFFF_FFFF && after.dataOffset % 64 == 0)
+        #expect(try archive.readBytes(after, limit: 10) == Array("tail".utf8))
+        #expect(try archive.readBytes(archive.entry("a/small")!, limit: 10) == Array("hi".utf8))
+        _ = unlink(dir + "/big.zip")
     }
 }
