@@ -148,3 +148,21 @@ def test_float8_passes_through(tmp_path):
     with safe_open(str(out), framework="numpy") as f:
         assert f.get_slice("x").get_dtype() == "F8_E4M3"
     assert out.read_bytes()[-4:] == bytes([0x38, 0x40, 0xB8, 0x7E])
+
+
+@pytest.mark.parametrize("damage,needle", [("drop", "missing from weight_map"), ("move", "does not hold it")])
+def test_index_and_shards_must_agree(minilm, tmp_path, damage, needle):
+    out = tmp_path / "sharded"
+    out.mkdir()
+    assert shell(f"ckpt-read {minilm} | ckpt-write --max-shard-size 20MB {out}").returncode == 0
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = sorted(index["weight_map"])[0]
+    if damage == "drop":
+        del index["weight_map"][name]
+    else:
+        others = sorted(set(index["weight_map"].values()) - {index["weight_map"][name]})
+        index["weight_map"][name] = others[0]
+    index_path.write_text(json.dumps(index))
+    p = run(["ckpt-read", "--list", str(out)])
+    assert p.returncode == 65 and needle.encode() in p.stderr and name.encode() in p.stderr

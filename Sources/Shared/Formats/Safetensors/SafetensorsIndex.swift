@@ -26,6 +26,22 @@ public struct SafetensorsIndex {
         return SafetensorsIndex(metadata: obj["metadata"]?.objectValue ?? JSONObject(), weightMap: pairs)
     }
 
+    /// Nothing lost silently: every tensor the shards hold must be listed under the shard that
+    /// holds it, and every listed tensor must be there. `owners` maps tensor → shard file name.
+    /// (torch's `pytorch_model.bin.index.json` has the same format.)
+    public func verify(owners: [String: String], indexPath: String) throws(SafetensorsError) {
+        var listed = Set<String>()
+        for (tensor, file) in weightMap {
+            listed.insert(tensor)
+            guard owners[tensor] == file else {
+                throw SafetensorsError(.index("weight_map puts tensor in \(file), which does not hold it"), file: indexPath, tensor: tensor)
+            }
+        }
+        for (tensor, file) in owners where !listed.contains(tensor) {
+            throw SafetensorsError(.index("tensor in \(file) is missing from weight_map"), file: indexPath, tensor: tensor)
+        }
+    }
+
     /// The bytes transformers' `save_pretrained` writes: `json.dumps(index, indent=2, sort_keys=True) + "\n"`.
     public func encoded() -> [UInt8] {
         let map = JSONObject(weightMap.map { ($0.tensor, JSONValue.string($0.file)) })

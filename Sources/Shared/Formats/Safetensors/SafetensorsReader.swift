@@ -23,25 +23,13 @@ public enum SafetensorsReader {
                 if let other = owner[e.descriptor.name] {
                     throw SafetensorsError(.duplicateTensor(otherFile: other), file: file, tensor: e.descriptor.name)
                 }
-                owner[e.descriptor.name] = file
+                owner[e.descriptor.name] = splitPath(file).name
                 // The header was validated against the file size: the range is inside the mapping.
                 if selection.includes(e.descriptor.name) { plan.append((TensorHeader(e.descriptor), .mapped(mapped, offset: h.dataStart + e.begin))) }
             }
         }
         if let (indexPath, idx) = index {
-            // Nothing lost silently: the index and the shards must agree exactly.
-            var listed = Set<String>()
-            let (dir, _) = splitPath(indexPath)
-            for (tensor, file) in idx.weightMap {
-                listed.insert(tensor)
-                let full = (dir.isEmpty ? "" : dir + "/") + file
-                guard owner[tensor] == full else {
-                    throw SafetensorsError(.index("weight_map puts tensor in \(file), which does not hold it"), file: indexPath, tensor: tensor)
-                }
-            }
-            for (tensor, file) in owner where !listed.contains(tensor) {
-                throw SafetensorsError(.index("tensor in \(file) is missing from weight_map"), file: indexPath, tensor: tensor)
-            }
+            try idx.verify(owners: owner, indexPath: indexPath)
             for (k, v) in idx.metadata where k != "total_size" && !metadata.contains(k) { metadata[k] = v }
         }
         return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "safetensors", metadata: metadata), plan: plan)

@@ -73,13 +73,9 @@ public enum TorchReader {
         let (root, _) = try Unpickler.load(pickle.bytes, file: path + ":" + pkl.name) { pid, at in
             try storageRef(pid, legacy: false, file: path, at: at)
         }
-        let tree = try subtree(root, options.root, path)
-        let (tensors, metadata) = try flatten(tree, path: path)
-
+        let (tensors, metadata) = try namedTensors(root, options, selection, path)
         var plan: [(TensorHeader, TensorData)] = []
-        var metadataOut = metadata
-        for (name, t) in try dedupe(tensors, options, &metadataOut) where selection.includes(name) {
-            let descriptor = try TensorDescriptor(name: name, dtype: t.dtype, shape: t.shape)
+        for (name, t, descriptor) in tensors {
             guard let record = zip.entry("\(prefix)/data/\(t.storage.key)") else {
                 throw TorchError(message: "storage record data/\(t.storage.key) is missing from the archive", file: path, tensor: name)
             }
@@ -105,7 +101,17 @@ public enum TorchReader {
                 }))
             }
         }
-        return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "torch", metadata: metadataOut), plan: plan)
+        return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "torch", metadata: metadata), plan: plan)
+    }
+
+    /// From the unpickled object to the tensors to emit: `--root`, flattening, `--dedupe`,
+    /// `--only/--exclude`, and each tensor's descriptor (shape overflow checked).
+    static func namedTensors(_ root: PickleValue, _ options: Options, _ selection: TensorSelection, _ path: String)
+        throws -> ([(String, TensorRef, TensorDescriptor)], JSONObject) {
+        let (tensors, flattened) = try flatten(try subtree(root, options.root, path), path: path)
+        var metadata = flattened
+        let kept = try dedupe(tensors, options, &metadata).filter { selection.includes($0.0) }
+        return (try kept.map { ($0.0, $0.1, try TensorDescriptor(name: $0.0, dtype: $0.1.dtype, shape: $0.1.shape)) }, metadata)
     }
 
     static func materialize(_ storage: UnsafeRawBufferPointer, _ t: TensorRef, _ d: TensorDescriptor, bigEndian: Bool) -> AlignedBuffer {
@@ -173,12 +179,9 @@ public enum TorchReader {
         }
         guard pos == file.size else { throw TorchError(message: "\(file.size - pos) unexpected bytes after the last storage", file: path) }
 
-        let tree = try subtree(root, options.root, path)
-        let (tensors, metadata) = try flatten(tree, path: path)
+        let (tensors, metadata) = try namedTensors(root, options, selection, path)
         var plan: [(TensorHeader, TensorData)] = []
-        var metadataOut = metadata
-        for (name, t) in try dedupe(tensors, options, &metadataOut) where selection.includes(name) {
-            let descriptor = try TensorDescriptor(name: name, dtype: t.dtype, shape: t.shape)
+        for (name, t, descriptor) in tensors {
             guard let base = dataOffset[t.storage.key] else {
                 throw TorchError(message: "storage \(t.storage.key) is not in the file", file: path, tensor: name)
             }
@@ -191,7 +194,7 @@ public enum TorchReader {
                 plan.append((TensorHeader(descriptor), .materialized { materialize(storage, t, descriptor, bigEndian: false) }))
             }
         }
-        return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "torch", metadata: metadataOut), plan: plan)
+        return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "torch", metadata: metadata), plan: plan)
     }
 
     // MARK: - Shared
@@ -359,16 +362,7 @@ extension TorchReader {
                 if selection.includes(t.descriptor.name) { plan.append((t, data)) }
             }
         }
-        var listed = Set<String>()
-        for (tensor, file) in idx.weightMap {
-            listed.insert(tensor)
-            guard owner[tensor] == file else {
-                throw TorchError(message: "weight_map puts it in \(file), which does not hold it", file: indexPath, tensor: tensor)
-            }
-        }
-        for (tensor, file) in owner where !listed.contains(tensor) {
-            throw TorchError(message: "in \(file) but missing from weight_map", file: indexPath, tensor: tensor)
-        }
+        try idx.verify(owners: owner, indexPath: indexPath)
         return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "torch", metadata: metadata), plan: plan)
     }
 }
