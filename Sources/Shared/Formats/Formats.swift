@@ -9,9 +9,11 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
     case torch
     case npy
     case npz
+    /// Flax's msgpack serialization (`flax.serialization.to_bytes`).
+    case msgpack
 
     /// What `ckpt-write` can produce so far.
-    public static let writable: [CheckpointFormat] = [.safetensors, .torch, .npz, .npy, .ckpts]
+    public static let writable: [CheckpointFormat] = [.safetensors, .torch, .npz, .npy, .msgpack, .ckpts]
 
     /// Guesses the format of an output path from its name.
     public static func forOutput(_ path: String) -> CheckpointFormat? {
@@ -20,6 +22,7 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
         if path.hasSuffix(".pt") || path.hasSuffix(".pth") || path.hasSuffix(".bin") { return .torch }
         if path.hasSuffix(".npy") { return .npy }
         if path.hasSuffix(".npz") { return .npz }
+        if path.hasSuffix(".msgpack") { return .msgpack }
         return nil
     }
 
@@ -41,17 +44,26 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
         }
         let fd = try FileDescriptor.openForReading(path)
         defer { fd.close() }
-        var head = [UInt8](repeating: 0, count: 14)
+        var head = [UInt8](repeating: 0, count: 16)
         let n = try head.withUnsafeMutableBytes { try fd.readFully(into: $0) }
         if n >= 8 && Array(head[0..<8]) == StreamFormat.magic { return .ckpts }
         if n >= 6 && Array(head[0..<6]) == NpyHeader.magic { return .npy }
-        if n == 14 && head == TorchReader.legacyMagic { return .torch }
+        if n >= 14 && Array(head[0..<14]) == TorchReader.legacyMagic { return .torch }
         if n >= 4 && head[0..<4] == [0x50, 0x4B, 0x03, 0x04] {
             // torch.save archives hold <prefix>/data.pkl; numpy's hold *.npy members.
             let size = try fd.regularFileSize() ?? 0
             let zip = try ZipArchive(try MappedFile(try FileDescriptor.openForReading(path), size: size))
             return zip.entries.contains(where: { $0.name.hasSuffix("/data.pkl") }) ? .torch : .npz
         }
+        // safetensors: a u64 header length, then JSON starting with "{". A msgpack map starts
+        // with 0x80-0x8F, 0xDE or 0xDF, which can also be a safetensors length's first byte.
+        if n >= 9 {
+            var length: UInt64 = 0
+            for i in (0..<8).reversed() { length = length << 8 | UInt64(head[i]) }
+            let size = try fd.regularFileSize() ?? 0
+            if length <= UInt64(max(size - 8, 0)) && head[8] == UInt8(ascii: "{") { return .safetensors }
+        }
+        if n >= 1 && ((0x80...0x8F).contains(head[0]) || head[0] == 0xDE || head[0] == 0xDF) { return .msgpack }
         return .safetensors
     }
 }
@@ -74,6 +86,7 @@ public func openSource(_ path: String, options: ReadOptions, producer: String) t
     case .safetensors: return try SafetensorsReader.open(path: path, selection: options.selection, producer: producer)
     case .torch: return try TorchReader.openAny(path: path, selection: options.selection, options: options.torch, producer: producer)
     case .npy, .npz: return try NumPyReader.open(path: path, selection: options.selection, hints: options.hints, producer: producer)
+    case .msgpack: return try FlaxMsgpackReader.open(path: path, selection: options.selection, producer: producer)
     }
 }
 

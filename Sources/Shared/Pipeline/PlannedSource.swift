@@ -3,6 +3,8 @@ public enum TensorData {
     /// Already in place, little-endian and row-major, in a mapped file: emitted as slices of
     /// the mapping (no copy; a stream writer can splice them onward).
     case mapped(MappedFile, offset: Int)
+    /// In place in a mapped file as several pieces, in order (flax's chunked arrays).
+    case segments(MappedFile, [(offset: Int, count: Int)])
     /// Produced whole when the tensor's turn comes: a strided view made contiguous, an
     /// inflated member, byte-swapped data. Holds one tensor at a time.
     case materialized(() throws -> AlignedBuffer)
@@ -20,6 +22,8 @@ public final class PlannedSource: FileBackedSource {
     private var currentLength = 0
     private var position = 0
     private var materialized: AlignedBuffer?
+    private var segment = 0
+    private var segmentPosition = 0
     public private(set) var lastChunkOrigin: (descriptor: FileDescriptor, offset: Int)?
 
     public init(header: StreamHeader, plan: [(TensorHeader, TensorData)], chunkSize: Int = StreamFormat.defaultChunkSize) {
@@ -37,6 +41,8 @@ public final class PlannedSource: FileBackedSource {
         current = data
         currentLength = t.descriptor.byteCount
         position = 0
+        segment = 0
+        segmentPosition = 0
         if case .materialized(let make) = data {
             let buffer = try make()
             guard buffer.count == currentLength else {
@@ -68,6 +74,20 @@ public final class PlannedSource: FileBackedSource {
         case .materialized:
             lastChunkOrigin = nil
             return UnsafeRawBufferPointer(start: materialized!.pointer + position, count: n)
+        case .segments(let file, let pieces):
+            while segmentPosition == pieces[segment].count {
+                segment += 1
+                segmentPosition = 0
+            }
+            let piece = pieces[segment]
+            let m = min(n, piece.count - segmentPosition)
+            let at = piece.offset + segmentPosition
+            file.release(before: at)
+            file.willNeed(at: at + m, count: chunkSize)
+            segmentPosition += m
+            position += m - n  // the deferred `position += n` then advances by m
+            lastChunkOrigin = (file.descriptor, at)
+            return file.bytes(at: at, count: m)
         }
     }
 }

@@ -25,11 +25,8 @@ public final class SafetensorsWriter: FileRegionSink {
     private var manifest: [TensorDescriptor]?
     private var received = 0
 
-    // Spool mode (no manifest).
-    private var spool: AtomicOutput?
-    private var spooled: [(descriptor: TensorDescriptor, offset: Int)] = []
-    private var spoolSize = 0
-    private var seen = Set<String>()
+    /// Tensor data waiting for the layout (stream without a manifest).
+    private var spool: Spool?
 
     private var current: TensorDescriptor?
     private var cursor = (file: 0, offset: 0)
@@ -60,9 +57,7 @@ public final class SafetensorsWriter: FileRegionSink {
         if let manifest {
             try layOut(manifest)
         } else {
-            let (dir, base) = splitPath(path)
-            spool = try AtomicOutput(path: (dir.isEmpty ? "" : dir + "/") + ".\(base).spool", overwrite: true)
-            log("no manifest in the stream: spooling tensor data to \(spool!.temporaryPath) to lay out the file at the end")
+            spool = try Spool(beside: path, log: log)
         }
     }
 
@@ -106,13 +101,7 @@ public final class SafetensorsWriter: FileRegionSink {
         current = d
         written = 0
         if let spool {
-            guard seen.insert(d.name).inserted else {
-                throw SafetensorsError(.index("tensor name appears twice in the stream"), file: path, tensor: d.name)
-            }
-            spooled.append((d, spoolSize))
-            cursor = (0, spoolSize)
-            spoolSize += d.byteCount
-            _ = spool
+            cursor = (0, try spool.add(d, file: path))
         } else {
             guard let manifest, received < manifest.count, manifest[received] == d, let p = placement[d.name] else {
                 throw StreamError(.manifestMismatch("tensor \(d) is not the manifest's next entry"), source: path, tensor: d.name)
@@ -126,14 +115,14 @@ public final class SafetensorsWriter: FileRegionSink {
             throw StreamError(.tensorLengthMismatch(declared: UInt64(current?.byteCount ?? 0), received: UInt64(written + chunk.count)),
                               source: path, tensor: current?.name)
         }
-        let fd = spool?.descriptor ?? files[cursor.file].output.descriptor
+        let fd = spool?.output.descriptor ?? files[cursor.file].output.descriptor
         try fd.pwriteAll(chunk, at: cursor.offset + written)
         written += chunk.count
     }
 
     public func nextFileRegion() -> (descriptor: FileDescriptor, offset: Int)? {
         guard current != nil else { return nil }
-        return (spool?.descriptor ?? files[cursor.file].output.descriptor, cursor.offset + written)
+        return (spool?.output.descriptor ?? files[cursor.file].output.descriptor, cursor.offset + written)
     }
 
     public func didWriteRegion(count: Int) throws {
@@ -155,20 +144,12 @@ public final class SafetensorsWriter: FileRegionSink {
 
     public func finish() throws {
         if let spool {
-            try layOut(spooled.map(\.descriptor))
-            let buffer = AlignedBuffer(capacity: 8 << 20)
-            for (d, from) in spooled {
+            try layOut(spool.tensors.map(\.descriptor))
+            for (i, (d, _)) in spool.tensors.enumerated() {
                 let (f, to) = placement[d.name]!
-                var done = 0
-                while done < d.byteCount {
-                    let n = min(buffer.capacity, d.byteCount - done)
-                    let region = UnsafeMutableRawBufferPointer(start: buffer.pointer, count: n)
-                    try spool.descriptor.pread(into: region, at: from + done)
-                    try files[f].output.descriptor.pwriteAll(UnsafeRawBufferPointer(region), at: to + done)
-                    done += n
-                }
+                try spool.copy(i, to: [(files[f].output.descriptor, to, d.byteCount)])
             }
-            spool.abort()
+            spool.remove()
             self.spool = nil
         } else if let manifest, received != manifest.count {
             throw StreamError(.manifestMismatch("manifest lists \(manifest.count) tensors, \(received) arrived"), source: path)
@@ -187,7 +168,7 @@ public final class SafetensorsWriter: FileRegionSink {
     }
 
     public func abort() {
-        spool?.abort()
+        spool?.remove()
         for f in files { f.output.abort() }
     }
 }

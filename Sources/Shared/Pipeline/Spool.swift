@@ -1,0 +1,45 @@
+/// Where a writer keeps tensor data that arrives before it can lay out its file (a stream
+/// without a manifest): a temporary file beside the output, removed when done.
+public final class Spool {
+    public let output: AtomicOutput
+    public private(set) var tensors: [(descriptor: TensorDescriptor, offset: Int)] = []
+    private var size = 0
+    private var names = Set<String>()
+
+    /// Creates `.<name>.spool` temporaries next to `path` and says so through `log`.
+    public init(beside path: String, log: (String) -> Void) throws {
+        let (dir, base) = splitPath(path)
+        output = try AtomicOutput(path: (dir.isEmpty ? "" : dir + "/") + ".\(base).spool", overwrite: true)
+        log("no manifest in the stream: spooling tensor data to \(output.temporaryPath) to lay out the file at the end")
+    }
+
+    /// Records the next tensor; returns where its bytes go in the spool.
+    public func add(_ d: TensorDescriptor, file: String) throws -> Int {
+        guard names.insert(d.name).inserted else {
+            throw StreamError(.manifestMismatch("tensor name appears twice in the stream"), source: file, tensor: d.name)
+        }
+        tensors.append((d, size))
+        defer { size += d.byteCount }
+        return size
+    }
+
+    /// Copies a spooled tensor's bytes to places in other files, in order.
+    public func copy(_ index: Int, to places: [(descriptor: FileDescriptor, offset: Int, count: Int)]) throws {
+        let (d, from) = tensors[index]
+        let buffer = AlignedBuffer(capacity: min(max(d.byteCount, 1), 8 << 20))
+        var src = from
+        for place in places {
+            var done = 0
+            while done < place.count {
+                let n = min(buffer.capacity, place.count - done)
+                let region = UnsafeMutableRawBufferPointer(start: buffer.pointer, count: n)
+                try output.descriptor.pread(into: region, at: src)
+                try place.descriptor.pwriteAll(UnsafeRawBufferPointer(region), at: place.offset + done)
+                done += n
+                src += n
+            }
+        }
+    }
+
+    public func remove() { output.abort() }
+}
