@@ -18,6 +18,8 @@ let package = Package(
     targets: [
         // The system zlib (Debian: zlib1g-dev): crc32, deflate framing of stream chunks.
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
+        // The system libzstd (Debian: libzstd-dev): Orbax writes zstd chunks and OCDBT nodes.
+        .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
         // CRC-32 by carry-less multiply (PCLMULQDQ), falling back to zlib: checksums are
         // on every stage's hot path and zlib's table code runs at ~2 GB/s.
         .target(name: "CFastCRC", dependencies: ["CZlib"], path: "Sources/CFastCRC", linkerSettings: [.linkedLibrary("z")]),
@@ -27,6 +29,7 @@ let package = Package(
             name: "Shared",
             dependencies: [
                 "CZlib",
+                "CZstd",
                 "CFastCRC",
                 "CLinux",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),

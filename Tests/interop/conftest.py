@@ -2,6 +2,9 @@
 helper that runs a pipeline of tools the way a user's shell would."""
 import importlib.util
 import os
+
+# Orbax's sharded fixture was written on a 2x2 mesh: give jax 4 CPU devices (before any import of jax).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 import subprocess
 import sys
 

@@ -7,6 +7,10 @@
 
 uint32_t ckpt_crc32(uint32_t crc, const void *data, size_t length);
 
+/// CRC-32C (Castagnoli, reflected 0x82F63B78) as OCDBT uses it: pass 0 to start. Uses the
+/// SSE4.2 crc32 instruction when the CPU has it.
+uint32_t ckpt_crc32c(uint32_t crc, const void *data, size_t length);
+
 /// 1 if the carry-less multiply path is in use on this CPU, else 0 (zlib's table code).
 int ckpt_crc32_is_accelerated(void);
 

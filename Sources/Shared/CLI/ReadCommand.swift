@@ -40,6 +40,12 @@ public struct ReadCommand: ParsableCommand {
     @Option(help: ArgumentHelp("NumPy: what opaque <V2/<V1 arrays matching GLOB hold, e.g. '*=BF16' (repeatable).", valueName: "glob=dtype"))
     public var dtypeHint: [String] = []
 
+    @Option(help: ArgumentHelp("Orbax: read this step of a CheckpointManager root (default: the latest).", valueName: "n"))
+    public var step: Int?
+
+    @Flag(inversion: .prefixedNo, help: "Orbax: drop a trailing /value from names (default: when every array leaf ends in value, as in openpi).")
+    public var stripValue: Bool?
+
     @OptionGroup public var stream: StreamOutputOptions
     @OptionGroup public var progressOptions: ProgressOptions
 
@@ -52,6 +58,7 @@ public struct ReadCommand: ParsableCommand {
             options.selection = TensorSelection(only: only, exclude: exclude)
             options.torch = TorchReader.Options(root: root, dedupe: dedupe)
             options.hints = try DTypeHints(arguments: dtypeHint)
+            options.orbax = OrbaxReader.Options(step: step, stripValue: stripValue)
             let source = try openSource(input, options: options, producer: producer)
             if list {
                 guard let manifest = source.manifest else {

@@ -90,6 +90,8 @@ public struct WriteCommand: ParsableCommand {
                 sink = TorchWriter(path: path, nest: nest, overwrite: force)
             case .npy, .npz:
                 sink = NumPyWriter(path: path, single: fmt == .npy, overwrite: force)
+            case .orbax:
+                preconditionFailure("not writable yet")
             case .msgpack:
                 sink = FlaxMsgpackWriter(path: path, separator: sep, maxChunkSize: msgpackChunk.flatMap(parseByteSize) ?? FlaxMsgpack.maxChunkSize,
                                          overwrite: force, log: { if !quiet { Tool.note("ckpt-write", $0) } })

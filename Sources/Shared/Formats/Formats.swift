@@ -11,6 +11,8 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
     case npz
     /// Flax's msgpack serialization (`flax.serialization.to_bytes`).
     case msgpack
+    /// An Orbax PyTree checkpoint folder (read only, for now).
+    case orbax
 
     /// What `ckpt-write` can produce so far.
     public static let writable: [CheckpointFormat] = [.safetensors, .torch, .npz, .npy, .msgpack, .ckpts]
@@ -31,7 +33,9 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
         var st = stat()
         guard stat(path, &st) == 0 else { throw IOError(.open, path: path, errno: errno) }
         if (st.st_mode & S_IFMT) == S_IFDIR {
+            if OrbaxReader.recognises(path) { return .orbax }
             let names = try listDirectory(path)
+            if names.contains("manifest.ocdbt") || names.contains("_CHECKPOINT_METADATA") { return .orbax }
             if names.contains(where: { $0.hasSuffix(".safetensors") || $0.hasSuffix(".safetensors.index.json") }) { return .safetensors }
             if names.contains(where: { $0.hasSuffix(".bin.index.json") || $0.hasSuffix(".bin") || $0.hasSuffix(".pt") || $0.hasSuffix(".pth") }) {
                 return .torch
@@ -73,6 +77,7 @@ public struct ReadOptions: Sendable {
     public var selection = TensorSelection.all
     public var torch = TorchReader.Options()
     public var hints = DTypeHints()
+    public var orbax = OrbaxReader.Options()
     public init() {}
 }
 
@@ -87,6 +92,7 @@ public func openSource(_ path: String, options: ReadOptions, producer: String) t
     case .torch: return try TorchReader.openAny(path: path, selection: options.selection, options: options.torch, producer: producer)
     case .npy, .npz: return try NumPyReader.open(path: path, selection: options.selection, hints: options.hints, producer: producer)
     case .msgpack: return try FlaxMsgpackReader.open(path: path, selection: options.selection, producer: producer)
+    case .orbax: return try OrbaxReader.open(path: path, selection: options.selection, options: options.orbax, producer: producer)
     }
 }
 

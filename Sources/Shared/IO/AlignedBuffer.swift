@@ -34,7 +34,12 @@ public final class AlignedBuffer: @unchecked Sendable {
         if mapped { munmap(pointer, capacity) } else { free(pointer) }
     }
 
+    /// The bytes in use. The pointer is valid only while this object lives: keep a reference
+    /// (or use `copyBytes()`/`withExtendedLifetime`) for as long as it is used.
     public var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: pointer, count: count) }
+
+    /// The bytes in use, copied into an array.
+    public func copyBytes() -> [UInt8] { withExtendedLifetime(self) { [UInt8](bytes) } }
     public var whole: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: pointer, count: capacity) }
 }
 

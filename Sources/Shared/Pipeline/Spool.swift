@@ -27,6 +27,7 @@ public final class Spool {
     public func copy(_ index: Int, to places: [(descriptor: FileDescriptor, offset: Int, count: Int)]) throws {
         let (d, from) = tensors[index]
         let buffer = AlignedBuffer(capacity: min(max(d.byteCount, 1), 8 << 20))
+        defer { withExtendedLifetime(buffer) {} }
         var src = from
         for place in places {
             var done = 0

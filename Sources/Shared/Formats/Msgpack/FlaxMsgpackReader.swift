@@ -140,7 +140,8 @@ public enum FlaxMsgpackReader {
             try add(name, d, .segments(file, pieces))
         }
 
-        try walk("", depth: 0)
+        // `bytes` points into `file`'s mapping: keep it mapped for the whole walk.
+        try withExtendedLifetime(file) { try walk("", depth: 0) }
         guard cursor.position == size else {
             throw MsgpackError(message: "\(size - cursor.position) bytes after the msgpack value", file: path, offset: cursor.position)
         }

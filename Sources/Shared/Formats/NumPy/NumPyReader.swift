@@ -210,11 +210,11 @@ public enum NumPyReader {
                 guard seen.insert(name).inserted else { throw NumPyError(message: "array listed twice", file: path, tensor: name) }
                 guard selection.includes(name) else { continue }
                 if e.method == 0 {
-                    let bytes = zip.storedBytes(e)
-                    let h = try NpyHeader.parse(bytes, name: name, hints: hints, file: path)
+                    let h = try NpyHeader.parse(zip.storedBytes(e), name: name, hints: hints, file: path)
+                    // The closure keeps the mapping alive (through `file`) until the data is used.
                     plan.append(try entry(name: name, header: h, file: path, available: e.size - h.dataOffset,
                                           mapped: (file, e.dataOffset + h.dataOffset), exact: false) {
-                        UnsafeRawBufferPointer(rebasing: bytes[h.dataOffset...])
+                        file.bytes(at: e.dataOffset + h.dataOffset, count: e.size - h.dataOffset)
                     })
                 } else {
                     // Deflated: inflate the header now (for the manifest), the data when its turn comes.
@@ -226,7 +226,7 @@ public enum NumPyReader {
                     }
                     plan.append((TensorHeader(d), .materialized {
                         let member = try zip.read(e)
-                        return convert(UnsafeRawBufferPointer(rebasing: member.bytes[h.dataOffset...]), h, d)
+                        return withExtendedLifetime(member) { convert(UnsafeRawBufferPointer(rebasing: member.bytes[h.dataOffset...]), h, d) }
                     }))
                 }
             }

@@ -70,8 +70,10 @@ public enum TorchReader {
             bigEndian = text == "big"
         }
         let pickle = try zip.read(pkl, limit: 1 << 30)
-        let (root, _) = try Unpickler.load(pickle.bytes, file: path + ":" + pkl.name) { pid, at in
-            try storageRef(pid, legacy: false, file: path, at: at)
+        let (root, _) = try withExtendedLifetime(pickle) {
+            try Unpickler.load(pickle.bytes, file: path + ":" + pkl.name) { pid, at in
+                try storageRef(pid, legacy: false, file: path, at: at)
+            }
         }
         let (tensors, metadata) = try namedTensors(root, options, selection, path)
         var plan: [(TensorHeader, TensorData)] = []
@@ -91,13 +93,9 @@ public enum TorchReader {
                 // Deflated records (torch never writes them, other tools may), strided views and
                 // big-endian data are rebuilt one tensor at a time.
                 plan.append((TensorHeader(descriptor), .materialized {
-                    let storage: UnsafeRawBufferPointer
-                    var inflated: AlignedBuffer?
-                    if record.method == 0 { storage = zip.storedBytes(record) } else {
-                        inflated = try zip.read(record)
-                        storage = inflated!.bytes
-                    }
-                    return materialize(storage, t, descriptor, bigEndian: bigEndian)
+                    if record.method == 0 { return materialize(zip.storedBytes(record), t, descriptor, bigEndian: bigEndian) }
+                    let inflated = try zip.read(record)
+                    return withExtendedLifetime(inflated) { materialize(inflated.bytes, t, descriptor, bigEndian: bigEndian) }
                 }))
             }
         }
@@ -190,8 +188,10 @@ public enum TorchReader {
             if StridedCopy.isContiguous(shape: t.shape, stride: t.stride) {
                 plan.append((TensorHeader(descriptor), .mapped(file, offset: start)))
             } else {
-                let storage = file.bytes(at: base + viewOffset * t.dtype.size, count: t.storage.numel * t.dtype.size)
-                plan.append((TensorHeader(descriptor), .materialized { materialize(storage, t, descriptor, bigEndian: false) }))
+                // The closure holds `file`, so the mapping outlives the plan.
+                plan.append((TensorHeader(descriptor), .materialized {
+                    materialize(file.bytes(at: base + viewOffset * t.dtype.size, count: t.storage.numel * t.dtype.size), t, descriptor, bigEndian: false)
+                }))
             }
         }
         return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "torch", metadata: metadata), plan: plan)

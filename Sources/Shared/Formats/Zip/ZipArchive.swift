@@ -108,8 +108,7 @@ public final class ZipArchive {
     }
 
     public func readBytes(_ e: Entry, limit: Int) throws -> [UInt8] {
-        let b = try read(e, limit: limit)
-        return [UInt8](b.bytes)
+        try read(e, limit: limit).copyBytes()
     }
 
     // MARK: - Parsing

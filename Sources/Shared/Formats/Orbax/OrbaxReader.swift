@@ -1,0 +1,158 @@
+import Glibc
+
+// Orbax PyTree checkpoints (orbax-checkpoint's PyTreeCheckpointHandler / StandardCheckpointer):
+// `_METADATA` names every leaf by its key path; array leaves are zarr arrays stored under
+// the param name (`'.'.join(keys)`) in OCDBT (`manifest.ocdbt`) or as plain folders.
+// See ../shared/notes/orbax.md §1–3.
+
+public enum OrbaxReader {
+    public struct Options: Sendable {
+        /// Pick this step of a CheckpointManager root (default: the latest).
+        public var step: Int?
+        /// Remove a trailing `value` path element (openpi's training checkpoints). nil: do it
+        /// when every array leaf ends in `value`.
+        public var stripValue: Bool?
+        public init(step: Int? = nil, stripValue: Bool? = nil) {
+            self.step = step
+            self.stripValue = stripValue
+        }
+    }
+
+    /// Is `path` an Orbax checkpoint, a step folder holding one, or a manager root?
+    public static func recognises(_ path: String) -> Bool { (try? resolve(path, step: nil)) != nil }
+
+    /// Finds the PyTree checkpoint folder: `path` itself (it holds `_METADATA`), its `params/`
+    /// or `default/` item, or the latest (or `step`) numbered step of a CheckpointManager root.
+    static func resolve(_ path: String, step: Int?) throws -> String {
+        func isDir(_ p: String) -> Bool { var st = stat(); return stat(p, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR }
+        func exists(_ p: String) -> Bool { var st = stat(); return stat(p, &st) == 0 }
+        if exists(path + "/_METADATA") { return path }
+        for item in ["params", "default"] where exists(path + "/\(item)/_METADATA") { return path + "/" + item }
+        if exists(path + "/manifest.ocdbt") || exists(path + "/ocdbt.process_0") {
+            throw OrbaxError("missing _METADATA: orbax needs it to restore, and so do we (it names the arrays)", file: path)
+        }
+        let names = (try? listDirectory(path)) ?? []
+        let steps = names.compactMap { Int($0) }.filter { isDir(path + "/\($0)") }.sorted()
+        guard !steps.isEmpty else { throw OrbaxError("not an Orbax checkpoint (no _METADATA, no step folders)", file: path) }
+        let chosen: Int
+        if let step {
+            guard steps.contains(step) else { throw OrbaxError("no step \(step) (steps: \(steps.map(String.init).joined(separator: ", ")))", file: path) }
+            chosen = step
+        } else {
+            chosen = steps.last!
+        }
+        return try resolve(path + "/\(chosen)", step: nil)
+    }
+
+    public static func open(path: String, selection: TensorSelection = .all, options: Options = Options(),
+                            producer: String) throws -> PlannedSource {
+        let dir = try resolve(path, step: options.step)
+        let metaPath = dir + "/_METADATA"
+        let meta: JSONValue
+        do { meta = try JSONParser.parse(try readWholeFile(metaPath, limit: 1 << 30)) } catch let e as JSONParser.Error {
+            throw OrbaxError("_METADATA is not JSON: \(e.description)", file: metaPath)
+        }
+        guard let tree = meta.objectValue?["tree_metadata"]?.objectValue else { throw OrbaxError("no tree_metadata", file: metaPath) }
+        let useOCDBT: Bool
+        if case .bool(let b)? = meta.objectValue?["use_ocdbt"] { useOCDBT = b } else {
+            var st = stat()
+            useOCDBT = stat(dir + "/manifest.ocdbt", &st) == 0
+        }
+
+        // The store: OCDBT keys `<param>/<zarr key>`, or files `<dir>/<param>/<zarr key>`.
+        var kv: [String: KVValue] = [:]
+        if useOCDBT {
+            for (k, v) in try OCDBTStore(directory: dir).values { kv[k] = v }
+        }
+        var fileCache: [String: MappedFile] = [:]
+        func get(_ key: String) throws -> KVValue? {
+            if useOCDBT { return kv[key] }
+            guard !key.split(separator: "/").contains("..") else { return nil }
+            let p = dir + "/" + key
+            var st = stat()
+            guard stat(p, &st) == 0 else { return nil }
+            if let f = fileCache[p] { return .file(f, offset: 0, count: f.size) }
+            let fd = try FileDescriptor.openForReading(p)
+            let f = try MappedFile(fd, size: try fd.regularFileSize() ?? 0)
+            fileCache[p] = f
+            return .file(f, offset: 0, count: f.size)
+        }
+
+        var strings: JSONObject?
+        var arrays: [(keys: [String], param: String)] = []
+        var metadata = JSONObject()
+        for (_, entry) in tree {
+            guard let e = entry.objectValue, let keyMeta = e["key_metadata"]?.arrayValue,
+                  let value = e["value_metadata"]?.objectValue else { throw OrbaxError("malformed tree_metadata entry", file: metaPath) }
+            let keys = try keyMeta.map { k -> String in
+                guard let s = k.objectValue?["key"]?.stringValue else { throw OrbaxError("key_metadata without a string key", file: metaPath) }
+                return s
+            }
+            let param = keys.joined(separator: ".")
+            let type = value["value_type"]?.stringValue ?? ""
+            if case .bool(true)? = value["skip_deserialize"] { continue }  // None, empty dicts
+            switch type {
+            case "jax.Array", "np.ndarray": arrays.append((keys, param))
+            case "scalar":
+                // A Python int/float: a rank-0 zarr array. Not a weight: it goes to the metadata.
+                let a = try zarr(param, get: get, file: dir)
+                let bytes = try a.assemble(file: dir, get: { try get(param + "/" + $0) })
+                let raw = bytes.copyBytes()
+                let v: JSONValue
+                switch a.dtype {
+                case .i64 where raw.count == 8: v = .number(String(raw.withUnsafeBytes { $0.loadUnaligned(as: Int64.self) }))
+                case .f64 where raw.count == 8: v = .number("\(raw.withUnsafeBytes { $0.loadUnaligned(as: Double.self) })")
+                default: v = .string("<\(a.dtype.rawValue) scalar>")
+                }
+                metadata[keys.joined(separator: "/")] = v
+            case "string":
+                if strings == nil {
+                    let p = dir + "/_strings.json"
+                    strings = (try? JSONParser.parse(try readWholeFile(p, limit: 1 << 26)))?.objectValue ?? JSONObject()
+                }
+                metadata[keys.joined(separator: "/")] = strings?[param] ?? .null
+            default:
+                throw OrbaxError("leaf \(param) has value_type \(type), which is not supported", file: metaPath)
+            }
+        }
+
+        // openpi's training checkpoints end every path with a `value` leaf; its own
+        // restore_params strips it. Default: strip when every array leaf has it.
+        let strip = options.stripValue ?? (!arrays.isEmpty && arrays.allSatisfy { $0.keys.last == "value" })
+        var plan: [(TensorHeader, TensorData)] = []
+        var names = Set<String>()
+        for (keys, param) in arrays {
+            var parts = keys
+            if strip && parts.count > 1 && parts.last == "value" { parts.removeLast() }
+            let name = parts.joined(separator: "/")
+            guard names.insert(name).inserted else { throw OrbaxError("two leaves are named \(name)", file: metaPath) }
+            guard selection.includes(name) else { continue }
+            var a = try zarr(param, get: get, file: dir)
+            a.name = name
+            let d = try a.descriptor
+            try a.validate(file: dir, get: { try get(param + "/" + $0) })
+            let array = a
+            // A single uncompressed chunk that fills the array is already its row-major bytes.
+            if a.codec == nil && a.innerChunks == nil && a.chunks == a.shape, !d.shape.contains(0),
+               case .file(let f, let o, let n)? = try get(param + "/" + a.chunkKey([Int](repeating: 0, count: a.shape.count))) {
+                guard n == d.byteCount else { throw OrbaxError("zarr: chunk holds \(n) bytes, expected \(d.byteCount)", file: dir, tensor: name) }
+                plan.append((TensorHeader(d), .mapped(f, offset: o)))
+            } else {
+                plan.append((TensorHeader(d), .materialized { try array.assemble(file: dir, get: { try get(param + "/" + $0) }) }))
+            }
+        }
+        return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "orbax", metadata: metadata), plan: plan)
+    }
+
+    static func zarr(_ param: String, get: (String) throws -> KVValue?, file: String) throws -> ZarrArray {
+        for (key, format) in [(".zarray", 2), ("zarr.json", 3)] {
+            if let v = try get(param + "/" + key) {
+                let bytes = v.withBytes { [UInt8]($0) }
+                let a = try ZarrArray.parse(bytes, name: param, file: file)
+                guard a.zarrFormat == format else { throw OrbaxError("zarr: \(key) declares zarr_format \(a.zarrFormat)", file: file, tensor: param) }
+                return a
+            }
+        }
+        throw OrbaxError("no zarr metadata (.zarray or zarr.json) for this array", file: file, tensor: param)
+    }
+}

@@ -1,0 +1,282 @@
+// Zarr arrays as orbax writes them through tensorstore: v2 (`.zarray`, zarr spec v2) and v3
+// (`zarr.json`, zarr spec v3 with the `sharding_indexed` codec). Chunks are row-major,
+// full-size at the edges (padding cropped here), and decoded one at a time.
+
+/// A zarr array's metadata and how to turn its chunks into the array's row-major bytes.
+public struct ZarrArray {
+    public enum Codec: Equatable {
+        case zstd, zlib, gzip
+    }
+
+    public var name: String
+    public var dtype: DType
+    public var shape: [Int]
+    public var chunks: [Int]
+    /// Chunk-level compression (v2 `compressor`, v3 inner codec), nil for none.
+    public var codec: Codec?
+    public var zarrFormat: Int
+    /// v3 sharding: inner chunk shape; each stored value is a shard of inner chunks plus index.
+    public var innerChunks: [Int]?
+
+    public var descriptor: TensorDescriptor { get throws { try TensorDescriptor(name: name, dtype: dtype, shape: shape) } }
+
+    static func fail(_ name: String, _ m: String, file: String) -> OrbaxError { OrbaxError("zarr: \(m)", file: file, tensor: name) }
+
+    /// Parses `.zarray` (v2) or `zarr.json` (v3).
+    public static func parse(_ json: [UInt8], name: String, file: String) throws -> ZarrArray {
+        func fail(_ m: String) -> OrbaxError { ZarrArray.fail(name, m, file: file) }
+        let v: JSONValue
+        do { v = try JSONParser.parse(json) } catch { throw fail("metadata is not JSON: \(error.description)") }
+        guard let o = v.objectValue else { throw fail("metadata is not an object") }
+        func ints(_ key: String, _ from: JSONObject) throws -> [Int] {
+            guard let a = from[key]?.arrayValue else { throw fail("\(key) is missing") }
+            return try a.map { guard let i = $0.nonNegativeIntValue else { throw fail("\(key) holds a non-integer") }; return i }
+        }
+        let format = o["zarr_format"]?.nonNegativeIntValue ?? 0
+        switch format {
+        case 2:
+            guard let dt = o["dtype"]?.stringValue else { throw fail("dtype is not a plain string (structured dtypes are not supported)") }
+            let dtype = try dtype2(dt, fail)
+            if let order = o["order"]?.stringValue, order != "C" { throw fail("order \(order) is not supported (only C)") }
+            if let f = o["filters"], f != .null { throw fail("filters are not supported") }
+            var codec: Codec?
+            if let c = o["compressor"], c != .null {
+                guard let id = c.objectValue?["id"]?.stringValue else { throw fail("compressor has no id") }
+                switch id {
+                case "zstd": codec = .zstd
+                case "zlib": codec = .zlib
+                case "gzip": codec = .gzip
+                default: throw fail("compressor \(id) is not supported (zstd, zlib, gzip)")
+                }
+            }
+            if let sep = o["dimension_separator"]?.stringValue, sep != "." { throw fail("dimension_separator \(sep) is not supported") }
+            let shape = try ints("shape", o), chunks = try ints("chunks", o)
+            guard shape.count == chunks.count, !chunks.contains(0) || shape.contains(0) else { throw fail("chunks do not fit the shape") }
+            return ZarrArray(name: name, dtype: dtype, shape: shape, chunks: chunks, codec: codec, zarrFormat: 2, innerChunks: nil)
+        case 3:
+            guard let dt = o["data_type"]?.stringValue, let dtype = dtype3[dt] else { throw fail("data_type \(o["data_type"].map { "\($0)" } ?? "?") is not supported") }
+            let shape = try ints("shape", o)
+            guard let grid = o["chunk_grid"]?.objectValue, grid["name"]?.stringValue == "regular",
+                  let conf = grid["configuration"]?.objectValue else { throw fail("only regular chunk grids are supported") }
+            let chunks = try ints("chunk_shape", conf)
+            if let enc = o["chunk_key_encoding"]?.objectValue, enc["name"]?.stringValue != "default" { throw fail("chunk_key_encoding must be default") }
+            if let sep = o["chunk_key_encoding"]?.objectValue?["configuration"]?.objectValue?["separator"]?.stringValue, sep != "/" {
+                throw fail("chunk key separator \(sep) is not supported")
+            }
+            guard let codecs = o["codecs"]?.arrayValue else { throw fail("codecs are missing") }
+            var a = ZarrArray(name: name, dtype: dtype, shape: shape, chunks: chunks, codec: nil, zarrFormat: 3, innerChunks: nil)
+            var pipeline = codecs
+            if codecs.count == 1, let s = codecs[0].objectValue, s["name"]?.stringValue == "sharding_indexed" {
+                guard let c = s["configuration"]?.objectValue, let inner = c["codecs"]?.arrayValue else { throw fail("sharding_indexed without codecs") }
+                if let loc = c["index_location"]?.stringValue, loc != "end" { throw fail("shard index at the \(loc) is not supported") }
+                let index = c["index_codecs"]?.arrayValue?.compactMap { $0.objectValue?["name"]?.stringValue } ?? []
+                guard index == ["bytes", "crc32c"] else { throw fail("shard index codecs \(index) are not supported (bytes, crc32c)") }
+                a.innerChunks = try ints("chunk_shape", c)
+                pipeline = inner
+            }
+            for codec in pipeline {
+                guard let co = codec.objectValue, let n = co["name"]?.stringValue else { throw fail("codec without a name") }
+                switch n {
+                case "bytes":
+                    if let e = co["configuration"]?.objectValue?["endian"]?.stringValue, e != "little", dtype.size > 1 {
+                        throw fail("big-endian bytes codec is not supported")
+                    }
+                case "zstd": a.codec = .zstd
+                case "gzip": a.codec = .gzip
+                case "crc32c": throw fail("crc32c on chunk data is not supported")
+                default: throw fail("codec \(n) is not supported")
+                }
+            }
+            guard shape.count == chunks.count else { throw fail("chunk shape does not fit the shape") }
+            return a
+        default:
+            throw fail("zarr_format \(format) is not supported")
+        }
+    }
+
+    static let dtype3: [String: DType] = [
+        "bool": .bool, "int8": .i8, "int16": .i16, "int32": .i32, "int64": .i64, "uint8": .u8, "uint16": .u16, "uint32": .u32,
+        "uint64": .u64, "float16": .f16, "float32": .f32, "float64": .f64, "bfloat16": .bf16, "complex64": .c64,
+        "float8_e4m3fn": .f8e4m3, "float8_e5m2": .f8e5m2,
+    ]
+
+    static func dtype2(_ s: String, _ fail: (String) -> OrbaxError) throws -> DType {
+        switch s {
+        case "|b1": return .bool
+        case "|i1": return .i8
+        case "|u1": return .u8
+        case "<i2": return .i16
+        case "<u2": return .u16
+        case "<i4": return .i32
+        case "<u4": return .u32
+        case "<i8": return .i64
+        case "<u8": return .u64
+        case "<f2": return .f16
+        case "<f4": return .f32
+        case "<f8": return .f64
+        case "<c8": return .c64
+        case "bfloat16": return .bf16
+        case "float8_e4m3fn": return .f8e4m3
+        case "float8_e5m2": return .f8e5m2
+        default: throw fail("dtype \(s) is not supported")
+        }
+    }
+
+    /// The chunk grid's size along each axis.
+    var grid: [Int] { zip(shape, chunks).map { $0.1 == 0 ? 0 : ($0.0 + $0.1 - 1) / $0.1 } }
+
+    /// The store key of the chunk at grid index `index`.
+    func chunkKey(_ index: [Int]) -> String {
+        if zarrFormat == 2 { return index.isEmpty ? "0" : index.map(String.init).joined(separator: ".") }
+        return index.isEmpty ? "c" : "c/" + index.map(String.init).joined(separator: "/")
+    }
+
+    /// Every chunk index in C order.
+    var chunkIndices: [[Int]] {
+        let g = grid
+        guard !g.contains(0) else { return [] }
+        var out: [[Int]] = [[]]
+        for n in g { out = out.flatMap { prefix in (0..<n).map { prefix + [$0] } } }
+        return out
+    }
+
+    /// Decompresses a stored value that holds `count` raw bytes.
+    func decode(_ stored: UnsafeRawBufferPointer, count: Int, file: String) throws -> AlignedBuffer {
+        let out = AlignedBuffer(capacity: max(count, 1))
+        out.count = count
+        let target = UnsafeMutableRawBufferPointer(start: out.pointer, count: count)
+        do {
+            switch codec {
+            case nil:
+                guard stored.count == count else { throw ZarrArray.fail(name, "chunk holds \(stored.count) bytes, expected \(count)", file: file) }
+                if count > 0 { out.pointer.copyMemory(from: stored.baseAddress!, byteCount: count) }
+            case .zstd:
+                if let declared = ZstdCodec.declaredSize(stored), declared != count {
+                    throw ZarrArray.fail(name, "zstd chunk declares \(declared) bytes, the chunk shape needs \(count)", file: file)
+                }
+                try ZstdCodec.decompress(stored, into: target)
+            case .zlib: try ZlibCodec.decompress(stored, into: target)
+            case .gzip: try ZlibCodec.inflate(stored, into: target, windowBits: 31)
+            }
+        } catch let e as OrbaxError { throw e } catch {
+            throw ZarrArray.fail(name, "chunk does not decompress: \(error)", file: file)
+        }
+        return out
+    }
+
+    /// Checks, before anything is allocated for the array, that its stored chunks can hold what
+    /// the metadata declares: every chunk present, exact sizes where they are known (no
+    /// compression, zstd frame headers), and at most deflate's 1032:1 ratio otherwise. A forged
+    /// shape therefore fails here instead of asking for terabytes.
+    func validate(file: String, get: (String) throws -> KVValue?) throws {
+        let chunkBytes = (innerChunks == nil ? chunks.reduce(1, *) : 1) * dtype.size
+        var stored = 0
+        for index in chunkIndices {
+            let key = chunkKey(index)
+            guard let v = try get(key) else { throw ZarrArray.fail(name, "chunk \(key) is missing (orbax never leaves chunks out)", file: file) }
+            stored += v.count
+            guard innerChunks == nil else { continue }
+            switch codec {
+            case nil:
+                guard v.count == chunkBytes else { throw ZarrArray.fail(name, "chunk \(key) holds \(v.count) bytes, the chunk shape needs \(chunkBytes)", file: file) }
+            case .zstd:
+                let declared = v.withBytes { ZstdCodec.declaredSize($0) }
+                if let declared, declared != chunkBytes {
+                    throw ZarrArray.fail(name, "zstd chunk \(key) declares \(declared) bytes, the chunk shape needs \(chunkBytes)", file: file)
+                }
+            case .zlib, .gzip:
+                guard v.count * 1032 + 1024 >= chunkBytes else {
+                    throw ZarrArray.fail(name, "chunk \(key) (\(v.count) bytes) cannot inflate to the \(chunkBytes) its shape declares", file: file)
+                }
+            }
+        }
+        let d = try descriptor
+        guard stored * 1032 + 1024 * max(1, chunkIndices.count) >= d.byteCount else {
+            throw ZarrArray.fail(name, "\(stored) stored bytes cannot hold \(dtype.rawValue)\(shape) (\(d.byteCount) bytes)", file: file)
+        }
+    }
+
+    /// Assembles the whole array in row-major order from its chunks (`get` returns a stored value).
+    func assemble(file: String, get: (String) throws -> KVValue?) throws -> AlignedBuffer {
+        try validate(file: file, get: get)
+        let d = try descriptor
+        let out = AlignedBuffer(capacity: max(d.byteCount, 1))
+        out.count = d.byteCount
+        let chunkElements = chunks.reduce(1, *)
+        for index in chunkIndices {
+            let key = chunkKey(index)
+            guard let stored = try get(key) else {
+                throw ZarrArray.fail(name, "chunk \(key) is missing (orbax never leaves chunks out)", file: file)
+            }
+            let origin = zip(index, chunks).map { $0 * $1 }
+            if let inner = innerChunks {
+                try stored.withBytes { shard in
+                    try copyShard(shard, origin: origin, inner: inner, into: out, file: file, key: key)
+                }
+            } else {
+                let chunk = try stored.withBytes { try decode($0, count: chunkElements * dtype.size, file: file) }
+                place(chunk, chunkShape: chunks, at: origin, into: out)
+            }
+        }
+        return out
+    }
+
+    /// A v3 shard: inner chunks, then (offset u64, nbytes u64) per inner chunk and a crc32c.
+    private func copyShard(_ shard: UnsafeRawBufferPointer, origin: [Int], inner: [Int], into out: AlignedBuffer, file: String, key: String) throws {
+        let perAxis = zip(chunks, inner).map { ($0 + $1 - 1) / $1 }
+        let n = perAxis.reduce(1, *)
+        let indexBytes = 16 * n + 4
+        guard shard.count >= indexBytes else { throw ZarrArray.fail(name, "shard \(key) is shorter than its index", file: file) }
+        let index = UnsafeRawBufferPointer(rebasing: shard[(shard.count - indexBytes)..<(shard.count - 4)])
+        let stored = shard[(shard.count - 4)...].enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * UInt32($1.offset)) }
+        guard CRC32C.checksum(index) == stored else { throw ZarrArray.fail(name, "shard \(key): index crc32c mismatch", file: file) }
+        var positions: [[Int]] = [[]]
+        for a in perAxis { positions = positions.flatMap { p in (0..<a).map { p + [$0] } } }
+        for (i, pos) in positions.enumerated() {
+            let offset = index.loadUnaligned(fromByteOffset: 16 * i, as: UInt64.self).littleEndian
+            let count = index.loadUnaligned(fromByteOffset: 16 * i + 8, as: UInt64.self).littleEndian
+            if offset == UInt64.max && count == UInt64.max { continue }  // empty: fill value (zeros)
+            guard offset <= UInt64(shard.count - indexBytes), count <= UInt64(shard.count - indexBytes) - offset else {
+                throw ZarrArray.fail(name, "shard \(key): inner chunk \(i) lies outside the shard", file: file)
+            }
+            let bytes = UnsafeRawBufferPointer(rebasing: shard[Int(offset)..<Int(offset + count)])
+            let chunk = try decode(bytes, count: inner.reduce(1, *) * dtype.size, file: file)
+            place(chunk, chunkShape: inner, at: zip(origin, zip(pos, inner)).map { $0 + $1.0 * $1.1 }, into: out)
+        }
+    }
+
+    /// Copies the part of a full-size chunk that lies inside the array, row by row.
+    private func place(_ chunk: AlignedBuffer, chunkShape: [Int], at origin: [Int], into out: AlignedBuffer) {
+        let rank = shape.count
+        let e = dtype.size
+        if rank == 0 {
+            out.pointer.copyMemory(from: chunk.pointer, byteCount: e)
+            return
+        }
+        let extent = (0..<rank).map { max(0, min(chunkShape[$0], shape[$0] - origin[$0])) }
+        guard !extent.contains(0) else { return }
+        var outStride = [Int](repeating: 1, count: rank), inStride = [Int](repeating: 1, count: rank)
+        for a in stride(from: rank - 2, through: 0, by: -1) {
+            outStride[a] = outStride[a + 1] * shape[a + 1]
+            inStride[a] = inStride[a + 1] * chunkShape[a + 1]
+        }
+        var idx = [Int](repeating: 0, count: rank - 1)
+        let run = extent[rank - 1] * e
+        while true {
+            var src = 0, dst = origin[rank - 1]
+            for a in 0..<(rank - 1) {
+                src += idx[a] * inStride[a]
+                dst += (origin[a] + idx[a]) * outStride[a]
+            }
+            (out.pointer + dst * e).copyMemory(from: chunk.pointer + src * e, byteCount: run)
+            var a = rank - 2
+            while a >= 0 {
+                idx[a] += 1
+                if idx[a] < extent[a] { break }
+                idx[a] = 0
+                a -= 1
+            }
+            if a < 0 { break }
+        }
+    }
+}

@@ -1,0 +1,43 @@
+import CFastCRC
+import CZstd
+
+/// zstd frames (RFC 8878) through the system libzstd: every declared size is checked before
+/// anything is allocated for it.
+public enum ZstdCodec {
+    public struct Failure: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    /// The content size a frame declares, if it declares one.
+    public static func declaredSize(_ input: UnsafeRawBufferPointer) -> Int? {
+        let n = ZSTD_getFrameContentSize(input.baseAddress, input.count)
+        if n == ZSTD_CONTENTSIZE_UNKNOWN || n == ZSTD_CONTENTSIZE_ERROR || n > UInt64(Int.max) { return nil }
+        return Int(n)
+    }
+
+    /// Decompresses one or more frames into exactly `output.count` bytes.
+    public static func decompress(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) throws(Failure) {
+        let n = ZSTD_decompress(output.baseAddress, output.count, input.baseAddress, input.count)
+        if ZSTD_isError(n) != 0 { throw Failure(description: String(cString: ZSTD_getErrorName(n))) }
+        guard n == output.count else { throw Failure(description: "decompressed to \(n) bytes, expected \(output.count)") }
+    }
+
+    /// Decompresses a frame whose size must be declared and at most `limit` (forged headers
+    /// cannot force a huge allocation).
+    public static func decompress(_ input: UnsafeRawBufferPointer, limit: Int) throws(Failure) -> AlignedBuffer {
+        guard let size = declaredSize(input) else { throw Failure(description: "zstd frame does not declare its content size") }
+        guard size <= limit else { throw Failure(description: "zstd frame declares \(size) bytes, more than the \(limit) expected") }
+        let out = AlignedBuffer(capacity: max(size, 1))
+        try decompress(input, into: UnsafeMutableRawBufferPointer(start: out.pointer, count: size))
+        out.count = size
+        return out
+    }
+}
+
+/// CRC-32C (Castagnoli), as OCDBT and zarr v3's crc32c codec use it.
+public enum CRC32C {
+    public static func checksum(_ bytes: UnsafeRawBufferPointer) -> UInt32 {
+        guard let base = bytes.baseAddress, bytes.count > 0 else { return 0 }
+        return ckpt_crc32c(0, base, bytes.count)
+    }
+}

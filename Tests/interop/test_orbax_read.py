@@ -1,0 +1,166 @@
+"""Reading Orbax checkpoints (written by the real orbax, see Tests/fixtures/orbax/README.md),
+compared bit for bit with what orbax itself restores."""
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import ckpt_stream as cs
+from conftest import ROOT, run, shell
+
+FIXTURES = os.path.join(ROOT, "Tests", "fixtures", "orbax")
+EX_DATAERR = 65
+
+
+def orbax_restore(path):
+    import orbax.checkpoint as ocp
+    try:
+        return ocp.StandardCheckpointer().restore(path)
+    except Exception:
+        return ocp.PyTreeCheckpointer().restore(path)
+
+
+def flat(tree, prefix=""):
+    out = {}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for k, v in items:
+        name = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, (dict, list, tuple)):
+            out.update(flat(v, name))
+        elif v is not None and hasattr(v, "shape"):
+            out[name] = np.asarray(v)
+    return out
+
+
+def read(path, *args):
+    p = run(["ckpt-read", *args, path])
+    assert p.returncode == 0, p.stderr.decode()
+    r = cs.StreamReader(io.BytesIO(p.stdout))
+    return r, {t.name: t for t in r}
+
+
+CASES = ["a_standard", "b_pytree", "c_no_ocdbt", "h_zarr3", "i_nocompress", "j_sharded", "k_dotkey",
+         "hand/zarr_plain", "hand/zarr_plain_min", "hand/ocdbt_raw", "hand/ocdbt_zstdnodes", "hand/ocdbt_zlib",
+         "hand/ocdbt_gzip", "hand/ocdbt_multichunk"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_arrays_as_orbax_restores(case):
+    path = os.path.join(FIXTURES, case)
+    expected = flat(orbax_restore(path))
+    _, ours = read(path)
+    scalars = {k for k, v in expected.items() if v.shape == () and k not in ours}
+    assert set(ours) == set(expected) - scalars, case
+    for name, t in ours.items():
+        want = expected[name]
+        assert list(t.shape) == list(want.shape), name
+        assert t.data == np.ascontiguousarray(want).tobytes(), name
+
+
+def test_manager_roots_pick_the_latest_step_or_the_one_asked():
+    root = os.path.join(FIXTURES, "e_manager")
+    _, latest = read(root)
+    ref10 = flat(orbax_restore(os.path.join(root, "10", "default")))
+    ref0 = flat(orbax_restore(os.path.join(root, "0", "default")))
+    assert latest["params/emb"].data == ref10["params/emb"].tobytes()
+    _, first = read(root, "--step", "0")
+    assert first["params/emb"].data == ref0["params/emb"].tobytes()
+    assert run(["ckpt-read", "--list", "--step", "7", root]).returncode == EX_DATAERR
+    _, composite = read(os.path.join(FIXTURES, "f_manager_composite"))  # the params/ item of step 1
+    assert set(composite) == set(flat(orbax_restore(os.path.join(FIXTURES, "f_manager_composite", "1", "params"))))
+
+
+def test_scalars_and_strings_go_to_the_metadata():
+    r, ours = read(os.path.join(FIXTURES, "l_misc"))
+    assert list(ours) == ["np"]
+    md = r.header["metadata"]
+    ref = orbax_restore(os.path.join(FIXTURES, "l_misc"))
+    assert md["s"] == ref["s"] and md["i"] == ref["i"] and md["f"] == pytest.approx(ref["f"])
+
+
+def test_openpi_style_value_leaves_are_stripped(tmp_path):
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    tree = {"params": {"PaliGemma": {"llm": {"w": {"value": jnp.ones((2, 3), jnp.bfloat16)}}}, "b": {"value": jnp.zeros(4)}}}
+    path = str(tmp_path / "params")
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path, tree)
+    ckptr.wait_until_finished()
+    _, ours = read(path)
+    assert set(ours) == {"params/PaliGemma/llm/w", "params/b"}
+    _, kept = read(path, "--no-strip-value")
+    assert set(kept) == {"params/PaliGemma/llm/w/value", "params/b/value"}
+
+
+def test_orbax_to_safetensors_pipeline(tmp_path):
+    out = tmp_path / "o.safetensors"
+    assert shell(f"ckpt-read {os.path.join(FIXTURES, 'a_standard')} | ckpt-write {out}").returncode == 0
+    from safetensors.numpy import load_file
+    got = load_file(str(out))
+    ref = flat(orbax_restore(os.path.join(FIXTURES, "a_standard")))
+    for k, v in got.items():
+        assert np.array_equal(v, ref[k])
+
+
+# --- bad input: each a clear one-line error, exit 65, no output --------------------------------
+
+def copy(case, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(os.path.join(FIXTURES, case), dst)
+    return dst
+
+
+def refuse(path, tmp_path, *needles):
+    p = run(["ckpt-read", "--list", str(path)])
+    err = p.stderr.decode()
+    assert p.returncode == EX_DATAERR, err
+    assert len(err.strip().splitlines()) == 1
+    for n in needles:
+        assert n in err, err
+    out = tmp_path / "o.safetensors"
+    assert shell(f"ckpt-read {path} | ckpt-write {out}").returncode != 0 and not out.exists()
+
+
+def test_missing_metadata(tmp_path):
+    refuse(os.path.join(FIXTURES, "hand", "ocdbt_no_metadata"), tmp_path, "missing _METADATA")
+
+
+def test_manifest_with_bad_magic_or_version(tmp_path):
+    ckpt = copy("hand/ocdbt_raw", tmp_path)
+    m = bytearray((ckpt / "manifest.ocdbt").read_bytes())
+    m[0] ^= 0xFF
+    (ckpt / "manifest.ocdbt").write_bytes(bytes(m))
+    refuse(ckpt, tmp_path, "bad magic")
+    m[0] ^= 0xFF
+    m[12] = 5  # version varint
+    (ckpt / "manifest.ocdbt").write_bytes(bytes(m))
+    refuse(ckpt, tmp_path, "crc32c")  # the crc covers the version byte: caught first
+
+
+def test_truncated_btree_node(tmp_path):
+    ckpt = copy("a_standard", tmp_path)
+    for f in (ckpt / "d").iterdir():
+        f.write_bytes(f.read_bytes()[:-7])
+    refuse(ckpt, tmp_path, "OCDBT")
+
+
+def test_forged_chunk_shape_is_refused_without_allocating(tmp_path):
+    ckpt = copy("c_no_ocdbt", tmp_path)
+    z = ckpt / "params.emb" / ".zarray"
+    meta = json.loads(z.read_text())
+    meta["shape"] = [1 << 20, 1 << 20]  # 2 TiB of bfloat16, from a 17-byte chunk
+    meta["chunks"] = [1 << 20, 1 << 20]
+    z.write_text(json.dumps(meta))
+    refuse(ckpt, tmp_path, "params/emb", "declares 12 bytes")
+
+
+def test_unknown_codec_is_named(tmp_path):
+    ckpt = copy("c_no_ocdbt", tmp_path)
+    z = ckpt / "params.emb" / ".zarray"
+    meta = json.loads(z.read_text())
+    meta["compressor"] = {"id": "blosc", "cname": "lz4"}
+    z.write_text(json.dumps(meta))
+    refuse(ckpt, tmp_path, "blosc")
