@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The main job on the example checkpoint shipped in the repo: build the tools in release
 # mode, then convert examples/tiny-bert.safetensors through the ckpt stream and prove the
-# result is identical. Installs zlib1g-dev if missing; needs no Python.
+# result is identical. Installs zlib1g-dev and libzstd-dev if missing; needs no Python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! dpkg -s zlib1g-dev >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends zlib1g-dev >/dev/null
-fi
+for pkg in zlib1g-dev libzstd-dev; do
+    if ! dpkg -s "$pkg" >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
+    fi
+done
 swift build -c release 2>&1 | tail -1
 BIN="$(swift build -c release --show-bin-path)"
 export PATH="$BIN:$PATH"
