@@ -8,7 +8,7 @@ public struct WriteCommand: ParsableCommand {
         abstract: "Read a ckpt stream on stdin and write it as a checkpoint.",
         discussion: """
             The format is taken from --format, else from OUT's extension (.safetensors, .pt/.pth/.bin, \
-            .npz, .npy, .msgpack, .ckpts). \
+            .npz, .npy, .msgpack, .ckpts; Orbax folders need --format orbax). \
             If OUT is a folder, the file is OUT/model.safetensors. The output appears only when \
             the whole stream was read and checked; a failed run leaves nothing behind.
 
@@ -33,11 +33,14 @@ public struct WriteCommand: ParsableCommand {
     @Option(help: ArgumentHelp("torch: nest the tensors under this key, e.g. model → {\"model\": {...}}.", valueName: "key"))
     public var nest: String?
 
-    @Option(help: ArgumentHelp("msgpack: split tensor names into nested maps on this separator.", valueName: "sep"))
+    @Option(help: ArgumentHelp("msgpack, orbax: split tensor names into nested keys on this separator.", valueName: "sep"))
     public var sep: String = "/"
 
     @Option(help: ArgumentHelp("msgpack: chunk arrays larger than this, as flax does (default 1GiB, flax's MAX_CHUNK_SIZE).", valueName: "size"))
     public var msgpackChunk: String?
+
+    @Option(help: ArgumentHelp("orbax: cut arrays larger than this into chunks along axis 0 (default 2GiB).", valueName: "size"))
+    public var orbaxChunk: String?
 
     @Flag(help: "Replace existing output files.")
     public var force = false
@@ -60,7 +63,7 @@ public struct WriteCommand: ParsableCommand {
             var path = out
             var isDir = false
             var st = stat()
-            if stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR { isDir = true }
+            if stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR && format != "orbax" { isDir = true }
             let fmt: CheckpointFormat
             if let format { fmt = CheckpointFormat(rawValue: format)! } else if isDir { fmt = .safetensors } else {
                 guard let f = CheckpointFormat.forOutput(path) else {
@@ -91,7 +94,7 @@ public struct WriteCommand: ParsableCommand {
             case .npy, .npz:
                 sink = NumPyWriter(path: path, single: fmt == .npy, overwrite: force)
             case .orbax:
-                preconditionFailure("not writable yet")
+                sink = OrbaxWriter(path: out, separator: sep, maxChunkBytes: orbaxChunk.flatMap(parseByteSize) ?? (2 << 30), overwrite: force)
             case .msgpack:
                 sink = FlaxMsgpackWriter(path: path, separator: sep, maxChunkSize: msgpackChunk.flatMap(parseByteSize) ?? FlaxMsgpack.maxChunkSize,
                                          overwrite: force, log: { if !quiet { Tool.note("ckpt-write", $0) } })

@@ -11,11 +11,11 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
     case npz
     /// Flax's msgpack serialization (`flax.serialization.to_bytes`).
     case msgpack
-    /// An Orbax PyTree checkpoint folder (read only, for now).
+    /// An Orbax PyTree checkpoint folder.
     case orbax
 
     /// What `ckpt-write` can produce so far.
-    public static let writable: [CheckpointFormat] = [.safetensors, .torch, .npz, .npy, .msgpack, .ckpts]
+    public static let writable: [CheckpointFormat] = [.safetensors, .torch, .npz, .npy, .msgpack, .orbax, .ckpts]
 
     /// Guesses the format of an output path from its name.
     public static func forOutput(_ path: String) -> CheckpointFormat? {
