@@ -164,3 +164,31 @@ def test_unknown_codec_is_named(tmp_path):
     meta["compressor"] = {"id": "blosc", "cname": "lz4"}
     z.write_text(json.dumps(meta))
     refuse(ckpt, tmp_path, "blosc")
+
+
+@pytest.mark.parametrize("zarr3", [False, True])
+def test_live_orbax_many_chunks_lists_bool_and_manager(tmp_path, zarr3):
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    assert len(jax.devices()) == 4
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))
+    big = jax.device_put(jnp.arange(64 * 48, dtype=jnp.float32).reshape(64, 48), NamedSharding(mesh, P("x", "y")))
+    tree = {"params": {"w": big, "b16": jnp.arange(10, dtype=jnp.bfloat16), "ids": jnp.arange(5, dtype=jnp.int32),
+                       "mask": jnp.array([True, False, True]), "layers": [{"k": jnp.ones((2, 2))}, {"k": jnp.zeros((2, 2))}]}}
+    options = ocp.CheckpointManagerOptions(max_to_keep=3)
+    handler = ocp.PyTreeCheckpointHandler(use_zarr3=zarr3)
+    with ocp.CheckpointManager(str(tmp_path / "run"), options=options,
+                               item_handlers={"params": handler}) as mngr:
+        for step in (1, 2, 3):
+            t = jax.tree_util.tree_map(lambda a: a + step if a.dtype != jnp.bool_ else a, tree)
+            mngr.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(t)))
+        mngr.wait_until_finished()
+    _, ours = read(str(tmp_path / "run"))  # the latest step, its params/ item
+    expected = flat(jax.tree_util.tree_map(lambda a: a + 3 if a.dtype != jnp.bool_ else a, tree))
+    assert set(ours) == set(expected)
+    for name, want in expected.items():
+        assert ours[name].data == np.asarray(want).tobytes(), name
+    _, first = read(str(tmp_path / "run"), "--step", "1")
+    assert first["params/w"].data == (np.asarray(big) + 1).tobytes()
