@@ -7,7 +7,9 @@
 #   BENCH_CASES="cat ckpt" scripts/bench.sh 8 1    only some cases (python needs 2x SIZE of RAM)
 #
 # Cases: cat, ckpt, ckpt-zlib1, python-safetensors (safetensors in and out); cat-pt, ckpt-pt,
-# python-torch (a torch.save zip of the same tensors in, safetensors out)
+# python-torch (a torch.save zip of the same tensors in, safetensors out); ckpt-orbax,
+# python-orbax (an Orbax checkpoint with default settings, written by orbax itself, of the
+# f32 tensors: OCDBT + zstd; safetensors out)
 #
 # Makes SIZE_GIB of random f32 and bf16 tensors as one .safetensors file (written in the
 # safetensors library's own layout), warms it into the page cache, then runs each case REPS
@@ -20,7 +22,7 @@ cd "$(dirname "$0")/.."
 SIZE_GIB="${1:-2}"
 REPS="${2:-3}"
 WORK="${BENCH_DIR:-$PWD/bench-work}"
-CASES="${BENCH_CASES:-cat ckpt ckpt-zlib1 python-safetensors cat-pt ckpt-pt python-torch}"
+CASES="${BENCH_CASES:-cat ckpt ckpt-zlib1 python-safetensors cat-pt ckpt-pt python-torch ckpt-orbax python-orbax}"
 mkdir -p "$WORK"
 
 scripts/setup.sh >/dev/null
@@ -66,6 +68,20 @@ case " $CASES " in *-pt*|*python-torch*)
     [ -f "$PT" ] || "$BIN/ckpt-read" "$IN" | "$BIN/ckpt-write" "$PT"
     cat "$PT" > /dev/null ;;
 esac
+ORBAX="${IN%.safetensors}.orbax"
+case " $CASES " in *orbax*)
+    if [ ! -d "$ORBAX" ]; then
+        echo "making $ORBAX with orbax (default settings)..." >&2
+        "$PY" - "$IN" "$ORBAX" <<'PYGEN'
+import sys, numpy as np, ml_dtypes, jax.numpy as jnp, orbax.checkpoint as ocp
+from safetensors.numpy import load_file
+t = {k.replace(".", "_"): jnp.asarray(v) for k, v in load_file(sys.argv[1]).items() if v.dtype == np.float32}
+c = ocp.StandardCheckpointer()
+c.save(sys.argv[2], t)
+c.wait_until_finished()
+PYGEN
+    fi ;;
+esac
 
 # run NAME COMMAND...: one timed run of a shell pipeline; each stage is wrapped by
 # `$TIME -o $WORK/rss.N` so we get its peak RSS. Appends "NAME wall rss1 rss2" to results.
@@ -105,6 +121,9 @@ for rep in $(seq "$REPS"); do
             cmp -s "$IN" "$OUT" || { echo "ckpt .pt -> safetensors differs from the original safetensors" >&2; exit 1; } ;;
         python-torch)
             run python-torch "$(T 1) $PY -c 'import sys, torch; from safetensors.torch import save_file; save_file(torch.load(sys.argv[1], weights_only=True), sys.argv[2])' '$PT' '$OUT'" ;;
+        ckpt-orbax) run ckpt-orbax "$(T 1) $BIN/ckpt-read '$ORBAX' | $(T 2) $BIN/ckpt-write '$OUT'" ;;
+        python-orbax)
+            run python-orbax "$(T 1) $PY -c 'import sys, numpy as np, orbax.checkpoint as ocp; from safetensors.numpy import save_file; save_file({k: np.asarray(v) for k, v in ocp.StandardCheckpointer().restore(sys.argv[1]).items()}, sys.argv[2])' '$ORBAX' '$OUT'" ;;
         esac
     done
 done
@@ -118,8 +137,9 @@ echo "|---|---|---|---|---|"
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 for name in $CASES; do
     ref=cat
-    case "$name" in *-pt|python-torch) ref=cat-pt ;; esac
+    case "$name" in *-pt|python-torch) ref=cat-pt ;; *orbax) ref=cat ;; esac
     cat_t=$(awk -v r="$ref" '$1==r{print $2}' "$RESULTS" | median)
+    [ -n "$cat_t" ] || cat_t=0  # the reference case was not run: the ratio shows 0
     t=$(awk -v n="$name" '$1==n{print $2}' "$RESULTS" | median)
     rss=$(awk -v n="$name" '$1==n{for(i=3;i<=NF;i++) if($i>m[i]) m[i]=$i; k=NF} END{s=""; for(i=3;i<=k;i++) s=s (i>3?" | ":"") sprintf("%.0f", m[i]/1024); print s}' "$RESULTS")
     printf "| %s | %.2f | %.2f | %.2f× | %s |\n" "$name" "$t" "$(calc "$BYTES / $t / 1e9")" "$(calc "$cat_t / $t")" "$rss"

@@ -45,6 +45,16 @@ public final class MappedFile: @unchecked Sendable {
         releasedUpTo = end
     }
 
+    /// Unmaps the pages wholly inside `[offset, offset + count)` from this process (random
+    /// access: chunks read in any order). The data stays in the page cache.
+    public func drop(offset: Int, count: Int) {
+        guard let base, count > 0 else { return }
+        let page = MappedFile.pageSize
+        let start = (offset + page - 1) / page * page
+        let end = (offset + count) / page * page
+        if end > start { _ = madvise(base + start, end - start, MADV_DONTNEED) }
+    }
+
     /// Tells the kernel the range will be read soon (reads ahead in the background).
     public func willNeed(at offset: Int, count: Int) {
         guard let base, count > 0 else { return }

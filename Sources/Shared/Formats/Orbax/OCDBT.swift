@@ -35,6 +35,11 @@ public enum KVValue {
         }
     }
 
+    /// Drops the value's pages from this process's mapping once it has been decoded.
+    public func release() {
+        if case .file(let f, let o, let n) = self { f.drop(offset: o, count: n) }
+    }
+
     /// The value's bytes, valid while the value (and its file) lives.
     public func withBytes<T>(_ body: (UnsafeRawBufferPointer) throws -> T) rethrows -> T {
         switch self {

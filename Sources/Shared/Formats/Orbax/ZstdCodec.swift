@@ -22,6 +22,31 @@ public enum ZstdCodec {
         guard n == output.count else { throw Failure(description: "decompressed to \(n) bytes, expected \(output.count)") }
     }
 
+    /// Decompresses frames stored in a mapped file into exactly `output.count` bytes, feeding
+    /// the input 4 MiB at a time and dropping consumed pages, so only the output stays resident.
+    public static func decompress(_ file: MappedFile, offset: Int, count: Int, into output: UnsafeMutableRawBufferPointer) throws(Failure) {
+        guard let dctx = ZSTD_createDCtx() else { throw Failure(description: "cannot create a zstd context") }
+        defer { ZSTD_freeDCtx(dctx) }
+        var out = ZSTD_outBuffer(dst: output.baseAddress, size: output.count, pos: 0)
+        var done = 0
+        var last = 0
+        while done < count {
+            let n = min(4 << 20, count - done)
+            let piece = file.bytes(at: offset + done, count: n)
+            var input = ZSTD_inBuffer(src: piece.baseAddress, size: n, pos: 0)
+            while input.pos < input.size {
+                let before = (input.pos, out.pos)
+                last = ZSTD_decompressStream(dctx, &out, &input)
+                if ZSTD_isError(last) != 0 { throw Failure(description: String(cString: ZSTD_getErrorName(last))) }
+                if (input.pos, out.pos) == before { throw Failure(description: "decompresses to more than the expected \(output.count) bytes") }
+            }
+            file.drop(offset: offset + done, count: n)
+            done += n
+        }
+        guard last == 0 else { throw Failure(description: "zstd stream is truncated") }
+        guard out.pos == output.count else { throw Failure(description: "decompressed to \(out.pos) bytes, expected \(output.count)") }
+    }
+
     /// Decompresses a frame whose size must be declared and at most `limit` (forged headers
     /// cannot force a huge allocation).
     public static func decompress(_ input: UnsafeRawBufferPointer, limit: Int) throws(Failure) -> AlignedBuffer {
