@@ -105,10 +105,8 @@ public enum StridedCopy {
         }
         let rank = shape.count
         let inner = shape[rank - 1], innerStride = stride[rank - 1]
-        var index = [Int](repeating: 0, count: rank - 1)
         var dst = out
-        var rows = count / inner
-        while rows > 0 {
+        forEachRow(shape) { index in
             var src = offset
             for d in 0..<(rank - 1) { src += index[d] * stride[d] }
             if innerStride == 1 {
@@ -120,15 +118,25 @@ public enum StridedCopy {
                     dst += elementSize
                 }
             }
-            // Advance the outer index like an odometer.
+        }
+    }
+
+    /// Calls `body` with the index of every row (all axes but the last) of `extent`, in
+    /// row-major order, like an odometer. Nothing is called if an axis is empty.
+    public static func forEachRow(_ extent: [Int], _ body: ([Int]) -> Void) {
+        guard !extent.isEmpty, !extent.contains(0) else { return }
+        let rank = extent.count
+        var index = [Int](repeating: 0, count: rank - 1)
+        while true {
+            body(index)
             var d = rank - 2
             while d >= 0 {
                 index[d] += 1
-                if index[d] < shape[d] { break }
+                if index[d] < extent[d] { break }
                 index[d] = 0
                 d -= 1
             }
-            rows -= 1
+            if d < 0 { return }
         }
     }
 

@@ -280,23 +280,14 @@ public struct ZarrArray {
             outStride[a] = outStride[a + 1] * shape[a + 1]
             inStride[a] = inStride[a + 1] * chunkShape[a + 1]
         }
-        var idx = [Int](repeating: 0, count: rank - 1)
         let run = extent[rank - 1] * e
-        while true {
+        StridedCopy.forEachRow(extent) { idx in
             var src = 0, dst = origin[rank - 1]
             for a in 0..<(rank - 1) {
                 src += idx[a] * inStride[a]
                 dst += (origin[a] + idx[a]) * outStride[a]
             }
             (out.pointer + dst * e).copyMemory(from: chunk.pointer + src * e, byteCount: run)
-            var a = rank - 2
-            while a >= 0 {
-                idx[a] += 1
-                if idx[a] < extent[a] { break }
-                idx[a] = 0
-                a -= 1
-            }
-            if a < 0 { break }
         }
     }
 }
