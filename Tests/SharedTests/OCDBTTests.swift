@@ -39,3 +39,36 @@ import Testing
         #expect(throws: OrbaxError.self) { try OCDBTStore.envelope(Array(raw.dropLast()), magic: OCDBTStore.manifestMagic, file: "m", base: 0) }
     }
 }
+
+import CZstd
+
+@Suite struct ZstdTests {
+    /// A frame written in two streaming calls, so zstd cannot put its size in the header
+    /// (tensorstore writes some OCDBT nodes this way).
+    static func frameWithoutSize(_ data: [UInt8]) -> [UInt8] {
+        let cctx = ZSTD_createCCtx()!
+        defer { ZSTD_freeCCtx(cctx) }
+        var out = [UInt8](repeating: 0, count: ZSTD_compressBound(data.count) + 64)
+        var written = 0
+        data.withUnsafeBytes { d in
+            out.withUnsafeMutableBytes { o in
+                var input = ZSTD_inBuffer(src: d.baseAddress, size: d.count, pos: 0)
+                var output = ZSTD_outBuffer(dst: o.baseAddress, size: o.count, pos: 0)
+                _ = ZSTD_compressStream2(cctx, &output, &input, ZSTD_e_continue)
+                var empty = ZSTD_inBuffer(src: nil, size: 0, pos: 0)
+                while ZSTD_compressStream2(cctx, &output, &empty, ZSTD_e_end) != 0 {}
+                written = output.pos
+            }
+        }
+        return Array(out[0..<written])
+    }
+
+    @Test func framesWithAndWithoutADeclaredSize() throws {
+        let data = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 * 7 / 3) }
+        let frame = Self.frameWithoutSize(data)
+        #expect(frame.withUnsafeBytes { ZstdCodec.declaredSize($0) } == nil)
+        #expect(try frame.withUnsafeBytes { try ZstdCodec.decompress($0, limit: 1 << 20) } == data)
+        #expect(throws: (any Error).self) { try frame.withUnsafeBytes { try ZstdCodec.decompress($0, limit: 100_000) } }
+        #expect(throws: (any Error).self) { try Array(frame.dropLast(3)).withUnsafeBytes { try ZstdCodec.decompress($0, limit: 1 << 20) } }
+    }
+}

@@ -192,3 +192,14 @@ def test_live_orbax_many_chunks_lists_bool_and_manager(tmp_path, zarr3):
         assert ours[name].data == np.asarray(want).tobytes(), name
     _, first = read(str(tmp_path / "run"), "--step", "1")
     assert first["params/w"].data == (np.asarray(big) + 1).tobytes()
+
+
+def test_truncated_chunk_is_an_error(tmp_path):
+    # tensorstore's zstd frames carry no checksum: flipped bits can decode without complaint,
+    # for tensorstore as for us. A cut frame cannot.
+    ckpt = copy("c_no_ocdbt", tmp_path)
+    chunk = ckpt / "params.layer0.kernel" / "0.0"
+    chunk.write_bytes(chunk.read_bytes()[:-6])
+    p = run(["ckpt-read", str(ckpt)])
+    err = p.stderr.decode()
+    assert p.returncode == EX_DATAERR and "params/layer0/kernel" in err and len(err.strip().splitlines()) == 1, err

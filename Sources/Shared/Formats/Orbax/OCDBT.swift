@@ -24,7 +24,7 @@ public struct OrbaxError: CkptError, Equatable {
 }
 
 /// Where a value lives.
-public enum KVValue {
+public enum KVValue: Sendable {
     case inline([UInt8])
     case file(MappedFile, offset: Int, count: Int)
 
@@ -154,7 +154,7 @@ public final class OCDBTStore {
         case 0: return body
         case 1:
             do {
-                return try body.withUnsafeBytes { try ZstdCodec.decompress($0, limit: 1 << 30).copyBytes() }
+                return try body.withUnsafeBytes { try ZstdCodec.decompress($0, limit: 1 << 30) }
             } catch { throw fail("zstd: \(error)") }
         default: throw fail("unknown compression \(compression)")
         }

@@ -1,10 +1,12 @@
+import Dispatch
+
 // Zarr arrays as orbax writes them through tensorstore: v2 (`.zarray`, zarr spec v2) and v3
 // (`zarr.json`, zarr spec v3 with the `sharding_indexed` codec). Chunks are row-major,
 // full-size at the edges (padding cropped here), and decoded one at a time.
 
 /// A zarr array's metadata and how to turn its chunks into the array's row-major bytes.
-public struct ZarrArray {
-    public enum Codec: Equatable {
+public struct ZarrArray: Sendable {
+    public enum Codec: Equatable, Sendable {
         case zstd, zlib, gzip
     }
 
@@ -221,23 +223,42 @@ public struct ZarrArray {
         let out = AlignedBuffer(capacity: max(d.byteCount, 1))
         out.count = d.byteCount
         let chunkElements = chunks.reduce(1, *)
+        // Values are looked up here (the store's caches are not thread-safe); chunks are then
+        // decoded on all cores, each into its own region of `out`. Memory: the array plus one
+        // chunk per core.
+        var work: [(key: String, origin: [Int], value: KVValue)] = []
         for index in chunkIndices {
             let key = chunkKey(index)
             guard let stored = try get(key) else {
                 throw ZarrArray.fail(name, "chunk \(key) is missing (orbax never leaves chunks out)", file: file)
             }
-            let origin = zip(index, chunks).map { $0 * $1 }
-            if let inner = innerChunks {
-                try stored.withBytes { shard in
-                    try copyShard(shard, origin: origin, inner: inner, into: out, file: file, key: key)
-                }
-            } else {
-                let chunk = try decode(stored, count: chunkElements * dtype.size, file: file)
-                place(chunk, chunkShape: chunks, at: origin, into: out)
-            }
-            // Keep resident memory at one array: the compressed bytes are no longer needed.
-            stored.release()
+            work.append((key, zip(index, chunks).map { $0 * $1 }, stored))
         }
+        final class FirstFailure: @unchecked Sendable {
+            let lock = Mutex()
+            var error: Error?
+        }
+        let failures = FirstFailure()
+        let this = self
+        let jobs = work
+        DispatchQueue.concurrentPerform(iterations: jobs.count) { i in
+            let (key, origin, stored) = jobs[i]
+            do {
+                if let inner = this.innerChunks {
+                    try stored.withBytes { shard in
+                        try this.copyShard(shard, origin: origin, inner: inner, into: out, file: file, key: key)
+                    }
+                } else {
+                    let chunk = try this.decode(stored, count: chunkElements * this.dtype.size, file: file)
+                    this.place(chunk, chunkShape: this.chunks, at: origin, into: out)
+                }
+                // Keep resident memory at one array: the compressed bytes are no longer needed.
+                stored.release()
+            } catch {
+                failures.lock.withLock { if failures.error == nil { failures.error = error } }
+            }
+        }
+        if let failure = failures.error { throw failure }
         return out
     }
 

@@ -47,15 +47,35 @@ public enum ZstdCodec {
         guard out.pos == output.count else { throw Failure(description: "decompressed to \(out.pos) bytes, expected \(output.count)") }
     }
 
-    /// Decompresses a frame whose size must be declared and at most `limit` (forged headers
-    /// cannot force a huge allocation).
-    public static func decompress(_ input: UnsafeRawBufferPointer, limit: Int) throws(Failure) -> AlignedBuffer {
-        guard let size = declaredSize(input) else { throw Failure(description: "zstd frame does not declare its content size") }
-        guard size <= limit else { throw Failure(description: "zstd frame declares \(size) bytes, more than the \(limit) expected") }
-        let out = AlignedBuffer(capacity: max(size, 1))
-        try decompress(input, into: UnsafeMutableRawBufferPointer(start: out.pointer, count: size))
-        out.count = size
-        return out
+    /// Decompresses frames into at most `limit` bytes. A declared size is checked against the
+    /// limit before allocating; frames that do not declare one (tensorstore writes some) are
+    /// decoded in steps into a growing array, stopping at the limit, so a forged header cannot
+    /// force a huge allocation either way.
+    public static func decompress(_ input: UnsafeRawBufferPointer, limit: Int) throws -> [UInt8] {
+        if let size = declaredSize(input) {
+            guard size <= limit else { throw Failure(description: "zstd frame declares \(size) bytes, more than the \(limit) expected") }
+            var out = [UInt8](repeating: 0, count: size)
+            try out.withUnsafeMutableBytes { try decompress(input, into: $0) }
+            return out
+        }
+        guard let dctx = ZSTD_createDCtx() else { throw Failure(description: "cannot create a zstd context") }
+        defer { ZSTD_freeDCtx(dctx) }
+        var out: [UInt8] = []
+        var step = [UInt8](repeating: 0, count: 1 << 20)
+        var src = ZSTD_inBuffer(src: input.baseAddress, size: input.count, pos: 0)
+        var last = 1
+        while true {
+            let produced = step.withUnsafeMutableBytes { s -> Int in
+                var dst = ZSTD_outBuffer(dst: s.baseAddress, size: s.count, pos: 0)
+                last = ZSTD_decompressStream(dctx, &dst, &src)
+                return dst.pos
+            }
+            if ZSTD_isError(last) != 0 { throw Failure(description: String(cString: ZSTD_getErrorName(last))) }
+            guard out.count + produced <= limit else { throw Failure(description: "zstd data decompresses to more than \(limit) bytes") }
+            out.append(contentsOf: step[0..<produced])
+            if last == 0 && src.pos == src.size { return out }
+            if produced == 0 && src.pos == src.size { throw Failure(description: "zstd stream is truncated") }
+        }
     }
 }
 
