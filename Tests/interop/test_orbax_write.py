@@ -65,3 +65,25 @@ def test_existing_output_and_failed_runs(tmp_path, minilm):
     p = run(["ckpt-write", "--format", "orbax", str(other)], input=stream[:-64])
     assert p.returncode == EX_DATAERR
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no output, no temporary folder
+
+
+def test_interrupted_orbax_write_leaves_no_folder(tmp_path, minilm):
+    import signal
+    import subprocess
+    import time
+    from conftest import tool
+    stream = run(["ckpt-read", "--only", "encoder.layer.0.*", minilm]).stdout
+    out = tmp_path / "ckpt"
+    proc = subprocess.Popen([tool("ckpt-write"), "--format", "orbax", str(out)], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(stream[:-64])  # all but the end frame: every array folder exists, the run waits
+    proc.stdin.flush()
+    for _ in range(100):
+        tmp = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        if tmp and any(tmp[0].iterdir()):
+            break
+        time.sleep(0.05)
+    assert tmp and len(list(tmp[0].iterdir())) > 3, "the temporary folder never filled"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []

@@ -57,15 +57,22 @@ public func splitPath(_ path: String) -> (directory: String, name: String) {
     return (dir.isEmpty ? "/" : dir, String(path[path.index(after: slash)...]))
 }
 
-/// Temporary files to remove if a signal ends the process. The signal handler may only
-/// call async-signal-safe functions, so paths are kept as C strings in a fixed table.
+/// Temporary files and folders to remove if a signal ends the process. The signal handler
+/// may only call async-signal-safe functions (unlink, rmdir), so paths are kept as C strings
+/// in a fixed table and removed in reverse order: a folder's contents before the folder.
 enum TemporaryFiles {
-    static let capacity = 4096
+    static let capacity = 1 << 16
     nonisolated(unsafe) static let table: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?> = {
         let t = UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>.allocate(capacity: capacity)
         t.initialize(repeating: nil, count: capacity)
         return t
     }()
+    nonisolated(unsafe) static let isFolder: UnsafeMutablePointer<Bool> = {
+        let t = UnsafeMutablePointer<Bool>.allocate(capacity: capacity)
+        t.initialize(repeating: false, count: capacity)
+        return t
+    }()
+    nonisolated(unsafe) static var used = 0
     nonisolated(unsafe) static var serial = 0
     nonisolated(unsafe) static var installed = false
     static let lock = Mutex()
@@ -74,13 +81,18 @@ enum TemporaryFiles {
         lock.withLock { serial += 1; return serial }
     }
 
-    static func register(_ path: String) -> Int {
+    /// Slots are handed out in creation order, so removing in reverse empties folders first.
+    static func register(_ path: String, folder: Bool = false) -> Int {
         lock.withLock {
-            for i in 0..<capacity where table[i] == nil {
-                table[i] = strdup(path)
-                return i
+            if used == capacity {
+                // Reuse freed slots from the end, keeping creation order among live entries.
+                while used > 0 && table[used - 1] == nil { used -= 1 }
+                guard used < capacity else { return -1 }
             }
-            return -1
+            table[used] = strdup(path)
+            isFolder[used] = folder
+            used += 1
+            return used - 1
         }
     }
 
@@ -99,8 +111,12 @@ enum TemporaryFiles {
             installed = true
             for sig in [SIGINT, SIGTERM, SIGHUP] {
                 signal(sig) { sig in
-                    for i in 0..<TemporaryFiles.capacity {
-                        if let p = TemporaryFiles.table[i] { unlink(p) }
+                    var i = TemporaryFiles.used
+                    while i > 0 {
+                        i -= 1
+                        if let p = TemporaryFiles.table[i] {
+                            if TemporaryFiles.isFolder[i] { rmdir(p) } else { unlink(p) }
+                        }
                     }
                     signal(sig, SIG_DFL)
                     raise(sig)

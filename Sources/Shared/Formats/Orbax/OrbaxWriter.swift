@@ -23,6 +23,18 @@ public final class OrbaxWriter: TensorSink {
     private var current: (fd: FileDescriptor?, chunk: Int, written: Int, chunkBytes: Int, dir: String, key: (Int) -> String)?
     private var tensorWritten = 0
     private var descriptor: TensorDescriptor?
+    /// Everything created under the temporary folder, registered so a signal removes it too.
+    private var registered: [Int] = []
+
+    private func created(_ p: String, folder: Bool = false) {
+        TemporaryFiles.installSignalHandlers()
+        registered.append(TemporaryFiles.register(p, folder: folder))
+    }
+
+    private func forgetRegistered() {
+        for slot in registered { TemporaryFiles.unregister(slot) }
+        registered = []
+    }
 
     public init(path: String, separator: String = "/", maxChunkBytes: Int = 2 << 30, overwrite: Bool) {
         self.path = path
@@ -43,6 +55,7 @@ public final class OrbaxWriter: TensorSink {
         let tmp = (dir.isEmpty ? "" : dir + "/") + ".\(base).ckpt-\(getpid()).tmp"
         try removeTree(tmp)
         guard mkdir(tmp, 0o755) == 0 else { throw IOError(.mkdir, path: tmp, errno: errno) }
+        created(tmp, folder: true)
         temporary = tmp
     }
 
@@ -74,6 +87,7 @@ public final class OrbaxWriter: TensorSink {
         }
         let dir = temporary! + "/" + param
         guard mkdir(dir, 0o755) == 0 else { throw IOError(.mkdir, path: dir, errno: errno) }
+        created(dir, folder: true)
         let zarray = JSONObject([
             ("chunks", .array(chunks.map { .int($0) })), ("compressor", .null), ("dimension_separator", .string(".")),
             ("dtype", .string(zdtype)), ("fill_value", .null), ("filters", .null), ("order", .string("C")),
@@ -90,6 +104,7 @@ public final class OrbaxWriter: TensorSink {
         guard var c = current else { return }
         c.fd?.close()
         c.fd = try FileDescriptor.createExclusive(c.dir + "/" + c.key(c.chunk))
+        created(c.dir + "/" + c.key(c.chunk))
         c.written = 0
         current = c
     }
@@ -146,6 +161,7 @@ public final class OrbaxWriter: TensorSink {
             guard rename(path, old!) == 0 else { throw IOError(.rename, path: path, errno: errno) }
         }
         guard rename(tmp, path) == 0 else { throw IOError(.rename, path: path, errno: errno) }
+        forgetRegistered()
         temporary = nil
         if let old { try removeTree(old) }
     }
@@ -153,11 +169,13 @@ public final class OrbaxWriter: TensorSink {
     public func abort() {
         current?.fd?.close()
         if let tmp = temporary { try? removeTree(tmp) }
+        forgetRegistered()
         temporary = nil
     }
 
     private func writeFile(_ p: String, _ bytes: [UInt8]) throws {
         let fd = try FileDescriptor.createExclusive(p)
+        created(p)
         defer { fd.close() }
         try bytes.withUnsafeBytes { try fd.writeAll($0) }
     }
