@@ -13,6 +13,17 @@ public final class Spool {
         log("no manifest in the stream: spooling tensor data to \(output.temporaryPath) to lay out the file at the end")
     }
 
+    /// What a writer that must lay out its file first does at `begin`: with a manifest, lay out
+    /// now (one pass, returns nil); without one, spool the data and lay out at the end.
+    public static func layOutOrSpool(_ manifest: [TensorDescriptor]?, beside path: String, log: (String) -> Void,
+                                     layOut: ([TensorDescriptor]) throws -> Void) throws -> Spool? {
+        if let manifest {
+            try layOut(manifest)
+            return nil
+        }
+        return try Spool(beside: path, log: log)
+    }
+
     /// Records the next tensor; returns where its bytes go in the spool.
     public func add(_ d: TensorDescriptor, file: String) throws -> Int {
         guard names.insert(d.name).inserted else {

@@ -33,11 +33,7 @@ public final class FlaxMsgpackWriter: TensorSink {
 
     public func begin(_ header: StreamHeader, manifest: [TensorDescriptor]?) throws {
         self.manifest = manifest
-        if let manifest {
-            try layOut(manifest)
-        } else {
-            spool = try Spool(beside: path, log: log)
-        }
+        spool = try Spool.layOutOrSpool(manifest, beside: path, log: log, layOut: layOut)
     }
 
     /// Plans every byte of the file, writes everything but the array data, and records where

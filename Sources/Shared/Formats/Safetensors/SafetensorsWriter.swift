@@ -54,11 +54,7 @@ public final class SafetensorsWriter: FileRegionSink {
     public func begin(_ header: StreamHeader, manifest: [TensorDescriptor]?) throws {
         metadata = SafetensorsWriter.safetensorsMetadata(header)
         self.manifest = manifest
-        if let manifest {
-            try layOut(manifest)
-        } else {
-            spool = try Spool(beside: path, log: log)
-        }
+        spool = try Spool.layOutOrSpool(manifest, beside: path, log: log, layOut: layOut)
     }
 
     /// Plans the files, creates them and writes their headers.
