@@ -18,12 +18,14 @@ public final class PlannedSource: FileBackedSource {
     public let plan: [(TensorHeader, TensorData)]
     private let chunkSize: Int
     private var next = 0
-    private var current: TensorData?
     private var currentLength = 0
     private var position = 0
+    /// The current tensor's bytes: built whole, or pieces of a mapped file (one for `.mapped`).
     private var materialized: AlignedBuffer?
-    private var segment = 0
-    private var segmentPosition = 0
+    private var file: MappedFile?
+    private var pieces: [(offset: Int, count: Int)] = []
+    private var piece = 0
+    private var piecePosition = 0
     public private(set) var lastChunkOrigin: (descriptor: FileDescriptor, offset: Int)?
 
     public init(header: StreamHeader, plan: [(TensorHeader, TensorData)], chunkSize: Int = StreamFormat.defaultChunkSize) {
@@ -35,15 +37,22 @@ public final class PlannedSource: FileBackedSource {
 
     public func nextTensor() throws -> TensorHeader? {
         materialized = nil
+        file = nil
         guard next < plan.count else { return nil }
         let (t, data) = plan[next]
         next += 1
-        current = data
         currentLength = t.descriptor.byteCount
         position = 0
-        segment = 0
-        segmentPosition = 0
-        if case .materialized(let make) = data {
+        piece = 0
+        piecePosition = 0
+        switch data {
+        case .mapped(let f, let offset):
+            file = f
+            pieces = [(offset, currentLength)]
+        case .segments(let f, let p):
+            file = f
+            pieces = p
+        case .materialized(let make):
             let buffer = try make()
             guard buffer.count == currentLength else {
                 throw StreamError(.tensorLengthMismatch(declared: UInt64(currentLength), received: UInt64(buffer.count)),
@@ -55,40 +64,32 @@ public final class PlannedSource: FileBackedSource {
     }
 
     public func nextChunk() throws -> UnsafeRawBufferPointer? {
-        guard let data = current, position < currentLength else {
-            current = nil
+        guard position < currentLength else {
             materialized = nil
+            file = nil
             lastChunkOrigin = nil
             return nil
         }
-        let n = min(chunkSize, currentLength - position)
-        defer { position += n }
-        switch data {
-        case .mapped(let file, let offset):
-            let at = offset + position
-            // The previous chunk has been consumed (the caller's pointer is valid only until now).
-            file.release(before: at)
-            file.willNeed(at: at + n, count: chunkSize)
-            lastChunkOrigin = (file.descriptor, at)
-            return file.bytes(at: at, count: n)
-        case .materialized:
+        if let materialized {
+            let n = min(chunkSize, currentLength - position)
+            defer { position += n }
             lastChunkOrigin = nil
-            return UnsafeRawBufferPointer(start: materialized!.pointer + position, count: n)
-        case .segments(let file, let pieces):
-            while segmentPosition == pieces[segment].count {
-                segment += 1
-                segmentPosition = 0
-            }
-            let piece = pieces[segment]
-            let m = min(n, piece.count - segmentPosition)
-            let at = piece.offset + segmentPosition
-            file.release(before: at)
-            file.willNeed(at: at + m, count: chunkSize)
-            segmentPosition += m
-            position += m - n  // the deferred `position += n` then advances by m
-            lastChunkOrigin = (file.descriptor, at)
-            return file.bytes(at: at, count: m)
+            return UnsafeRawBufferPointer(start: materialized.pointer + position, count: n)
         }
+        while piecePosition == pieces[piece].count {
+            piece += 1
+            piecePosition = 0
+        }
+        let (offset, count) = pieces[piece]
+        let n = min(chunkSize, count - piecePosition)
+        let at = offset + piecePosition
+        // The previous chunk has been consumed (the caller's pointer is valid only until now).
+        file!.release(before: at)
+        file!.willNeed(at: at + n, count: chunkSize)
+        piecePosition += n
+        position += n
+        lastChunkOrigin = (file!.descriptor, at)
+        return file!.bytes(at: at, count: n)
     }
 }
 
