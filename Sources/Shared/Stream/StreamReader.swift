@@ -450,9 +450,8 @@ final class ChunkJob: Job, @unchecked Sendable {
     let source: String
     let shuffleWidth: Int
     var crc: UInt32 = 0
-    /// Where the chunk's bytes end up: `output`, or `packed` once unshuffled into it.
+    /// Where the chunk's bytes end up: `output`, or the buffer it was unshuffled into.
     private(set) var result: AlignedBuffer
-    private var extra: AlignedBuffer?
 
     init(codec: StreamFormat.Codec, packed: AlignedBuffer, output: AlignedBuffer, rawLength: Int, storedCRC: UInt32,
          tensorOffset: UInt64, frameOffset: Int, tensor: String, source: String, shuffleWidth: Int) {
@@ -479,11 +478,7 @@ final class ChunkJob: Job, @unchecked Sendable {
         if shuffleWidth > 1 {
             // The compressed bytes are no longer needed: unshuffle into their buffer when it is
             // large enough (it is for our own writers' chunks), so no third buffer is held.
-            let target: AlignedBuffer
-            if packed.capacity >= rawLength { target = packed } else {
-                target = AlignedBuffer(capacity: rawLength)
-                extra = target
-            }
+            let target = packed.capacity >= rawLength ? packed : AlignedBuffer(capacity: rawLength)
             ByteShuffle.unshuffle(output.bytes, into: target.whole, width: shuffleWidth)
             target.count = rawLength
             result = target

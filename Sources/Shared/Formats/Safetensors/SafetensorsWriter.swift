@@ -19,6 +19,8 @@ public final class SafetensorsWriter: FileRegionSink {
         var layout: SafetensorsLayout
     }
     private var files: [OutputFile] = []
+    /// `<name>.index.json`, when the tensors were sharded.
+    private var index: AtomicOutput?
     /// Tensor name → (file, absolute offset); filled from the plan.
     private var placement: [String: (file: Int, offset: Int)] = [:]
     private var metadata: JSONObject?
@@ -151,20 +153,22 @@ public final class SafetensorsWriter: FileRegionSink {
             throw StreamError(.manifestMismatch("manifest lists \(manifest.count) tensors, \(received) arrived"), source: path)
         }
         if files.count > 1 {
-            let index = SafetensorsIndex(
+            // encoded() sorts the weight map's keys, as transformers writes it.
+            let content = SafetensorsIndex(
                 metadata: JSONObject([("total_size", .int(files.reduce(0) { $0 + $1.layout.placements.reduce(0) { $0 + $1.descriptor.byteCount } }))]),
-                weightMap: files.flatMap { f in f.layout.placements.map { ($0.descriptor.name, f.name) } }
-                    .sorted { $0.0.unicodeScalars.lexicographicallyPrecedes($1.0.unicodeScalars) })
+                weightMap: files.flatMap { f in f.layout.placements.map { ($0.descriptor.name, f.name) } })
             let (dir, base) = splitPath(path)
-            let indexOut = try AtomicOutput(path: (dir.isEmpty ? "" : dir + "/") + base + ".index.json", overwrite: overwrite)
-            files.append(OutputFile(name: base + ".index.json", output: indexOut, layout: SafetensorsLayout(tensors: [], metadata: nil)))
-            try index.encoded().withUnsafeBytes { try indexOut.descriptor.writeAll($0) }
+            let out = try AtomicOutput(path: (dir.isEmpty ? "" : dir + "/") + base + ".index.json", overwrite: overwrite)
+            index = out
+            try content.encoded().withUnsafeBytes { try out.descriptor.writeAll($0) }
         }
         for f in files { try f.output.commit() }
+        try index?.commit()
     }
 
     public func abort() {
         spool?.remove()
         for f in files { f.output.abort() }
+        index?.abort()
     }
 }
