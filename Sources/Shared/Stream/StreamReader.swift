@@ -267,17 +267,24 @@ public final class StreamReader: DirectChunkSource {
                 try skipBody(input, decoder, length: fh.bodyLength, at: at, kind: "ancillary")
                 continue
             }
-            guard fh.bodyLength <= UInt64(StreamFormat.maxMetadataFrameSize) else {
-                throw StreamError(.frameTooLarge(kind: kind.description, length: fh.bodyLength, limit: StreamFormat.maxMetadataFrameSize),
-                                  source: decoder.source, offset: at)
-            }
-            let body = try input.read(Int(fh.bodyLength))
-            guard body.count == Int(fh.bodyLength) else {
-                throw StreamError(.truncated(inside: "a \(kind) frame"), source: decoder.source, offset: at)
-            }
-            try skipPadding(input, decoder, after: StreamFormat.frameHeaderSize + body.count, at: at, kind: kind.description)
-            return (kind, body)
+            return (kind, try readBody(input, decoder, fh, kind: kind, at: at))
         }
+    }
+
+    /// A non-chunk frame's body, size-limited (no huge allocation from a forged length), and
+    /// its padding.
+    static func readBody(_ input: BufferedInput, _ decoder: FrameDecoder, _ fh: FrameDecoder.FrameHeader,
+                         kind: StreamFormat.Kind, at: Int, tensor: String? = nil) throws -> [UInt8] {
+        guard fh.bodyLength <= UInt64(StreamFormat.maxMetadataFrameSize) else {
+            throw StreamError(.frameTooLarge(kind: kind.description, length: fh.bodyLength, limit: StreamFormat.maxMetadataFrameSize),
+                              source: decoder.source, offset: at)
+        }
+        let body = try input.read(Int(fh.bodyLength))
+        guard body.count == Int(fh.bodyLength) else {
+            throw StreamError(.truncated(inside: "a \(kind) frame"), source: decoder.source, offset: at, tensor: tensor)
+        }
+        try skipPadding(input, decoder, after: StreamFormat.frameHeaderSize + body.count, at: at, kind: kind.description)
+        return body
     }
 
     static func skipPadding(_ input: BufferedInput, _ decoder: FrameDecoder, after length: Int, at: Int, kind: String) throws {
@@ -323,15 +330,7 @@ public final class StreamReader: DirectChunkSource {
                 }
                 return .event(try readChunk(fh, at: at, tensor: tensor))
             }
-            guard fh.bodyLength <= UInt64(StreamFormat.maxMetadataFrameSize) else {
-                throw StreamError(.frameTooLarge(kind: kind.description, length: fh.bodyLength, limit: StreamFormat.maxMetadataFrameSize),
-                                  source: source, offset: at)
-            }
-            let body = try input.read(Int(fh.bodyLength))
-            guard body.count == Int(fh.bodyLength) else {
-                throw StreamError(.truncated(inside: "a \(kind) frame"), source: source, offset: at, tensor: readingTensor?.name)
-            }
-            try StreamReader.skipPadding(input, decoder, after: StreamFormat.frameHeaderSize + body.count, at: at, kind: kind.description)
+            let body = try StreamReader.readBody(input, decoder, fh, kind: kind, at: at, tensor: readingTensor?.name)
 
             switch (kind, readingTensor) {
             case (.manifest, nil) where allowManifest:
