@@ -9,7 +9,7 @@
 # Cases: cat, ckpt, ckpt-zlib1, python-safetensors (safetensors in and out); cat-pt, ckpt-pt,
 # python-torch (a torch.save zip of the same tensors in, safetensors out); ckpt-orbax,
 # python-orbax (an Orbax checkpoint with default settings, written by orbax itself, of the
-# f32 tensors: OCDBT + zstd; safetensors out)
+# f32 tensors: OCDBT + zstd; safetensors out; ckpt-orbax-ra0 decodes one array at a time)
 #
 # Makes SIZE_GIB of random f32 and bf16 tensors as one .safetensors file (written in the
 # safetensors library's own layout), warms it into the page cache, then runs each case REPS
@@ -124,6 +124,7 @@ for rep in $(seq "$REPS"); do
         python-torch)
             run python-torch "$(T 1) $PY -c 'import sys, torch; from safetensors.torch import save_file; save_file(torch.load(sys.argv[1], weights_only=True), sys.argv[2])' '$PT' '$OUT'" ;;
         ckpt-orbax) ckpt_case ckpt-orbax "$ORBAX" 0 ;;  # the f32 half only: nothing to cmp against
+        ckpt-orbax-ra0) ckpt_case ckpt-orbax-ra0 "$ORBAX" 0 --read-ahead 0 ;;  # one array at a time
         python-orbax)
             run python-orbax "$(T 1) $PY -c 'import sys, numpy as np, orbax.checkpoint as ocp; from safetensors.numpy import save_file; save_file({k: np.asarray(v) for k, v in ocp.StandardCheckpointer().restore(sys.argv[1]).items()}, sys.argv[2])' '$ORBAX' '$OUT'" ;;
         esac
@@ -144,7 +145,9 @@ for name in $CASES; do
     [ -n "$cat_t" ] || cat_t=0  # the reference case was not run: the ratio shows 0
     t=$(awk -v n="$name" '$1==n{print $2}' "$RESULTS" | median)
     rss=$(awk -v n="$name" '$1==n{for(i=3;i<=NF;i++) if($i>m[i]) m[i]=$i; k=NF} END{s=""; for(i=3;i<=k;i++) s=s (i>3?" | ":"") sprintf("%.0f", m[i]/1024); print s}' "$RESULTS")
-    printf "| %s | %.2f | %.2f | %.2f× | %s |\n" "$name" "$t" "$(calc "$BYTES / $t / 1e9")" "$(calc "$cat_t / $t")" "$rss"
+    bytes=$BYTES
+    case "$name" in *orbax*) bytes=$(calc "$BYTES / 2") ;; esac  # the f32 half
+    printf "| %s | %.2f | %.2f | %.2f× | %s |\n" "$name" "$t" "$(calc "$bytes / $t / 1e9")" "$(calc "$cat_t / $t")" "$rss"
 done
 echo
 echo "All runs (name, wall s, peak RSS KiB per stage):"

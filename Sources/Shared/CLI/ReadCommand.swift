@@ -46,10 +46,19 @@ public struct ReadCommand: ParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Orbax: drop a trailing /value from names (default: when every array leaf ends in value, as in openpi).")
     public var stripValue: Bool?
 
+    @Option(help: ArgumentHelp("Orbax: decode the next array on another core while this one is written, holding at most SIZE of arrays (default 1GiB; 0: one array at a time).", valueName: "size"))
+    public var readAhead: String?
+
     @OptionGroup public var stream: StreamOutputOptions
     @OptionGroup public var progressOptions: ProgressOptions
 
     public init() {}
+
+    public func validate() throws {
+        if let readAhead, parseByteSize(readAhead) == nil {
+            throw ValidationError("--read-ahead takes a size such as 1GiB, 512MB or 0, not '\(readAhead)'")
+        }
+    }
 
     public func run() throws {
         try Tool.run("ckpt-read") {
@@ -59,6 +68,9 @@ public struct ReadCommand: ParsableCommand {
             options.torch = TorchReader.Options(root: root, dedupe: dedupe)
             options.hints = try DTypeHints(arguments: dtypeHint)
             options.orbax = OrbaxReader.Options(step: step, stripValue: stripValue)
+            if let size = readAhead.flatMap(parseByteSize) {
+                options.orbax.readAhead = size == 0 ? .off : ReadAhead(budget: size, depth: 1)
+            }
             let source = try openSource(input, options: options, producer: producer)
             if list {
                 guard let manifest = source.manifest else {

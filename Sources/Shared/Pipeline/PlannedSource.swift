@@ -1,3 +1,5 @@
+import Dispatch
+
 /// Where a planned tensor's bytes come from.
 public enum TensorData {
     /// Already in place, little-endian and row-major, in a mapped file: emitted as slices of
@@ -10,8 +12,26 @@ public enum TensorData {
     case materialized(() throws -> AlignedBuffer)
 }
 
+/// How far a `PlannedSource` may materialize tensors ahead of the one being emitted, so
+/// that decoding (zstd, inflate) of the next tensors runs on other cores meanwhile.
+public struct ReadAhead: Sendable {
+    /// Tensor bytes held at once (the tensor being emitted plus those being made ahead).
+    /// A tensor larger than this is still made, alone.
+    public var budget: Int
+    /// Tensors being made ahead at once.
+    public var depth: Int
+    public init(budget: Int, depth: Int = 1) {
+        self.budget = budget
+        self.depth = depth
+    }
+    public static let off = ReadAhead(budget: 0, depth: 0)
+}
+
 /// A tensor source for file formats whose tensors are all known before any data is read
-/// (safetensors, torch, NumPy): emits its manifest, then each tensor in plan order.
+/// (safetensors, torch, NumPy, Orbax): emits its manifest, then each tensor in plan order.
+///
+/// With a `ReadAhead`, `.materialized` closures run on a background queue up to `depth`
+/// tensors ahead while staying inside the budget; they must then be safe to run concurrently.
 public final class PlannedSource: FileBackedSource {
     public let header: StreamHeader
     public let manifest: [TensorDescriptor]?
@@ -27,19 +47,48 @@ public final class PlannedSource: FileBackedSource {
     private var piece = 0
     private var piecePosition = 0
     public private(set) var lastChunkOrigin: (descriptor: FileDescriptor, offset: Int)?
+    private let readAhead: ReadAhead
+    /// Tensors being made ahead, by plan index.
+    private var ahead: [Int: MaterializeJob] = [:]
+    /// Plan indices below this have been considered for making ahead.
+    private var considered = 0
 
-    public init(header: StreamHeader, plan: [(TensorHeader, TensorData)], chunkSize: Int = StreamFormat.defaultChunkSize) {
+    public init(header: StreamHeader, plan: [(TensorHeader, TensorData)], chunkSize: Int = StreamFormat.defaultChunkSize,
+                readAhead: ReadAhead = .off) {
         self.header = header
         self.plan = plan
         self.chunkSize = chunkSize
+        self.readAhead = readAhead
         manifest = plan.map(\.0.descriptor)
+    }
+
+    /// Starts making the next materialized tensors after `index` while the tensor at `index`
+    /// (`holding` bytes) is emitted, as far as the budget and depth allow.
+    private func scheduleAhead(after index: Int, holding: Int) {
+        considered = max(considered, index + 1)
+        var held = holding + ahead.values.reduce(0) { $0 + $1.bytes }
+        while considered < plan.count, ahead.count < readAhead.depth {
+            let (t, data) = plan[considered]
+            guard case .materialized(let make) = data else {
+                considered += 1
+                continue
+            }
+            let bytes = t.descriptor.byteCount
+            guard held + bytes <= readAhead.budget else { return }
+            let job = MaterializeJob(bytes: bytes, make: make)
+            ahead[considered] = job
+            held += bytes
+            considered += 1
+            DispatchQueue.global(qos: .userInitiated).async { job.run() }
+        }
     }
 
     public func nextTensor() throws -> TensorHeader? {
         materialized = nil
         file = nil
         guard next < plan.count else { return nil }
-        let (t, data) = plan[next]
+        let index = next
+        let (t, data) = plan[index]
         next += 1
         currentLength = t.descriptor.byteCount
         position = 0
@@ -53,7 +102,10 @@ public final class PlannedSource: FileBackedSource {
             file = f
             pieces = p
         case .materialized(let make):
-            let buffer = try make()
+            // Start the next ones first, so they are made while this one is.
+            let job = ahead.removeValue(forKey: index)
+            scheduleAhead(after: index, holding: currentLength)
+            let buffer = try job?.wait() ?? make()
             guard buffer.count == currentLength else {
                 throw StreamError(.tensorLengthMismatch(declared: UInt64(currentLength), received: UInt64(buffer.count)),
                                   source: header.sourceFormat, tensor: t.descriptor.name)
@@ -90,6 +142,30 @@ public final class PlannedSource: FileBackedSource {
         position += n
         lastChunkOrigin = (file!.descriptor, at)
         return file!.bytes(at: at, count: n)
+    }
+}
+
+/// One tensor being made on a background thread.
+private final class MaterializeJob: @unchecked Sendable {
+    let bytes: Int
+    private let make: () throws -> AlignedBuffer
+    private let done = DispatchSemaphore(value: 0)
+    private var result: Result<AlignedBuffer, any Error>?
+
+    init(bytes: Int, make: @escaping () throws -> AlignedBuffer) {
+        self.bytes = bytes
+        self.make = make
+    }
+
+    func run() {
+        result = Result { try make() }
+        done.signal()
+    }
+
+    /// The tensor, or the error making it threw (reported when its turn comes, in order).
+    func wait() throws -> AlignedBuffer {
+        done.wait()
+        return try result!.get()
     }
 }
 

@@ -12,10 +12,15 @@ public enum OrbaxReader {
         /// Remove a trailing `value` path element (openpi's training checkpoints). nil: do it
         /// when every array leaf ends in `value`.
         public var stripValue: Bool?
-        public init(step: Int? = nil, stripValue: Bool? = nil) {
+        /// Decode arrays ahead on other cores (zstd decoding of one chunk is single-threaded).
+        public var readAhead: ReadAhead
+        public init(step: Int? = nil, stripValue: Bool? = nil, readAhead: ReadAhead = Options.defaultReadAhead) {
             self.step = step
             self.stripValue = stripValue
+            self.readAhead = readAhead
         }
+        /// One array decoded ahead while another is emitted, when both fit in 1 GiB.
+        public static let defaultReadAhead = ReadAhead(budget: 1 << 30, depth: 1)
     }
 
     /// Is `path` an Orbax checkpoint, a step folder holding one, or a manager root?
@@ -60,21 +65,24 @@ public enum OrbaxReader {
         }
 
         // The store: OCDBT keys `<param>/<zarr key>`, or files `<dir>/<param>/<zarr key>`.
-        var kv: [String: KVValue] = [:]
-        if useOCDBT {
-            for (k, v) in try OCDBTStore(directory: dir).values { kv[k] = v }
-        }
+        // `get` runs on read-ahead threads too: `kv` is never changed after this, and the
+        // file cache is locked.
+        let kv = useOCDBT ? Dictionary(try OCDBTStore(directory: dir).values.map { ($0.key, $0.value) }, uniquingKeysWith: { $1 }) : [:]
         var fileCache: [String: MappedFile] = [:]
+        let fileCacheLock = Mutex()
         func get(_ key: String) throws -> KVValue? {
             if useOCDBT { return kv[key] }
             guard !key.split(separator: "/").contains("..") else { return nil }
             let p = dir + "/" + key
             var st = stat()
             guard stat(p, &st) == 0 else { return nil }
-            if let f = fileCache[p] { return .file(f, offset: 0, count: f.size) }
-            let fd = try FileDescriptor.openForReading(p)
-            let f = try MappedFile(fd, size: try fd.regularFileSize() ?? 0)
-            fileCache[p] = f
+            let f = try fileCacheLock.withLock {
+                if let f = fileCache[p] { return f }
+                let fd = try FileDescriptor.openForReading(p)
+                let f = try MappedFile(fd, size: try fd.regularFileSize() ?? 0)
+                fileCache[p] = f
+                return f
+            }
             return .file(f, offset: 0, count: f.size)
         }
 
@@ -141,7 +149,8 @@ public enum OrbaxReader {
                 plan.append((TensorHeader(d), .materialized { try array.assemble(file: dir, get: { try get(param + "/" + $0) }) }))
             }
         }
-        return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "orbax", metadata: metadata), plan: plan)
+        return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "orbax", metadata: metadata), plan: plan,
+                             readAhead: options.readAhead)
     }
 
     static func zarr(_ param: String, get: (String) throws -> KVValue?, file: String) throws -> ZarrArray {

@@ -223,7 +223,7 @@ public struct ZarrArray: Sendable {
         let out = AlignedBuffer(capacity: max(d.byteCount, 1))
         out.count = d.byteCount
         let chunkElements = chunks.reduce(1, *)
-        // Values are looked up here (the store's caches are not thread-safe); chunks are then
+        // Values are looked up first (a missing chunk fails before any work); chunks are then
         // decoded on all cores, each into its own region of `out`. Memory: the array plus one
         // chunk per core.
         var work: [(key: String, origin: [Int], value: KVValue)] = []
