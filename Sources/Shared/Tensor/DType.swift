@@ -45,3 +45,12 @@ public enum DType: String, CaseIterable, Sendable, Hashable {
         }
     }
 }
+
+extension DType {
+    /// A type as users write it: the stream's names (`F32`, `BF16`, any case) or numpy's
+    /// (`float32`, `bfloat16`, `float16`, `float64`).
+    public init?(userName: String) {
+        let aliases: [String: DType] = ["float32": .f32, "float": .f32, "bfloat16": .bf16, "float16": .f16, "half": .f16, "float64": .f64, "double": .f64]
+        if let d = DType(rawValue: userName.uppercased()) ?? aliases[userName.lowercased()] { self = d } else { return nil }
+    }
+}
