@@ -4,9 +4,11 @@
 #
 #   scripts/bench.sh [SIZE_GIB] [REPS]      defaults: 2 GiB, 3 repetitions
 #   BENCH_DIR=/big/disk scripts/bench.sh 8 1
+#   BENCH_OUT=/dev/shm/out.safetensors scripts/bench.sh    outputs to RAM: no disk writeback noise
 #   BENCH_CASES="cat ckpt" scripts/bench.sh 8 1    only some cases (python needs 2x SIZE of RAM)
 #
-# Cases: cat, ckpt, ckpt-zlib1, python-safetensors (safetensors in and out); cat-pt, ckpt-pt,
+# Cases: cat, ckpt, ckpt-zlib1, python-safetensors (safetensors in and out); ckpt-lora (ckpt with
+# lora-merge of a rank-16 PEFT adapter on every tensor), python-peft (the same merge in torch); cat-pt, ckpt-pt,
 # python-torch (a torch.save zip of the same tensors in, safetensors out); ckpt-orbax,
 # python-orbax (an Orbax checkpoint with default settings, written by orbax itself, of the
 # f32 tensors: OCDBT + zstd; safetensors out; ckpt-orbax-ra0 decodes one array at a time)
@@ -22,7 +24,7 @@ cd "$(dirname "$0")/.."
 SIZE_GIB="${1:-2}"
 REPS="${2:-3}"
 WORK="${BENCH_DIR:-$PWD/bench-work}"
-CASES="${BENCH_CASES:-cat ckpt ckpt-zlib1 python-safetensors cat-pt ckpt-pt python-torch ckpt-orbax python-orbax}"
+CASES="${BENCH_CASES:-cat ckpt ckpt-zlib1 python-safetensors ckpt-lora python-peft cat-pt ckpt-pt python-torch ckpt-orbax python-orbax}"
 mkdir -p "$WORK"
 
 scripts/setup.sh >/dev/null
@@ -30,8 +32,8 @@ swift build -c release >/dev/null
 BIN="$(swift build -c release --show-bin-path)"
 PY="$PWD/.venv/bin/python"
 TIME=/usr/bin/time
-IN="$WORK/bench-${SIZE_GIB}g.safetensors"
-OUT="$WORK/out.safetensors"
+IN="$WORK/bench-v2-${SIZE_GIB}g.safetensors"
+OUT="${BENCH_OUT:-$WORK/out.safetensors}"
 
 if [ ! -f "$IN" ]; then
     echo "making $IN ($SIZE_GIB GiB of f32 and bf16)..." >&2
@@ -42,7 +44,7 @@ path, gib = sys.argv[1], float(sys.argv[2])
 rng = np.random.default_rng(0)
 # 64 MiB tensors, alternating f32 and bf16, in the safetensors crate's order (F32 > BF16, then name).
 n = max(2, int(round(gib * 1024 / 64)))
-specs = [(f"layers.{i:04d}.{'w' if i % 2 == 0 else 'h'}", "F32" if i % 2 == 0 else "BF16") for i in range(n)]
+specs = [(f"layers.{i:04d}.{'w' if i % 2 == 0 else 'h'}.weight", "F32" if i % 2 == 0 else "BF16") for i in range(n)]
 specs.sort(key=lambda s: (0 if s[1] == "F32" else 1, s[0]))
 header, off = {"__metadata__": {"format": "pt"}}, 0
 for name, dt in specs:
@@ -83,6 +85,33 @@ PYGEN
     fi ;;
 esac
 
+LORA="$WORK/bench-v2-${SIZE_GIB}g-lora-r16"
+case " $CASES " in *lora*)
+    if [ ! -f "$LORA/adapter_config.json" ]; then
+        echo "making $LORA (a PEFT LoRA of rank 16 on every tensor)..." >&2
+        "$PY" - "$IN" "$LORA" <<'PYGEN'
+import json, os, struct, sys
+import numpy as np
+from safetensors.numpy import save_file
+src, out = sys.argv[1], sys.argv[2]
+with open(src, "rb") as f:
+    header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+rng = np.random.default_rng(1)
+t = {}
+for name, info in header.items():
+    if name == "__metadata__":
+        continue
+    rows, cols = info["shape"]
+    m = "base_model.model." + name[:-len(".weight")]
+    t[m + ".lora_A.weight"] = rng.standard_normal((16, cols), dtype=np.float32) * 0.01
+    t[m + ".lora_B.weight"] = rng.standard_normal((rows, 16), dtype=np.float32) * 0.01
+os.makedirs(out, exist_ok=True)
+save_file(t, os.path.join(out, "adapter_model.safetensors"))
+json.dump({"peft_type": "LORA", "r": 16, "lora_alpha": 32}, open(os.path.join(out, "adapter_config.json"), "w"))
+PYGEN
+    fi ;;
+esac
+
 # run NAME COMMAND...: one timed run of a shell pipeline; each stage is wrapped by
 # `$TIME -o $WORK/rss.N` so we get its peak RSS. Appends "NAME wall rss1 rss2" to results.
 RESULTS="$WORK/results.txt"
@@ -117,6 +146,10 @@ for rep in $(seq "$REPS"); do
         cat) run cat "$(T 1) cat '$IN' > '$OUT'" ;;
         ckpt) ckpt_case ckpt "$IN" 1 ;;
         ckpt-zlib1) ckpt_case ckpt-zlib1 "$IN" 1 --compress zlib:1 ;;
+        ckpt-lora)
+            run ckpt-lora "$(T 1) $BIN/ckpt-read '$IN' | $(T 2) $BIN/lora-merge -q --adapter '$LORA' | $(T 3) $BIN/ckpt-write '$OUT'" ;;
+        python-peft)
+            run python-peft "$(T 1) $PY scripts/bench_peft_merge.py '$IN' '$LORA' '$OUT'" ;;
         python-safetensors)
             run python-safetensors "$(T 1) $PY -c 'import sys, ml_dtypes; from safetensors.numpy import load_file, save_file; save_file(load_file(sys.argv[1]), sys.argv[2])' '$IN' '$OUT'" ;;
         cat-pt) run cat-pt "$(T 1) cat '$PT' > '$OUT'" ;;

@@ -4,6 +4,126 @@
 // block) stays in L1 while the block's rows of L are broadcast. AVX2+FMA when the CPU
 // has it (checked once at run time), a portable loop otherwise.
 #include "low_rank.h"
+#include <stdint.h>
+#include <string.h>
+
+static int has_avx2(void);
+
+// The conversions are plain loops the compiler vectorises; each is compiled twice (AVX2
+// and baseline) and picked at run time like the product.
+#define CONVERSIONS(SUFFIX, ATTR)                                                              \
+    ATTR static void bf16_to_f32_##SUFFIX(const unsigned short *src, float *dst, size_t n) { \
+        uint32_t *d = (uint32_t *)dst;                                                     \
+        for (size_t i = 0; i < n; i++) d[i] = (uint32_t)src[i] << 16;                      \
+    }                                                                                      \
+    ATTR static void f32_to_bf16_##SUFFIX(const float *src, unsigned short *dst, size_t n, \
+                                          ckpt_round_stats *st) {                          \
+        float mx = 0; double sum = 0; size_t bad = 0;                                      \
+        for (size_t i0 = 0; i0 < n; i0 += 1024) {                                          \
+            const size_t e = n - i0 < 1024 ? n - i0 : 1024;                                \
+            float part = 0;                                                                \
+            for (size_t i = i0; i < i0 + e; i++) {                                         \
+                uint32_t b; memcpy(&b, src + i, 4);                                        \
+                const int nan = (b & 0x7fffffffu) > 0x7f800000u;                           \
+                bad += (b & 0x7f800000u) == 0x7f800000u;                                   \
+                const uint32_t r = nan ? ((b >> 16) | 0x40u) : ((b + 0x7fffu + ((b >> 16) & 1u)) >> 16); \
+                dst[i] = (unsigned short)r;                                                \
+                uint32_t back = r << 16; float bf; memcpy(&bf, &back, 4);                  \
+                float d = bf - src[i]; d = d < 0 ? -d : d;                                 \
+                d = nan ? 0 : d;                                                           \
+                mx = d > mx ? d : mx;                                                      \
+                part += d;                                                                 \
+            }                                                                              \
+            sum += part;                                                                   \
+        }                                                                                  \
+        if (mx > st->max_abs) st->max_abs = mx;                                            \
+        st->sum_abs += sum; st->non_finite += bad;                                         \
+    }                                                                                      \
+    ATTR static size_t non_finite_##SUFFIX(const float *src, size_t n) {                   \
+        size_t bad = 0;                                                                    \
+        for (size_t i = 0; i < n; i++) {                                                   \
+            uint32_t b; memcpy(&b, src + i, 4);                                            \
+            bad += (b & 0x7f800000u) == 0x7f800000u;                                       \
+        }                                                                                  \
+        return bad;                                                                        \
+    }
+
+CONVERSIONS(portable, )
+#if defined(__x86_64__)
+#include <immintrin.h>
+CONVERSIONS(avx2, __attribute__((target("avx2,fma"))))
+
+// The rounding with its statistics, 16 values a step: the compiler does not vectorise the
+// float max and sum reductions of the plain loop (that would need -ffast-math).
+__attribute__((target("avx2,fma")))
+static void f32_to_bf16_avx2_explicit(const float *src, unsigned short *dst, size_t n, ckpt_round_stats *st) {
+    const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), exp_mask = _mm256_set1_epi32(0x7f800000);
+    const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), quiet = _mm256_set1_epi32(0x40);
+    __m256 vmax = _mm256_setzero_ps();
+    __m256i vbad = _mm256_setzero_si256();
+    double sum = 0;
+    size_t i = 0;
+    while (i + 16 <= n) {
+        __m256 vsum = _mm256_setzero_ps();
+        const size_t end = i + 1024 < n ? i + 1024 : n;
+        for (; i + 16 <= end; i += 16) {
+            __m256i r[2];
+            for (int h = 0; h < 2; h++) {
+                const __m256 x = _mm256_loadu_ps(src + i + 8 * h);
+                const __m256i b = _mm256_castps_si256(x);
+                const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(b, abs_mask), exp_mask);
+                vbad = _mm256_sub_epi32(vbad, _mm256_cmpeq_epi32(_mm256_and_si256(b, exp_mask), exp_mask));
+                const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), one);
+                const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, bias), lsb), 16);
+                const __m256i quieted = _mm256_or_si256(_mm256_srli_epi32(b, 16), quiet);
+                r[h] = _mm256_blendv_epi8(rounded, quieted, nan);
+                const __m256 back = _mm256_castsi256_ps(_mm256_slli_epi32(r[h], 16));
+                __m256 d = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000)), _mm256_sub_ps(back, x));
+                d = _mm256_andnot_ps(_mm256_castsi256_ps(nan), d);
+                vmax = _mm256_max_ps(vmax, d);
+                vsum = _mm256_add_ps(vsum, d);
+            }
+            // packus works within 128-bit lanes: restore the order with a 64-bit permute.
+            const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xD8);
+            _mm256_storeu_si256((__m256i *)(dst + i), packed);
+        }
+        float part[8];
+        _mm256_storeu_ps(part, vsum);
+        for (int k = 0; k < 8; k++) sum += part[k];
+    }
+    float m[8];
+    int32_t bad[8];
+    _mm256_storeu_ps(m, vmax);
+    _mm256_storeu_si256((__m256i *)bad, vbad);
+    ckpt_round_stats tail = {0, 0, 0};
+    if (i < n) f32_to_bf16_portable(src + i, dst + i, n - i, &tail);
+    double mx = tail.max_abs;
+    size_t nb = tail.non_finite;
+    for (int k = 0; k < 8; k++) {
+        if (m[k] > mx) mx = m[k];
+        nb += (size_t)bad[k];
+    }
+    if (mx > st->max_abs) st->max_abs = mx;
+    st->sum_abs += sum + tail.sum_abs;
+    st->non_finite += nb;
+}
+#define PICK(f) (has_avx2() ? f##_avx2 : f##_portable)
+#else
+#define PICK(f) f##_portable
+#endif
+
+void ckpt_bf16_to_f32(const unsigned short *src, float *dst, size_t n) { PICK(bf16_to_f32)(src, dst, n); }
+
+void ckpt_f32_to_bf16(const float *src, unsigned short *dst, size_t n, ckpt_round_stats *stats) {
+#if defined(__x86_64__)
+    if (has_avx2()) { f32_to_bf16_avx2_explicit(src, dst, n, stats); return; }
+#endif
+    f32_to_bf16_portable(src, dst, n, stats);
+}
+
+void ckpt_count_non_finite(const float *src, size_t n, ckpt_round_stats *stats) {
+    stats->non_finite += PICK(non_finite)(src, n);
+}
 
 static void update_portable(float *c, size_t ldc, const float *l, const float *r, size_t ldr,
                             size_t rows, size_t n, size_t k) {
@@ -99,6 +219,7 @@ void ckpt_low_rank_update(float *c, size_t ldc, const float *l, const float *r,
     }
 }
 #else
+static int has_avx2(void) { return 0; }
 int ckpt_low_rank_uses_avx2(void) { return 0; }
 
 void ckpt_low_rank_update(float *c, size_t ldc, const float *l, const float *r,

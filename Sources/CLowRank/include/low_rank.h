@@ -12,3 +12,21 @@ void ckpt_low_rank_update(float *c, size_t ldc, const float *l, const float *r,
 int ckpt_low_rank_uses_avx2(void);
 
 #endif
+
+/// bfloat16 bits → float32 (exact).
+void ckpt_bf16_to_f32(const unsigned short *src, float *dst, size_t n);
+
+/// What rounding a merged block to its output type did: the largest and the summed absolute
+/// change, and how many values were not finite (NaN or ±Inf) before rounding.
+typedef struct {
+    double max_abs;
+    double sum_abs;
+    size_t non_finite;
+} ckpt_round_stats;
+
+/// float32 → bfloat16 bits, round to nearest even (NaN quieted, sign kept, as ml_dtypes);
+/// adds to `stats`.
+void ckpt_f32_to_bf16(const float *src, unsigned short *dst, size_t n, ckpt_round_stats *stats);
+
+/// Counts the non-finite values of `src` into `stats` (float32 output: no rounding).
+void ckpt_count_non_finite(const float *src, size_t n, ckpt_round_stats *stats);

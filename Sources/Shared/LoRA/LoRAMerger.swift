@@ -1,3 +1,4 @@
+import Dispatch
 import Glibc
 
 /// `lora-merge` as a tensor source over another: every adapter pair is folded into its
@@ -44,10 +45,19 @@ public final class LoRAMerger: TensorSource {
     private let options: Options
     private var adapters: [String: (TensorDescriptor, [UInt8])] = [:]
     private var heldBases: [String: (TensorHeader, AlignedBuffer)] = [:]
-    private enum Current { case none, upstream, buffer(AlignedBuffer) }
+    /// What `nextChunk` serves: upstream chunks, a buffer, or a buffer a merge is still filling.
+    private enum Current {
+        case none, upstream, buffer(AlignedBuffer)
+        case merging(AlignedBuffer, MergeJob, narrowed: Bool)
+        case streaming(AheadStreamingMerge, narrowed: Bool)
+    }
     private var current = Current.none
     private var position = 0
     private var tail: [(TensorHeader, AlignedBuffer)]?
+    /// The last emitted buffer, reused for the next tensor: fresh pages cost a fault each.
+    private var spare: AlignedBuffer?
+    /// The base buffer of a merge written to a separate output buffer: free once the merge ends.
+    private var spareAfterMerge: AlignedBuffer?
     private let chunkSize = StreamFormat.defaultChunkSize
 
     public init(upstream: TensorSource, options: Options) throws {
@@ -108,10 +118,28 @@ public final class LoRAMerger: TensorSource {
         return values
     }
 
+    private func takeBuffer(_ size: Int) -> AlignedBuffer {
+        if let s = spare, s.capacity >= size {
+            spare = nil
+            return s
+        }
+        return AlignedBuffer(capacity: max(size, 1))
+    }
+
+    private func recycle(_ b: AlignedBuffer) {
+        if b.capacity >= spare?.capacity ?? 0 { spare = b }
+    }
+
     /// The whole current upstream tensor.
     private func readWhole(_ d: TensorDescriptor) throws -> AlignedBuffer {
-        let buffer = AlignedBuffer(capacity: max(d.byteCount, 1))
+        let buffer = takeBuffer(d.byteCount)
         var n = 0
+        if let reader = upstream as? StreamReader {
+            // Straight from the pipe into the buffer: one copy fewer.
+            while let got = try reader.nextChunk(copyingInto: UnsafeMutableRawBufferPointer(start: buffer.pointer + n, count: d.byteCount - n)) {
+                n += got
+            }
+        }
         while let chunk = try upstream.nextChunk() {
             guard n + chunk.count <= d.byteCount else { break }
             (buffer.pointer + n).copyMemory(from: chunk.baseAddress!, byteCount: chunk.count)
@@ -125,6 +153,12 @@ public final class LoRAMerger: TensorSource {
     }
 
     public func nextTensor() throws -> TensorHeader? {
+        switch current {
+        case .buffer(let b): recycle(b)
+        case .merging(_, let job, _): _ = try? job.finish()  // abandoned half-way: let it end, drop it
+        case .streaming(let ahead, _): ahead.settle()
+        default: break
+        }
         current = .none
         position = 0
         if tail != nil { return emitTail() }
@@ -139,23 +173,31 @@ public final class LoRAMerger: TensorSource {
             case .buffer:
                 let data = try readWhole(t.descriptor)
                 let bytes = data.copyBytes()
+                recycle(data)
                 try LoRAMerger.checkFinite(t.descriptor, bytes)
                 adapters[t.descriptor.name] = (t.descriptor, bytes)
             case .hold(let module):
                 heldBases[module] = (t, try readWhole(t.descriptor))
             case .merge(let module, let base, let parts, let output, let plan):
+                if base.name == t.descriptor.name, plan.merge.inOrder, parts[.magnitude] == nil {
+                    // Its adapters are all here: merge the base row by row as it streams through.
+                    current = .streaming(AheadStreamingMerge(try streamingMerge(base: base, parts: parts, output: output, plan: plan),
+                                                             upstream: upstream),
+                                         narrowed: output.dtype != .f32 && output.dtype != .f64)
+                    return TensorHeader(output, attributes: t.attributes)
+                }
                 let baseData: (TensorHeader, AlignedBuffer)
                 if base.name == t.descriptor.name {
                     baseData = (t, try readWhole(t.descriptor))
                 } else {
                     let data = try readWhole(t.descriptor)
                     let bytes = data.copyBytes()
+                    recycle(data)
                     try LoRAMerger.checkFinite(t.descriptor, bytes)
                     adapters[t.descriptor.name] = (t.descriptor, bytes)
                     baseData = heldBases.removeValue(forKey: module)!
                 }
-                let merged = try merge(base: base, data: baseData.1, parts: parts, output: output, plan: plan)
-                current = .buffer(merged)
+                current = try merge(base: base, data: baseData.1, parts: parts, output: output, plan: plan)
                 return TensorHeader(output, attributes: baseData.0.attributes)
             }
         }
@@ -191,24 +233,8 @@ public final class LoRAMerger: TensorSource {
         return next.0
     }
 
-    private func merge(base: TensorDescriptor, data: AlignedBuffer, parts: [LoRAPart: TensorDescriptor],
-                       output: TensorDescriptor, plan: LoRAModulePlan) throws -> AlignedBuffer {
-        var start = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &start)
-        let a = floats((parts[.a] ?? parts[.embeddingA])!.name)
-        let b = floats((parts[.b] ?? parts[.embeddingB])!.name)
-        let (left, right) = plan.merge.factors(a: a, b: b, scale: plan.scale)
-        let out = output.dtype == base.dtype ? data : AlignedBuffer(capacity: max(output.byteCount, 1))
-        out.count = output.byteCount
-        let magnitude = parts[.magnitude].map { (floats($0.name), plan.magnitudeAxis!) }
-        let drift = try withExtendedLifetime(data) {
-            try plan.merge.apply(base: UnsafeRawPointer(data.pointer), baseType: base.dtype, left: left, right: right,
-                                 output: out.pointer, outputType: output.dtype, magnitude: magnitude, name: base.name)
-        }
+    private func account(_ parts: [LoRAPart: TensorDescriptor], output: TensorDescriptor, plan: LoRAModulePlan) {
         for p in parts.values { adapters[p.name] = nil }
-        var end = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &end)
-        summary.mergeSeconds += Double(end.tv_sec - start.tv_sec) + Double(end.tv_nsec - start.tv_nsec) / 1e9
         summary.modules[planner.scheme!.kind, default: 0] += 1
         summary.scales[plan.scaleNote, default: 0] += 1
         summary.adaptersConsumed += parts.count
@@ -216,9 +242,37 @@ public final class LoRAMerger: TensorSource {
         if output.dtype != .f32 && output.dtype != .f64 {
             summary.narrowed += 1
             summary.narrowedType = output.dtype
-            summary.drift.add(drift)
         }
-        return out
+    }
+
+    private func factors(_ parts: [LoRAPart: TensorDescriptor], plan: LoRAModulePlan) -> (left: [Float], right: [Float]) {
+        let a = floats((parts[.a] ?? parts[.embeddingA])!.name)
+        let b = floats((parts[.b] ?? parts[.embeddingB])!.name)
+        return plan.merge.factors(a: a, b: b, scale: plan.scale)
+    }
+
+    private func streamingMerge(base: TensorDescriptor, parts: [LoRAPart: TensorDescriptor], output: TensorDescriptor,
+                                plan: LoRAModulePlan) throws -> StreamingMerge {
+        let (left, right) = factors(parts, plan: plan)
+        account(parts, output: output, plan: plan)
+        return StreamingMerge(plan.merge, left: left, right: right, baseType: base.dtype, outputType: output.dtype, name: base.name)
+    }
+
+    /// Starts the merge of one module; its output is served by `nextChunk` as it becomes final.
+    private func merge(base: TensorDescriptor, data: AlignedBuffer, parts: [LoRAPart: TensorDescriptor],
+                       output: TensorDescriptor, plan: LoRAModulePlan) throws -> Current {
+        let (left, right) = factors(parts, plan: plan)
+        let out = output.dtype == base.dtype ? data : takeBuffer(output.byteCount)
+        out.count = output.byteCount
+        let magnitude = parts[.magnitude].map { (floats($0.name), plan.magnitudeAxis!) }
+        let started = DispatchTime.now()
+        let job = try plan.merge.start(base: UnsafeRawPointer(data.pointer), baseType: base.dtype, left: left, right: right,
+                                       output: out.pointer, outputType: output.dtype, magnitude: magnitude, name: base.name,
+                                       keepAlive: [data, out])
+        if job.seconds == 0 { summary.mergeSeconds += Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9 }
+        if out !== data { spareAfterMerge = data }
+        account(parts, output: output, plan: plan)
+        return .merging(out, job, narrowed: output.dtype != .f32 && output.dtype != .f64)
     }
 
     public func nextChunk() throws -> UnsafeRawBufferPointer? {
@@ -228,6 +282,26 @@ public final class LoRAMerger: TensorSource {
         case .buffer(let b):
             guard position < b.count else { return nil }
             let n = min(chunkSize, b.count - position)
+            defer { position += n }
+            return UnsafeRawBufferPointer(start: b.pointer + position, count: n)
+        case .streaming(let ahead, let narrowed):
+            if let merged = try ahead.next() { return merged }
+            summary.mergeSeconds += ahead.merge.seconds
+            if narrowed { summary.drift.add(ahead.merge.drift) }
+            current = .none
+            return nil
+        case .merging(let b, let job, let narrowed):
+            guard position < b.count else {
+                // The whole output was written: the merge is over; account for it.
+                let drift = try job.finish()
+                summary.mergeSeconds += job.seconds
+                if narrowed { summary.drift.add(drift) }
+                if let s = spareAfterMerge { recycle(s); spareAfterMerge = nil }
+                current = .buffer(b)
+                return nil
+            }
+            let n = min(chunkSize, b.count - position)
+            try job.wait(upTo: position + n)
             defer { position += n }
             return UnsafeRawBufferPointer(start: b.pointer + position, count: n)
         }

@@ -41,9 +41,14 @@ public struct LoRAError: CkptError {
 
 /// What rounding the merged weight to its output type changed, against the float32 merge.
 public struct MergeDrift: Sendable {
-    public var maxAbs: Double = 0
-    public var sumAbs: Double = 0
-    public var count = 0
+    public var maxAbs: Double
+    public var sumAbs: Double
+    public var count: Int
+    public init(maxAbs: Double = 0, sumAbs: Double = 0, count: Int = 0) {
+        self.maxAbs = maxAbs
+        self.sumAbs = sumAbs
+        self.count = count
+    }
     public var meanAbs: Double { count == 0 ? 0 : sumAbs / Double(count) }
     mutating func add(_ other: MergeDrift) {
         maxAbs = max(maxAbs, other.maxAbs)
@@ -190,11 +195,28 @@ public struct LowRankMerge: Sendable {
     public func apply(base: UnsafeRawPointer, baseType: DType, left: [Float], right: [Float],
                       output: UnsafeMutableRawPointer, outputType: DType,
                       magnitude: (values: [Float], axis: Int)? = nil, name: String) throws(LoRAError) -> MergeDrift {
-        let total = batch * rows * cols
+        try start(base: base, baseType: baseType, left: left, right: right, output: output, outputType: outputType,
+                  magnitude: magnitude, name: name, keepAlive: []).finish()
+    }
+
+    /// Starts the merge: in the background, block by block, when W is in [batch][rows][cols]
+    /// order (the output can be written as it becomes final); otherwise computed here.
+    public func start(base: UnsafeRawPointer, baseType: DType, left: [Float], right: [Float],
+                      output: UnsafeMutableRawPointer, outputType: DType,
+                      magnitude: (values: [Float], axis: Int)?, name: String, keepAlive: [AnyObject]) throws(LoRAError) -> MergeJob {
         if inOrder && magnitude == nil {
-            return try applyInBlocks(base: base, baseType: baseType, left: left, right: right, output: output, outputType: outputType, name: name)
+            return startInBlocks(base: base, baseType: baseType, left: left, right: right, output: output, outputType: outputType,
+                                 name: name, keepAlive: keepAlive)
         }
-        // General layouts and DoRA: the whole merged weight in float32 first.
+        return MergeJob(finished: try mergeWhole(base: base, baseType: baseType, left: left, right: right, output: output,
+                                                 outputType: outputType, magnitude: magnitude, name: name))
+    }
+
+    /// General layouts and DoRA: the whole merged weight in float32 first.
+    private func mergeWhole(base: UnsafeRawPointer, baseType: DType, left: [Float], right: [Float],
+                            output: UnsafeMutableRawPointer, outputType: DType,
+                            magnitude: (values: [Float], axis: Int)?, name: String) throws(LoRAError) -> MergeDrift {
+        let total = batch * rows * cols
         var merged = [Float](repeating: 0, count: total)
         merged.withUnsafeMutableBufferPointer { m in
             FloatConversion.widen(base, baseType, count: total, into: m.baseAddress!)
@@ -256,78 +278,78 @@ public struct LowRankMerge: Sendable {
     }
 
     /// The usual case: W is [batch][rows][cols] already. Blocks of rows are widened, merged
-    /// and rounded by every core, each into its own part of `output`.
-    private func applyInBlocks(base: UnsafeRawPointer, baseType: DType, left: [Float], right: [Float],
-                               output: UnsafeMutableRawPointer, outputType: DType, name: String) throws(LoRAError) -> MergeDrift {
+    /// and rounded by every core, each into its own part of `output`, in the background: the
+    /// returned job says how much of `output` is final, so it can be written out meanwhile.
+    /// `keepAlive` (the buffers behind `base` and `output`) is held until the job ends.
+    public func startInBlocks(base: UnsafeRawPointer, baseType: DType, left: [Float], right: [Float],
+                              output: UnsafeMutableRawPointer, outputType: DType, name: String, keepAlive: [AnyObject]) -> MergeJob {
         let blockRows = max(4, min(rows, (1 << 18) / max(cols, 1)) / 4 * 4)
         let blocksPerBatch = (rows + blockRows - 1) / blockRows
         let blocks = batch * blocksPerBatch
         let workers = max(1, min(blocks, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
-        final class Results: @unchecked Sendable {
-            let lock = Mutex()
-            var drift = MergeDrift()
-            var error: LoRAError?
-        }
-        let results = Results()
         let (rows, cols, rank, baseSize, outSize) = (self.rows, self.cols, self.rank, baseType.size, outputType.size)
-        let basePointer = UnsafeRawPointer(base), outPointer = UnsafeMutableRawPointer(output)
-        nonisolated(unsafe) let (bp, op) = (basePointer, outPointer)
-        left.withUnsafeBufferPointer { l in
-            right.withUnsafeBufferPointer { r in
-                nonisolated(unsafe) let (lp, rp) = (l.baseAddress!, r.baseAddress!)
-                DispatchQueue.concurrentPerform(iterations: workers) { w in
-                    let scratch = UnsafeMutablePointer<Float>.allocate(capacity: blockRows * cols)
-                    defer { scratch.deallocate() }
-                    var drift = MergeDrift()
-                    var block = w
-                    while block < blocks {
-                        let bi = block / blocksPerBatch, r0 = (block % blocksPerBatch) * blockRows
-                        let n = min(blockRows, rows - r0)
-                        let first = (bi * rows + r0) * cols
-                        FloatConversion.widen(bp + first * baseSize, baseType, count: n * cols, into: scratch)
-                        ckpt_low_rank_update(scratch, cols, lp + (bi * rows + r0) * rank, rp + bi * rank * cols, n, cols, rank)
-                        do throws(LoRAError) {
-                            drift.add(try LowRankMerge.finish(scratch, count: n * cols, into: op + first * outSize, outputType: outputType, name: name))
-                        } catch {
-                            results.lock.withLock { if results.error == nil { results.error = error } }
-                            return
+        // Byte offset in `output` where each block ends (blocks are taken in order).
+        let ends = (0..<blocks).map { b -> Int in
+            let bi = b / blocksPerBatch, r0 = (b % blocksPerBatch) * blockRows
+            return ((bi * rows + r0 + min(blockRows, rows - r0)) * cols) * outSize
+        }
+        let job = MergeJob(blockEnds: ends, keepAlive: keepAlive)
+        nonisolated(unsafe) let (bp, op) = (base, output)
+        DispatchQueue.global(qos: .userInitiated).async {
+            left.withUnsafeBufferPointer { l in
+                right.withUnsafeBufferPointer { r in
+                    nonisolated(unsafe) let (lp, rp) = (l.baseAddress!, r.baseAddress!)
+                    DispatchQueue.concurrentPerform(iterations: workers) { _ in
+                        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: blockRows * cols)
+                        defer { scratch.deallocate() }
+                        while let block = job.take() {
+                            let bi = block / blocksPerBatch, r0 = (block % blocksPerBatch) * blockRows
+                            let n = min(blockRows, rows - r0)
+                            let first = (bi * rows + r0) * cols
+                            FloatConversion.widen(bp + first * baseSize, baseType, count: n * cols, into: scratch)
+                            ckpt_low_rank_update(scratch, cols, lp + (bi * rows + r0) * rank, rp + bi * rank * cols, n, cols, rank)
+                            do throws(LoRAError) {
+                                job.done(block, drift: try LowRankMerge.finish(scratch, count: n * cols, into: op + first * outSize,
+                                                                               outputType: outputType, name: name))
+                            } catch {
+                                job.fail(error)
+                            }
                         }
-                        block += workers
                     }
-                    results.lock.withLock { results.drift.add(drift) }
                 }
             }
+            job.end()
         }
-        if let e = results.error { throw e }
-        return results.drift
+        return job
     }
 
     /// Checks that every merged value is finite, rounds it to `outputType`, and measures
-    /// what rounding changed.
+    /// what rounding changed (one pass, in C, for the usual float32 and bfloat16 outputs).
     static func finish(_ merged: UnsafePointer<Float>, count: Int, into output: UnsafeMutableRawPointer,
                        outputType: DType, name: String) throws(LoRAError) -> MergeDrift {
-        var finite = true
-        for i in 0..<count where !merged[i].isFinite { finite = false; break }
-        guard finite else {
-            let bad = (0..<count).filter { !merged[$0].isFinite }
-            throw LoRAError("the merged weight has \(bad.count) non-finite values (first at element \(bad[0])): the adapter or base is broken", tensors: [name])
-        }
-        FloatConversion.narrow(merged, count: count, to: outputType, into: output)
+        var stats = ckpt_round_stats()
         var drift = MergeDrift()
-        guard outputType != .f32 && outputType != .f64 else { return drift }
-        var back = [Float](repeating: 0, count: min(count, 4096))
-        var i = 0
-        while i < count {
-            let n = min(back.count, count - i)
-            back.withUnsafeMutableBufferPointer { FloatConversion.widen(output + i * outputType.size, outputType, count: n, into: $0.baseAddress!) }
-            for k in 0..<n {
-                let d = Double(abs(back[k] - merged[i + k]))
+        switch outputType {
+        case .bf16:
+            ckpt_f32_to_bf16(merged, output.assumingMemoryBound(to: UInt16.self), count, &stats)
+            drift = MergeDrift(maxAbs: stats.max_abs, sumAbs: stats.sum_abs, count: count)
+        case .f16:
+            ckpt_count_non_finite(merged, count, &stats)
+            FloatConversion.narrow(merged, count: count, to: outputType, into: output)
+            let out = output.assumingMemoryBound(to: UInt16.self)
+            for i in 0..<count {
+                let d = Double(abs(Float(Float16(bitPattern: out[i])) - merged[i]))
                 if d > drift.maxAbs { drift.maxAbs = d }
                 drift.sumAbs += d
             }
-            i += n
+            drift.count = count
+        default:  // float32, float64: exact
+            ckpt_count_non_finite(merged, count, &stats)
+            FloatConversion.narrow(merged, count: count, to: outputType, into: output)
         }
-        drift.count = count
+        guard stats.non_finite == 0 else {
+            throw LoRAError("the merged weight has \(stats.non_finite) non-finite values: the adapter or base is broken", tensors: [name])
+        }
         return drift
     }
 
@@ -348,6 +370,266 @@ public struct LowRankMerge: Sendable {
         let factor = (0..<norms.count).map { Float(Double(magnitude[$0]) / norms[$0].squareRoot()) }
         for i in 0..<r {
             for j in 0..<c { merged[i * c + j] *= factor[axis == 0 ? i : j] }
+        }
+    }
+}
+
+/// A merge running in the background, block by block in output order: `wait(upTo:)` blocks
+/// until the first bytes of the output are final, so they can be written while later blocks
+/// are computed.
+public final class MergeJob: @unchecked Sendable {
+    private let lock = Mutex()
+    private let progress = DispatchSemaphore(value: 0)
+    private let blockEnds: [Int]
+    private var next = 0
+    private var complete: [Bool]
+    /// Blocks below this are all done.
+    private var watermark = 0
+    private var ended = false
+    private var error: LoRAError?
+    private var drift = MergeDrift()
+    private var keepAlive: [AnyObject]
+    private let started = DispatchTime.now()
+    /// Wall time from start to the last block.
+    public private(set) var seconds: Double = 0
+
+    init(blockEnds: [Int], keepAlive: [AnyObject]) {
+        self.blockEnds = blockEnds
+        complete = [Bool](repeating: false, count: blockEnds.count)
+        self.keepAlive = keepAlive
+    }
+
+    /// A merge that was computed in place of the caller.
+    convenience init(finished drift: MergeDrift) {
+        self.init(blockEnds: [], keepAlive: [])
+        self.drift = drift
+        ended = true
+    }
+
+    func take() -> Int? {
+        lock.withLock {
+            guard error == nil, next < blockEnds.count else { return nil }
+            next += 1
+            return next - 1
+        }
+    }
+
+    func done(_ block: Int, drift d: MergeDrift) {
+        lock.withLock {
+            complete[block] = true
+            drift.add(d)
+            while watermark < complete.count && complete[watermark] { watermark += 1 }
+        }
+        progress.signal()
+    }
+
+    func fail(_ e: LoRAError) {
+        lock.withLock { if error == nil { error = e } }
+        progress.signal()
+    }
+
+    func end() {
+        lock.withLock {
+            ended = true
+            seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
+            keepAlive = []
+        }
+        progress.signal()
+    }
+
+    /// Waits until the first `bytes` of the output are final.
+    public func wait(upTo bytes: Int) throws(LoRAError) {
+        while true {
+            let (ready, failed, over) = lock.withLock { () -> (Int, LoRAError?, Bool) in
+                (watermark == 0 ? 0 : blockEnds[watermark - 1], error, ended)
+            }
+            if let failed { throw failed }
+            if ready >= bytes || (over && watermark == blockEnds.count) { return }
+            progress.wait()
+        }
+    }
+
+    /// Waits for the whole merge; the rounding drift.
+    public func finish() throws(LoRAError) -> MergeDrift {
+        while true {
+            let (failed, over) = lock.withLock { (error, ended) }
+            if let failed {
+                if over { throw failed }
+            } else if over {
+                return lock.withLock { drift }
+            }
+            progress.wait()
+        }
+    }
+}
+
+/// A merge applied to the base as it streams in: whole rows of W are merged and rounded as
+/// soon as they arrive, so the base is never held (W must be in [batch][rows][cols] order).
+/// Memory: one chunk of input, its merged rows, and a float32 scratch per core.
+public final class StreamingMerge {
+    public let merge: LowRankMerge
+    private let left: [Float], right: [Float]
+    private let baseType: DType, outputType: DType
+    private let name: String
+    private let rowIn: Int, rowOut: Int
+    private var staging: AlignedBuffer
+    private var staged = 0
+    /// Two, used in turn: the caller may still be writing the previous result.
+    private var outputs: [AlignedBuffer]
+    private var flip = 0
+    private var row = 0
+    private let workers: Int
+    private var scratch: [UnsafeMutablePointer<Float>] = []
+    private var scratchRows = 0
+    public private(set) var drift = MergeDrift()
+    public private(set) var seconds: Double = 0
+
+    public init(_ merge: LowRankMerge, left: [Float], right: [Float], baseType: DType, outputType: DType, name: String) {
+        precondition(merge.inOrder, "streaming needs W in [batch][rows][cols] order")
+        self.merge = merge
+        self.left = left
+        self.right = right
+        self.baseType = baseType
+        self.outputType = outputType
+        self.name = name
+        rowIn = merge.cols * baseType.size
+        rowOut = merge.cols * outputType.size
+        staging = AlignedBuffer(capacity: max(1, StreamFormat.defaultChunkSize + rowIn))
+        let outBytes = max(1, (StreamFormat.defaultChunkSize / max(rowIn, 1) + 1) * rowOut)
+        outputs = [AlignedBuffer(capacity: outBytes), AlignedBuffer(capacity: outBytes)]
+        workers = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+    }
+
+    deinit { scratch.forEach { $0.deallocate() } }
+
+    /// Takes the next chunk of the base; returns the merged rows it completed (possibly none),
+    /// valid until the call after the next.
+    public func take(_ chunk: UnsafeRawBufferPointer) throws(LoRAError) -> UnsafeRawBufferPointer {
+        if staged + chunk.count > staging.capacity {
+            let bigger = AlignedBuffer(capacity: staged + chunk.count)
+            bigger.pointer.copyMemory(from: staging.pointer, byteCount: staged)
+            staging = bigger
+        }
+        (staging.pointer + staged).copyMemory(from: chunk.baseAddress!, byteCount: chunk.count)
+        staged += chunk.count
+        let rows = rowIn == 0 ? 0 : staged / rowIn
+        guard rows > 0 else { return UnsafeRawBufferPointer(start: outputs[flip].pointer, count: 0) }
+        flip ^= 1
+        if rows * rowOut > outputs[flip].capacity { outputs[flip] = AlignedBuffer(capacity: rows * rowOut) }
+        let output = outputs[flip]
+        let started = DispatchTime.now()
+        try mergeRows(rows, into: output)
+        seconds += Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
+        let used = rows * rowIn
+        if staged > used { staging.pointer.copyMemory(from: staging.pointer + used, byteCount: staged - used) }
+        staged -= used
+        row += rows
+        return UnsafeRawBufferPointer(start: output.pointer, count: rows * rowOut)
+    }
+
+    /// The base ended: every byte must have made whole rows.
+    public func finish() throws(LoRAError) {
+        guard staged == 0, row == merge.batch * merge.rows else {
+            throw LoRAError("the base ended inside a row of the merge", tensors: [name])
+        }
+    }
+
+    private func mergeRows(_ count: Int, into output: AlignedBuffer) throws(LoRAError) {
+        let cols = merge.cols, rank = merge.rank, rowsPerBatch = merge.rows
+        let parts = min(workers, max(1, count / 8))
+        let per = (count + parts - 1) / parts
+        if scratchRows < per {
+            scratch.forEach { $0.deallocate() }
+            scratch = (0..<parts).map { _ in UnsafeMutablePointer<Float>.allocate(capacity: max(1, per * cols)) }
+            scratchRows = per
+        } else if scratch.count < parts {
+            scratch += (scratch.count..<parts).map { _ in UnsafeMutablePointer<Float>.allocate(capacity: max(1, scratchRows * cols)) }
+        }
+        final class Results: @unchecked Sendable {
+            let lock = Mutex()
+            var drift = MergeDrift()
+            var error: LoRAError?
+        }
+        let results = Results()
+        let (first, baseType, outputType, name, baseSize, outSize) = (row, self.baseType, self.outputType, self.name, baseType.size, outputType.size)
+        nonisolated(unsafe) let (input, out, scratch) = (UnsafeRawPointer(staging.pointer), output.pointer, self.scratch)
+        left.withUnsafeBufferPointer { l in
+            right.withUnsafeBufferPointer { r in
+                nonisolated(unsafe) let (lp, rp) = (l.baseAddress!, r.baseAddress!)
+                DispatchQueue.concurrentPerform(iterations: parts) { w in
+                    var local = w * per
+                    let end = min(count, local + per)
+                    var drift = MergeDrift()
+                    while local < end {
+                        // A run of rows inside one batch entry (the factors change between them).
+                        let g = first + local
+                        let bi = g / rowsPerBatch
+                        let n = min(end - local, (bi + 1) * rowsPerBatch - g)
+                        FloatConversion.widen(input + local * cols * baseSize, baseType, count: n * cols, into: scratch[w])
+                        ckpt_low_rank_update(scratch[w], cols, lp + g * rank, rp + bi * rank * cols, n, cols, rank)
+                        do throws(LoRAError) {
+                            drift.add(try LowRankMerge.finish(scratch[w], count: n * cols, into: out + local * cols * outSize,
+                                                              outputType: outputType, name: name))
+                        } catch {
+                            results.lock.withLock { if results.error == nil { results.error = error } }
+                            return
+                        }
+                        local += n
+                    }
+                    results.lock.withLock { results.drift.add(drift) }
+                }
+            }
+        }
+        if let e = results.error { throw e }
+        drift.add(results.drift)
+    }
+}
+
+/// Runs a `StreamingMerge` one chunk ahead on another thread: while the caller writes the
+/// merged rows of one chunk, the next chunk is read from `upstream` and merged. Only the
+/// helper thread touches `upstream` until the tensor ends (the caller waits for it).
+final class AheadStreamingMerge: @unchecked Sendable {
+    let merge: StreamingMerge
+    private let upstream: TensorSource
+    private let ready = DispatchSemaphore(value: 0)
+    private var result: Result<UnsafeRawBufferPointer?, any Error>?
+    private var running = false
+
+    init(_ merge: StreamingMerge, upstream: TensorSource) {
+        self.merge = merge
+        self.upstream = upstream
+    }
+
+    private func start() {
+        running = true
+        DispatchQueue.global(qos: .userInitiated).async { [self] in
+            result = Result {
+                while let chunk = try upstream.nextChunk() {
+                    let merged = try merge.take(chunk)
+                    if merged.count > 0 { return merged }
+                }
+                try merge.finish()
+                return nil
+            }
+            ready.signal()
+        }
+    }
+
+    /// The next merged rows (nil at the end of the tensor); starts on the chunk after.
+    func next() throws -> UnsafeRawBufferPointer? {
+        if !running { start() }
+        ready.wait()
+        running = false
+        let r = try result!.get()
+        if r != nil { start() }
+        return r
+    }
+
+    /// Waits for a chunk still being merged (when the stream is abandoned half-way).
+    func settle() {
+        if running {
+            ready.wait()
+            running = false
         }
     }
 }

@@ -143,6 +143,31 @@ public final class StreamReader: DirectChunkSource {
         }
     }
 
+    /// Copies the next chunk to `destination` (at least the chunk's length) and returns its
+    /// length, or nil at the end of the tensor. An uncompressed chunk is read from the input
+    /// straight into `destination`, without passing through this reader's buffers.
+    public func nextChunk(copyingInto destination: UnsafeMutableRawBufferPointer) throws -> Int? {
+        releaseHeld()
+        guard let tensor = currentTensor else { return nil }
+        if case .rawChunk(let ch, let bodyLength, let at) = try peekEvent() {
+            let n = Int(ch.rawLength)
+            guard n <= destination.count else {
+                throw StreamError(.tensorLengthMismatch(declared: UInt64(destination.count), received: UInt64(n)), source: source, offset: at, tensor: tensor.name)
+            }
+            _ = try nextEvent()
+            let into = UnsafeMutableRawBufferPointer(rebasing: destination[0..<n])
+            try readRawData(ch, bodyLength: bodyLength, at: at, tensor: tensor.name, into: into)
+            try accept(crc: CRC32.checksum(UnsafeRawBufferPointer(into)), of: ch, at: at, tensor: tensor.name)
+            return n
+        }
+        guard let chunk = try nextChunk() else { return nil }
+        guard chunk.count <= destination.count else {
+            throw StreamError(.tensorLengthMismatch(declared: UInt64(destination.count), received: UInt64(chunk.count)), source: source, tensor: tensor.name)
+        }
+        destination.baseAddress!.copyMemory(from: chunk.baseAddress!, byteCount: chunk.count)
+        return chunk.count
+    }
+
     /// Delivers the next chunk to `sink`. An uncompressed chunk read from a pipe is spliced
     /// into its place in the sink's file and its CRC checked there (from the page cache), so
     /// the data never passes through this process's memory; anything else is written.

@@ -1,3 +1,5 @@
+import CLowRank
+
 /// Conversions between the stored float types and float32, the type merges compute in.
 /// Narrowing rounds to nearest, ties to even, as numpy and ml_dtypes do; NaN stays NaN
 /// (quieted, sign and top payload bits kept, as ml_dtypes does for bfloat16).
@@ -14,8 +16,7 @@ public enum FloatConversion {
         case .f32:
             out.update(from: source.assumingMemoryBound(to: Float.self), count: count)
         case .bf16:
-            let s = source.assumingMemoryBound(to: UInt16.self)
-            for i in 0..<count { out[i] = Float(bitPattern: UInt32(s[i]) << 16) }
+            ckpt_bf16_to_f32(source.assumingMemoryBound(to: UInt16.self), out, count)
         case .f16:
             let s = source.assumingMemoryBound(to: UInt16.self)
             for i in 0..<count { out[i] = Float(Float16(bitPattern: s[i])) }
@@ -42,8 +43,8 @@ public enum FloatConversion {
         case .f32:
             out.assumingMemoryBound(to: Float.self).update(from: source, count: count)
         case .bf16:
-            let d = out.assumingMemoryBound(to: UInt16.self)
-            for i in 0..<count { d[i] = bfloat16Bits(source[i]) }
+            var ignored = ckpt_round_stats()
+            ckpt_f32_to_bf16(source, out.assumingMemoryBound(to: UInt16.self), count, &ignored)
         case .f16:
             let d = out.assumingMemoryBound(to: UInt16.self)
             for i in 0..<count { d[i] = Float16(source[i]).bitPattern }
