@@ -158,30 +158,20 @@ public struct LowRankMerge: Sendable {
         let step = labels.map { targetStride[$0] ?? 0 }  // 0: summed over
         var acc = [Double](repeating: 0, count: targetCount)
         guard !source.isEmpty else { return [Float](repeating: 0, count: targetCount) }
-        var index = [Int](repeating: 0, count: labels.count)
-        var offset = 0
+        var cursor = StridedCursor(shape: shape, step: step)
         let rank = labels.count
         source.withUnsafeBufferPointer { src in
             acc.withUnsafeMutableBufferPointer { dst in
                 let inner = shape[rank - 1], innerStep = step[rank - 1]
                 var i = 0
                 while i < src.count {
-                    var o = offset
+                    var o = cursor.offset
                     for k in 0..<inner {
                         dst[o] += Double(src[i + k])
                         o += innerStep
                     }
                     i += inner
-                    // Advance the odometer over all but the last axis.
-                    var d = rank - 2
-                    while d >= 0 {
-                        index[d] += 1
-                        offset += step[d]
-                        if index[d] < shape[d] { break }
-                        offset -= step[d] * shape[d]
-                        index[d] = 0
-                        d -= 1
-                    }
+                    cursor.advance(axes: rank - 1)
                 }
             }
         }
@@ -252,21 +242,10 @@ public struct LowRankMerge: Sendable {
                 stride[l] = s
                 s *= sizes[l]!
             }
-            let shape = layout.weight.map { sizes[$0]! }
-            let step = layout.weight.map { stride[$0]! }
-            var index = [Int](repeating: 0, count: shape.count)
-            var offset = 0
+            var cursor = StridedCursor(shape: layout.weight.map { sizes[$0]! }, step: layout.weight.map { stride[$0]! })
             for i in 0..<total {
-                merged[i] += delta[offset]
-                var d = shape.count - 1
-                while d >= 0 {
-                    index[d] += 1
-                    offset += step[d]
-                    if index[d] < shape[d] { break }
-                    offset -= step[d] * shape[d]
-                    index[d] = 0
-                    d -= 1
-                }
+                merged[i] += delta[cursor.offset]
+                cursor.advance(axes: layout.weight.count)
             }
         }
         if let (m, axis) = magnitude {
