@@ -182,7 +182,14 @@ def test_progress_is_forced_or_silenced(minilm, tmp_path):
     assert b"ckpt-write:" not in p.stderr
 
 
-@pytest.mark.parametrize("stage", ["lora-merge", "ckpt-slice"])
+def test_lora_merge_without_adapters_passes_everything_and_says_so(small, tmp_path):
+    p = shell(f"ckpt-read '{small}' | lora-merge | ckpt-write '{tmp_path / 'same.safetensors'}'")
+    assert p.returncode == 0, p.stderr
+    assert b"no LoRA adapters found; 2 tensors passed through unchanged" in p.stderr
+    assert (tmp_path / "same.safetensors").read_bytes() == small.read_bytes()
+
+
+@pytest.mark.parametrize("stage", ["ckpt-slice"])
 def test_unbuilt_stages_refuse_to_pretend(stage, small):
     p = run([stage], input=stream_of(small))
     assert p.returncode == EX_UNAVAILABLE
@@ -191,7 +198,7 @@ def test_unbuilt_stages_refuse_to_pretend(stage, small):
 
 
 def test_help_and_version():
-    for t in ("ckpt-read", "ckpt-write"):
+    for t in ("ckpt-read", "ckpt-write", "lora-merge"):
         p = run([t, "--help"])
         assert p.returncode == 0 and b"USAGE" in p.stdout.upper()
         assert run([t, "--version"]).stdout.strip() == b"0.1.0"

@@ -105,6 +105,17 @@ def test_orbax_to_safetensors_pipeline(tmp_path):
         assert np.array_equal(v, ref[k])
 
 
+@pytest.mark.parametrize("case", ["a_standard", "c_no_ocdbt", "j_sharded", "h_zarr3"])
+def test_read_ahead_changes_nothing_but_speed(case):
+    """Arrays decoded ahead on another core come out in the same order with the same bytes as
+    one at a time, and a budget too small for two arrays still reads everything."""
+    path = os.path.join(FIXTURES, case)
+    streams = [run(["ckpt-read", *args, path], check=True).stdout
+               for args in ([], ["--read-ahead", "0"], ["--read-ahead", "100"])]
+    assert streams[0] == streams[1] == streams[2]
+    assert run(["ckpt-read", "--read-ahead", "lots", path]).returncode == 64
+
+
 # --- bad input: each a clear one-line error, exit 65, no output --------------------------------
 
 def copy(case, tmp_path):
