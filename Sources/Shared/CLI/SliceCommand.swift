@@ -1,0 +1,88 @@
+import ArgumentParser
+
+/// `ckpt-slice`: ckpt stream in → renamed, reshaped, split, stacked, cast stream out, by rules.
+public struct SliceCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "ckpt-slice",
+        abstract: "Rename, reshape, split, stack and cast tensors by rule files.",
+        discussion: """
+            Rules (docs/rules.md), one per line, first match wins:
+              SOURCE -> TARGET | op | op ...     e.g.  {m*}/kernel -> {m}.weight | rearrange "i o -> o i"
+              drop PATTERN                       keep PATTERN                include other.rules
+            Every input must be matched by a rule (or --keep-unmatched); two rules writing one name,
+            or a shape an expression does not fit, is an error naming the rule's file and line.
+
+            Examples:
+              ckpt-read flax.msgpack | ckpt-slice --rules rules/flax-to-torch.rules | ckpt-write model.safetensors
+              ckpt-slice --plan --rules rules/bert-torch-to-flax.rules --input model.safetensors
+            """,
+        version: Tool.version)
+
+    @Option(name: .long, help: ArgumentHelp("A rule file (repeatable; earlier files' rules match first).", valueName: "file"))
+    public var rules: [String] = []
+
+    @Flag(help: "Print what each input becomes (names, types, shapes) and the memory the plan holds, reading no data.")
+    public var plan = false
+
+    @Flag(help: "Pass tensors no rule matches through unchanged instead of failing.")
+    public var keepUnmatched = false
+
+    @Option(help: ArgumentHelp("Read FILE (a stream or any checkpoint ckpt-read reads) instead of stdin.", valueName: "file"))
+    public var input: String = "-"
+
+    @OptionGroup public var stream: StreamOutputOptions
+    @OptionGroup public var progressOptions: ProgressOptions
+
+    public init() {}
+
+    public func validate() throws {
+        if rules.isEmpty { throw ValidationError("give at least one --rules FILE") }
+    }
+
+    public func run() throws {
+        try Tool.run("ckpt-slice") {
+            var all: [SliceRule] = []
+            for file in rules { all += try SliceRuleParser.parse(file: file) }
+            let upstream = try openSource(input, options: ReadOptions(), producer: "ckpt-slice \(Tool.version)")
+            let source = try SliceSource(upstream: upstream, rules: all, keepUnmatched: keepUnmatched)
+            if plan {
+                print(SliceCommand.render(source.plan, inputs: upstream.manifest ?? []), terminator: "")
+                return
+            }
+            let writer = try stream.makeWriter(producer: "ckpt-slice \(Tool.version)")
+            try pump(from: source, to: writer, progress: progressOptions.makeProgress(label: "ckpt-slice"))
+        }
+    }
+
+    static func render(_ plan: SlicePlan, inputs: [TensorDescriptor]) -> String {
+        func d(_ t: TensorDescriptor) -> String { "\(t.name) \(t.dtype.rawValue)\(t.shapeText)" }
+        var out = ""
+        var shown = Set<Int>()
+        var peak = (bytes: 0, at: "")
+        for t in inputs {
+            switch plan.assignments[t.name] {
+            case .drop(let r)?: out += "\(d(t))  -> dropped (\(r.location))\n"
+            case .pass(let name, let r)?:
+                out += "\(d(t))  -> \(name == t.name ? "kept" : name) (\(r?.location ?? "--keep-unmatched"))\n"
+            case .group(let g)?, .operand(let g)?:
+                guard shown.insert(g).inserted else { continue }
+                let group = plan.groups[g]
+                if group.streams {
+                    out += "\(d(t))  -> \(d(group.outputs[0])) (\(group.rule.location), streams)\n"
+                    continue
+                }
+                let operands = group.operands.values.map { "\(d($0)) (operand)" }
+                out += (group.inputs.map(d) + operands).joined(separator: "\n") + "\n"
+                let outs = group.outputs.count > 4 ? [d(group.outputs[0]), "... \(group.outputs.count - 2) more ...", d(group.outputs.last!)] : group.outputs.map(d)
+                let stacking = group.inputs.count > 1 ? "stacks \(group.inputs.count) inputs, " : ""
+                out += "  -> " + outs.joined(separator: "\n  -> ") + "\n"
+                out += "     (\(group.rule.location): \(stacking)holds \(formatBytes(group.memory)))\n"
+                if group.memory > peak.bytes { peak = (group.memory, group.rule.location) }
+            case nil: break
+            }
+        }
+        out += "\(inputs.count) inputs -> \(plan.outputs.count) outputs; "
+        out += peak.bytes == 0 ? "every tensor streams (chunks only)\n" : "peak held \(formatBytes(peak.bytes)) (\(peak.at))\n"
+        return out
+    }
+}

@@ -1,0 +1,212 @@
+/// `ckpt-slice` as a tensor source over another: applies a `SlicePlan` as the tensors arrive.
+/// Renames pass chunks through untouched; element-wise ops (cast, scale, add) convert chunk by
+/// chunk; anything that moves axes, stacks, unstacks or multiplies holds its group's inputs
+/// until the last one arrives, builds the result, and emits its outputs then.
+public final class SliceSource: TensorSource {
+    public let header: StreamHeader
+    public let manifest: [TensorDescriptor]?
+    public let plan: SlicePlan
+    private let upstream: TensorSource
+    private var held: [String: AlignedBuffer] = [:]
+    private var queue: [(TensorHeader, AlignedBuffer)] = []
+    private enum Current {
+        case none
+        case upstream
+        /// Element-wise conversion of upstream chunks: input type, ops, output type.
+        case converting(from: DType, ops: [SliceOp], to: DType)
+        case buffer(AlignedBuffer)
+    }
+    private var current = Current.none
+    private var position = 0
+    /// Bytes of an element split across upstream chunks, and the converted chunk.
+    private var carry: [UInt8] = []
+    private var converted = AlignedBuffer(capacity: 1)
+
+    public init(upstream: TensorSource, rules: [SliceRule], keepUnmatched: Bool) throws {
+        guard let input = upstream.manifest else {
+            throw UsageError("ckpt-slice needs a stream with a manifest (ckpt-read writes one) to plan its rules")
+        }
+        self.upstream = upstream
+        header = upstream.header
+        plan = try SlicePlan(rules: rules, inputs: input, keepUnmatched: keepUnmatched)
+        manifest = plan.outputs
+    }
+
+    public func nextTensor() throws -> TensorHeader? {
+        current = .none
+        position = 0
+        carry = []
+        if !queue.isEmpty { return emitQueued() }
+        while let t = try upstream.nextTensor() {
+            let d = t.descriptor
+            switch plan.assignments[d.name] {
+            case .drop?:
+                while try upstream.nextChunk() != nil {}
+            case .pass(let name, _)?:
+                var h = t
+                h.descriptor.name = name
+                current = .upstream
+                return h
+            case .group(let g)? where plan.groups[g].streams:
+                let group = plan.groups[g]
+                let out = group.outputs[0]
+                current = out.dtype == d.dtype && group.rule.ops.isEmpty ? .upstream : .converting(from: d.dtype, ops: group.rule.ops, to: out.dtype)
+                return TensorHeader(out, attributes: t.attributes)
+            case .group(let g)?, .operand(let g)?:
+                held[d.name] = try readWhole(d)
+                let group = plan.groups[g]
+                if (group.inputs + group.operands.values).allSatisfy({ held[$0.name] != nil }) {
+                    try build(group)
+                    return emitQueued()
+                }
+            case nil:
+                throw StreamError(.manifestMismatch("tensor \(d.name) is not in the manifest"), source: "ckpt-slice", tensor: d.name)
+            }
+        }
+        return nil
+    }
+
+    private func emitQueued() -> TensorHeader {
+        let (h, b) = queue.removeFirst()
+        current = .buffer(b)
+        return h
+    }
+
+    private func readWhole(_ d: TensorDescriptor) throws -> AlignedBuffer {
+        let buffer = AlignedBuffer(capacity: max(d.byteCount, 1))
+        var n = 0
+        while let chunk = try upstream.nextChunk() {
+            guard n + chunk.count <= d.byteCount else { break }
+            (buffer.pointer + n).copyMemory(from: chunk.baseAddress!, byteCount: chunk.count)
+            n += chunk.count
+        }
+        guard n == d.byteCount else {
+            throw StreamError(.tensorLengthMismatch(declared: UInt64(d.byteCount), received: UInt64(n)), source: "ckpt-slice", tensor: d.name)
+        }
+        buffer.count = n
+        return buffer
+    }
+
+    /// Builds a group's outputs from its held inputs and queues them.
+    private func build(_ g: SlicePlan.Group) throws {
+        func fail(_ m: String) -> RuleError { RuleError(m, file: g.rule.file, line: g.rule.line) }
+        // The stacked input: the parts one after another, in stacking order.
+        var dtype = g.inputs[0].dtype
+        var shape = g.stack + g.inputs[0].shape
+        var data: AlignedBuffer
+        if g.inputs.count == 1 {
+            data = held.removeValue(forKey: g.inputs[0].name)!
+        } else {
+            let part = g.inputs[0].byteCount
+            data = AlignedBuffer(capacity: max(part * g.inputs.count, 1))
+            data.count = part * g.inputs.count
+            for (i, d) in g.inputs.enumerated() {
+                let b = held.removeValue(forKey: d.name)!
+                (data.pointer + i * part).copyMemory(from: b.pointer, byteCount: part)
+            }
+        }
+        for (k, op) in g.rule.ops.enumerated() {
+            let count = shape.reduce(1, *)
+            switch op {
+            case .rearrange(let r):
+                let b: Rearrange.Bound
+                do { b = try r.bind(shape) } catch { throw fail(error.description) }
+                data = SliceSource.gather(data, dtype.size, offset: 0, shape: b.axes.map(\.size), strides: b.axes.map(\.stride))
+                shape = b.outputShape
+            case .index(let items):
+                let v = try IndexView(items, shape: shape)
+                data = SliceSource.gather(data, dtype.size, offset: v.offset, shape: v.shape, strides: v.strides)
+                shape = v.shape
+            case .cast(let to):
+                let out = AlignedBuffer(capacity: max(count * to.size, 1))
+                out.count = count * to.size
+                SliceCast.convert(data.pointer, from: dtype, count: count, into: out.pointer, to: to)
+                data = out
+                dtype = to
+            case .scale(let s):
+                SliceCast.affine(data.pointer, dtype, count: count, scale: s, offset: 0)
+            case .add(let a):
+                SliceCast.affine(data.pointer, dtype, count: count, scale: 1, offset: a)
+            case .mul:
+                let operand = g.operands[k]!
+                let b = held.removeValue(forKey: operand.name)!
+                SliceCast.multiply(data.pointer, dtype, by: b.pointer, operand.dtype, count: count)
+            }
+        }
+        precondition(shape == g.finalShape, "plan and build disagree on \(g.rule.location)")
+        if g.unstackAxes.isEmpty {
+            queue.append((TensorHeader(g.outputs[0]), data))
+            return
+        }
+        // One output per index of the unstacked axes, in row-major order over them.
+        var strides = [Int](repeating: 1, count: shape.count)
+        for d in strides.indices.reversed().dropFirst() { strides[d] = strides[d + 1] * shape[d + 1] }
+        let keptAxes = shape.indices.filter { !g.unstackAxes.contains($0) }
+        var index = [Int](repeating: 0, count: g.unstackAxes.count)
+        for out in g.outputs {
+            let offset = zip(index, g.unstackAxes).reduce(0) { $0 + $1.0 * strides[$1.1] }
+            let b = SliceSource.gather(data, dtype.size, offset: offset, shape: keptAxes.map { shape[$0] }, strides: keptAxes.map { strides[$0] })
+            queue.append((TensorHeader(out), b))
+            var d = index.count - 1
+            while d >= 0 {
+                index[d] += 1
+                if index[d] < shape[g.unstackAxes[d]] { break }
+                index[d] = 0
+                d -= 1
+            }
+        }
+    }
+
+    /// A strided view of `source` (element strides) made contiguous.
+    static func gather(_ source: AlignedBuffer, _ elementSize: Int, offset: Int, shape: [Int], strides: [Int]) -> AlignedBuffer {
+        let count = shape.reduce(1, *)
+        let out = AlignedBuffer(capacity: max(count * elementSize, 1))
+        out.count = count * elementSize
+        withExtendedLifetime(source) {
+            StridedCopy.gather(from: UnsafeRawPointer(source.pointer), elementSize: elementSize, offset: offset, shape: shape, stride: strides, into: out.pointer)
+        }
+        return out
+    }
+
+    public func nextChunk() throws -> UnsafeRawBufferPointer? {
+        switch current {
+        case .none: return nil
+        case .upstream: return try upstream.nextChunk()
+        case .buffer(let b):
+            guard position < b.count else { return nil }
+            let n = min(StreamFormat.defaultChunkSize, b.count - position)
+            defer { position += n }
+            return UnsafeRawBufferPointer(start: b.pointer + position, count: n)
+        case .converting(let from, let ops, let to):
+            // Whole elements only: an element cut by a chunk boundary waits for the next chunk.
+            while let chunk = try upstream.nextChunk() {
+                var input = carry + [UInt8](chunk)
+                let n = input.count / from.size
+                carry = Array(input[(n * from.size)...])
+                input.removeLast(carry.count)
+                guard n > 0 else { continue }
+                if converted.capacity < n * max(to.size, from.size) { converted = AlignedBuffer(capacity: n * max(to.size, from.size)) }
+                input.withUnsafeBytes { converted.pointer.copyMemory(from: $0.baseAddress!, byteCount: n * from.size) }
+                var dtype = from
+                for op in ops {
+                    switch op {
+                    case .cast(let d):
+                        let tmp = AlignedBuffer(capacity: n * d.size)
+                        SliceCast.convert(converted.pointer, from: dtype, count: n, into: tmp.pointer, to: d)
+                        converted.pointer.copyMemory(from: tmp.pointer, byteCount: n * d.size)
+                        dtype = d
+                    case .scale(let s): SliceCast.affine(converted.pointer, dtype, count: n, scale: s, offset: 0)
+                    case .add(let a): SliceCast.affine(converted.pointer, dtype, count: n, scale: 1, offset: a)
+                    default: preconditionFailure("a streaming rule has only element-wise ops")
+                    }
+                }
+                precondition(dtype == to)
+                return UnsafeRawBufferPointer(start: converted.pointer, count: n * to.size)
+            }
+            guard carry.isEmpty else {
+                throw StreamError(.tensorLengthMismatch(declared: 0, received: UInt64(carry.count)), source: "ckpt-slice")
+            }
+            return nil
+        }
+    }
+}

@@ -1,0 +1,292 @@
+/// What `ckpt-slice` will do with every input tensor, decided from descriptors alone (the
+/// stream manifest), so `--plan` can print it and every problem is found before any data.
+public struct SlicePlan {
+    /// A tensor's shape with a name for the axes that have one (rearrange axes, stacked captures).
+    struct NamedShape {
+        var shape: [Int]
+        var names: [String?]
+        var dtype: DType
+    }
+
+    /// One rule application: its inputs (stacked in order), what the ops make, and the outputs.
+    public struct Group {
+        public let rule: SliceRule
+        /// Inputs in stacking order.
+        public var inputs: [TensorDescriptor]
+        /// Sizes of the stacked axes (empty: one input).
+        public var stack: [Int] = []
+        /// `mul` operands, by op position.
+        public var operands: [Int: TensorDescriptor] = [:]
+        public var outputs: [TensorDescriptor] = []
+        /// Positions of the unstacked axes in the final shape, and the final shape.
+        var unstackAxes: [Int] = []
+        var finalShape: [Int] = []
+        /// The source tensor streams through chunk by chunk (renames and element-wise ops).
+        public var streams = false
+        /// Index of the input whose arrival completes the group.
+        var trigger = 0
+
+        /// Bytes held while the group is built (inputs, one intermediate, outputs).
+        public var memory: Int {
+            guard !streams else { return 0 }
+            let inBytes = inputs.reduce(0) { $0 + $1.byteCount } + operands.values.reduce(0) { $0 + $1.byteCount }
+            let outBytes = outputs.reduce(0) { $0 + $1.byteCount }
+            return inBytes + max(inBytes, outBytes) + outBytes
+        }
+    }
+
+    public enum Assignment {
+        case group(Int)
+        case drop(SliceRule)
+        case pass(name: String, rule: SliceRule?)
+        case operand(Int)
+    }
+
+    public private(set) var groups: [Group] = []
+    /// Per input name.
+    public private(set) var assignments: [String: Assignment] = [:]
+    /// The output manifest, in stream order.
+    public private(set) var outputs: [TensorDescriptor] = []
+
+    /// Plans `inputs` (in stream order) against `rules`; every problem is collected and thrown
+    /// together.
+    public init(rules: [SliceRule], inputs: [TensorDescriptor], keepUnmatched: Bool) throws {
+        var problems: [String] = []
+        var unmatched: [String] = []
+        // mul operands first: they belong to the rule that names them.
+        var operandOf: [String: (consumer: String, op: Int)] = [:]
+        for d in inputs {
+            guard let (rule, captures) = SlicePlan.firstMatch(rules, d.name) else { continue }
+            for (k, op) in rule.ops.enumerated() {
+                guard case .mul(let p) = op else { continue }
+                guard let name = p.substitute(captures) else {
+                    problems.append("\(rule.location): mul \(p) uses a capture the source does not have"); continue
+                }
+                operandOf[name] = (d.name, k)
+            }
+        }
+        let byName = Dictionary(inputs.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        let position = Dictionary(inputs.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { a, _ in a })
+        var groupIndex: [String: Int] = [:]
+        var groupCaptures: [[(values: [String: String], input: TensorDescriptor)]] = []
+        for d in inputs {
+            if operandOf[d.name] != nil { continue }
+            guard let (rule, captures) = SlicePlan.firstMatch(rules, d.name) else {
+                if keepUnmatched { assignments[d.name] = .pass(name: d.name, rule: nil) } else { unmatched.append(d.name) }
+                continue
+            }
+            switch rule.action {
+            case .drop: assignments[d.name] = .drop(rule)
+            case .keep: assignments[d.name] = .pass(name: d.name, rule: rule)
+            case .map:
+                let targetNames = Set(rule.target!.captureNames)
+                let bound = captures.filter { targetNames.contains($0.key) }.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
+                let key = rule.location + "|" + bound.joined(separator: "|")
+                if let g = groupIndex[key] {
+                    groups[g].inputs.append(d)
+                    groupCaptures[g].append((captures, d))
+                    assignments[d.name] = .group(g)
+                } else {
+                    groupIndex[key] = groups.count
+                    assignments[d.name] = .group(groups.count)
+                    groups.append(Group(rule: rule, inputs: [d]))
+                    groupCaptures.append([(captures, d)])
+                }
+            }
+        }
+        for (name, (consumer, op)) in operandOf {
+            guard let d = byName[name] else {
+                problems.append("\(consumer): mul needs \(name), which is not in the input"); continue
+            }
+            guard case .group(let g)? = assignments[consumer] else { continue }
+            groups[g].operands[op] = d
+            assignments[name] = .operand(g)
+        }
+        if !unmatched.isEmpty {
+            problems.append("no rule matches \(unmatched.count) input tensors (add rules, 'drop PATTERN', or --keep-unmatched): \(unmatched.joined(separator: ", "))")
+        }
+        for g in groups.indices {
+            do { try SlicePlan.shape(&groups[g], captures: groupCaptures[g]) } catch let e as RuleError {
+                problems.append(e.description)
+            }
+            groups[g].trigger = (groups[g].inputs + groups[g].operands.values).map { position[$0.name]! }.max()!
+        }
+        // Output names must be unique.
+        var producer: [String: String] = [:]
+        for d in inputs {
+            switch assignments[d.name] {
+            case .pass(let name, let rule)?:
+                let from = rule?.location ?? "--keep-unmatched"
+                if let other = producer[name] { problems.append("two rules write \(name): \(other) and \(from)") }
+                producer[name] = from
+            default: break
+            }
+        }
+        for g in groups {
+            for o in g.outputs {
+                if let other = producer[o.name] { problems.append("two rules write \(o.name): \(other) and \(g.rule.location)") }
+                producer[o.name] = g.rule.location
+            }
+        }
+        guard problems.isEmpty else { throw RuleError(problems.joined(separator: "; ")) }
+        // The output order: passed tensors where they are; a group's outputs where it completes.
+        let completing = Dictionary(grouping: groups.indices, by: { groups[$0].trigger })
+        for (i, d) in inputs.enumerated() {
+            if case .pass(let name, _)? = assignments[d.name] {
+                var r = d
+                r.name = name
+                outputs.append(r)
+            }
+            for g in completing[i] ?? [] { outputs += groups[g].outputs }
+        }
+    }
+
+    static func firstMatch(_ rules: [SliceRule], _ name: String) -> (SliceRule, [String: String])? {
+        for r in rules {
+            if let c = r.source.match(name) { return (r, c) }
+        }
+        return nil
+    }
+
+    /// Orders a group's inputs for stacking, runs its ops on shapes, and names its outputs.
+    static func shape(_ g: inout Group, captures: [(values: [String: String], input: TensorDescriptor)]) throws {
+        let rule = g.rule
+        func fail(_ m: String) -> RuleError { RuleError(m, file: rule.file, line: rule.line) }
+        let target = rule.target!
+        let stacked = rule.source.captureNames.filter { !target.captureNames.contains($0) }
+        var current: NamedShape
+        let first = captures[0].input
+        if stacked.isEmpty {
+            guard captures.count == 1 else { throw fail("internal: several inputs without stacked captures") }
+            current = NamedShape(shape: first.shape, names: first.shape.map { _ in nil }, dtype: first.dtype)
+        } else {
+            // Each stacked capture is an axis: integers 0..<n or the words of a set, in order.
+            var axes: [[String]] = []
+            for c in stacked {
+                let values = Set(captures.map { $0.values[c]! })
+                switch rule.source.kind(of: c)! {
+                case .integer:
+                    let ints = values.compactMap { Int($0) }.sorted()
+                    guard ints == Array(0..<ints.count) else {
+                        throw fail("stacking {\(c)}: indices \(ints.map(String.init).joined(separator: ",")) are not 0..<\(ints.count)")
+                    }
+                    axes.append(ints.map(String.init))
+                case .oneOf(let words):
+                    let missing = words.filter { !values.contains($0) }
+                    guard missing.isEmpty else { throw fail("stacking {\(c)}: \(missing.joined(separator: ", ")) missing") }
+                    axes.append(words)
+                default:
+                    throw fail("cannot stack over {\(c)}: only {\(c):int} or {\(c)=a,b,...} captures give an order")
+                }
+            }
+            let count = axes.reduce(1) { $0 * $1.count }
+            guard captures.count == count else {
+                throw fail("stacking \(stacked.joined(separator: ", ")): \(captures.count) inputs for \(count) places")
+            }
+            func order(_ v: [String: String]) -> Int {
+                zip(stacked, axes).reduce(0) { acc, p in acc * p.1.count + p.1.firstIndex(of: v[p.0]!)! }
+            }
+            let sorted = captures.sorted { order($0.values) < order($1.values) }
+            for c in sorted where c.input.shape != first.shape || c.input.dtype != first.dtype {
+                throw fail("stacking: \(c.input.name) is \(c.input.dtype.rawValue)\(c.input.shape), \(first.name) is \(first.dtype.rawValue)\(first.shape)")
+            }
+            g.inputs = sorted.map(\.input)
+            g.stack = axes.map(\.count)
+            current = NamedShape(shape: g.stack + first.shape, names: stacked.map { Optional($0) } + first.shape.map { _ in nil }, dtype: first.dtype)
+        }
+        var elementwiseOnly = stacked.isEmpty
+        for (k, op) in rule.ops.enumerated() {
+            switch op {
+            case .rearrange(let r):
+                elementwiseOnly = false
+                let b: Rearrange.Bound
+                do { b = try r.bind(current.shape) } catch { throw fail(error.description) }
+                current.shape = b.outputShape
+                current.names = r.right.map { if case .axis(let n) = $0 { return n } else { return nil } }
+            case .index(let items):
+                elementwiseOnly = false
+                let v = try IndexView(items, shape: current.shape)
+                current.names = v.kept.map { current.names[$0] }
+                current.shape = v.shape
+            case .cast(let d):
+                guard SliceCast.supported(from: current.dtype) else { throw fail("cast: \(current.dtype.rawValue) is not a float type") }
+                current.dtype = d
+            case .scale, .add:
+                guard SliceCast.supported(from: current.dtype) else { throw fail("\(op): \(current.dtype.rawValue) is not a float type") }
+            case .mul:
+                elementwiseOnly = false
+                guard let operand = g.operands[k] else { throw fail("mul: the operand is not in the input") }
+                guard operand.shape.reduce(1, *) == current.shape.reduce(1, *), SliceCast.supported(from: operand.dtype),
+                      SliceCast.supported(from: current.dtype) else {
+                    throw fail("mul: \(operand.name) is \(operand.dtype.rawValue)\(operand.shape), the tensor is \(current.dtype.rawValue)\(current.shape)")
+                }
+            }
+        }
+        // Unstacking: target captures the source does not bind are axes of the final shape.
+        let bound = captures[0].values
+        var unstack: [(name: String, position: Int, values: [String])] = []
+        for name in target.captureNames where bound[name] == nil || stacked.contains(name) {
+            guard let p = current.names.firstIndex(of: name) else {
+                throw fail("target {\(name)} is not an axis of the result (axes: \(current.names.map { $0 ?? "_" }.joined(separator: " ")))")
+            }
+            let n = current.shape[p]
+            let values: [String]
+            if case .oneOf(let words) = target.kind(of: name)! {
+                guard words.count == n else { throw fail("target {\(name)} lists \(words.count) names, the axis has \(n)") }
+                values = words
+            } else {
+                values = (0..<n).map(String.init)
+            }
+            unstack.append((name, p, values))
+        }
+        unstack.sort { $0.position < $1.position }
+        g.unstackAxes = unstack.map(\.position)
+        g.finalShape = current.shape
+        let outShape = current.shape.enumerated().filter { !g.unstackAxes.contains($0.offset) }.map(\.element)
+        var combos: [[String: String]] = [[:]]
+        for u in unstack { combos = combos.flatMap { c in u.values.map { c.merging([u.name: $0]) { $1 } } } }
+        g.outputs = try combos.map { c in
+            let rest = Set(rule.source.captureNames.filter { rule.source.kind(of: $0) == .rest })
+            guard let name = target.substitute(bound.merging(c) { $1 }, rejoin: rest) else { throw fail("target \(target) has an unbound capture") }
+            do { return try TensorDescriptor(name: name, dtype: current.dtype, shape: outShape) } catch {
+                throw fail("output \(name): \(error)")
+            }
+        }
+        g.streams = elementwiseOnly && unstack.isEmpty && g.operands.isEmpty
+    }
+}
+
+/// numpy basic indexing of a row-major shape: the offset and strides of the view.
+struct IndexView {
+    var offset = 0
+    var shape: [Int] = []
+    var strides: [Int] = []
+    /// Input axes that remain, in order.
+    var kept: [Int] = []
+
+    init(_ items: [SliceOp.IndexItem], shape input: [Int]) throws {
+        guard items.count <= input.count else { throw RuleError("index has \(items.count) items for \(input.count) axes \(input)") }
+        var stride = [Int](repeating: 1, count: input.count)
+        for d in stride.indices.reversed().dropFirst() { stride[d] = stride[d + 1] * input[d + 1] }
+        for d in input.indices {
+            let item = d < items.count ? items[d] : .all
+            let n = input[d]
+            switch item {
+            case .all:
+                shape.append(n); strides.append(stride[d]); kept.append(d)
+            case .at(let i):
+                let j = i < 0 ? n + i : i
+                guard j >= 0 && j < n else { throw RuleError("index \(i) is out of range for axis \(d) of size \(n) in \(input)") }
+                offset += j * stride[d]
+            case .range(let a, let b):
+                func clamp(_ x: Int?, _ dflt: Int) -> Int {
+                    guard let x else { return dflt }
+                    return min(max(x < 0 ? n + x : x, 0), n)
+                }
+                let lo = clamp(a, 0), hi = max(clamp(b, n), clamp(a, 0))
+                offset += lo * stride[d]
+                shape.append(hi - lo); strides.append(stride[d]); kept.append(d)
+            }
+        }
+    }
+}
