@@ -5,12 +5,14 @@
 ///     {rest*}     one or more segments (anything)
 ///     {i:int}     a decimal integer
 ///     {s=q,k,v}   one of the listed words; the list's order is the axis order when stacking
+///     {_=params/,}  a name starting with _ only matches (here: an optional params/ prefix)
 ///
 /// In a target pattern `{name}` substitutes a capture, or names an axis to unstack along.
 public struct RulePattern: Equatable, Sendable, CustomStringConvertible {
     public enum Kind: Equatable, Sendable {
         case segment, rest, integer
         case oneOf([String])
+        var isSet: Bool { if case .oneOf = self { return true } else { return false } }
     }
 
     public enum Token: Equatable, Sendable {
@@ -23,9 +25,9 @@ public struct RulePattern: Equatable, Sendable, CustomStringConvertible {
 
     public var description: String { text }
 
-    /// Names of the captures, in order.
+    /// Names of the captures, in order; `{_...}` captures only match (never stacked or substituted).
     public var captureNames: [String] {
-        tokens.compactMap { if case .capture(let n, _) = $0 { return n } else { return nil } }
+        tokens.compactMap { if case .capture(let n, _) = $0, !n.hasPrefix("_") { return n } else { return nil } }
     }
 
     public func kind(of name: String) -> Kind? {
@@ -58,8 +60,8 @@ public struct RulePattern: Equatable, Sendable, CustomStringConvertible {
             if let eq = body.firstIndex(of: "=") {
                 name = String(body[..<eq])
                 let words = body[body.index(after: eq)...].split(separator: ",", omittingEmptySubsequences: false).map { String($0).trimmingCharacters(in: " ") }
-                guard !words.isEmpty, words.allSatisfy({ !$0.isEmpty }), Set(words).count == words.count else {
-                    throw ParseError(description: "'{\(body)}' in pattern '\(text)': a set needs distinct, non-empty words")
+                guard words.count > 1 || !(words.first ?? "").isEmpty, Set(words).count == words.count else {
+                    throw ParseError(description: "'{\(body)}' in pattern '\(text)': a set needs distinct words (one may be empty)")
                 }
                 kind = .oneOf(words)
             } else if body.hasSuffix(":int") {
@@ -77,7 +79,7 @@ public struct RulePattern: Equatable, Sendable, CustomStringConvertible {
             if tokens.contains(where: { if case .capture(name, _) = $0 { return true } else { return false } }) {
                 throw ParseError(description: "pattern '\(text)' captures {\(name)} twice")
             }
-            if let last = tokens.last, case .capture = last {
+            if let last = tokens.last, case .capture(_, let lastKind) = last, !kind.isSet, !lastKind.isSet {
                 throw ParseError(description: "pattern '\(text)': two captures in a row cannot be told apart")
             }
             tokens.append(.capture(name, kind))

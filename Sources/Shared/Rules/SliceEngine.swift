@@ -50,7 +50,8 @@ public final class SliceSource: TensorSource {
             case .group(let g)? where plan.groups[g].streams:
                 let group = plan.groups[g]
                 let out = group.outputs[0]
-                current = out.dtype == d.dtype && group.rule.ops.isEmpty ? .upstream : .converting(from: d.dtype, ops: group.rule.ops, to: out.dtype)
+                let renameOnly = group.rule.ops.allSatisfy { if case .where = $0 { return true } else { return false } }
+                current = renameOnly ? .upstream : .converting(from: d.dtype, ops: group.rule.ops, to: out.dtype)
                 return TensorHeader(out, attributes: t.attributes)
             case .group(let g)?, .operand(let g)?:
                 held[d.name] = try readWhole(d)
@@ -127,6 +128,7 @@ public final class SliceSource: TensorSource {
                 SliceCast.affine(data.pointer, dtype, count: count, scale: s, offset: 0)
             case .add(let a):
                 SliceCast.affine(data.pointer, dtype, count: count, scale: 1, offset: a)
+            case .where: break
             case .mul:
                 let operand = g.operands[k]!
                 let b = held.removeValue(forKey: operand.name)!
@@ -197,6 +199,7 @@ public final class SliceSource: TensorSource {
                         dtype = d
                     case .scale(let s): SliceCast.affine(converted.pointer, dtype, count: n, scale: s, offset: 0)
                     case .add(let a): SliceCast.affine(converted.pointer, dtype, count: n, scale: 1, offset: a)
+                    case .where: break
                     default: preconditionFailure("a streaming rule has only element-wise ops")
                     }
                 }

@@ -56,7 +56,7 @@ public struct SlicePlan {
         // mul operands first: they belong to the rule that names them.
         var operandOf: [String: (consumer: String, op: Int)] = [:]
         for d in inputs {
-            guard let (rule, captures) = SlicePlan.firstMatch(rules, d.name) else { continue }
+            guard let (rule, captures) = SlicePlan.firstMatch(rules, d) else { continue }
             for (k, op) in rule.ops.enumerated() {
                 guard case .mul(let p) = op else { continue }
                 guard let name = p.substitute(captures) else {
@@ -71,7 +71,7 @@ public struct SlicePlan {
         var groupCaptures: [[(values: [String: String], input: TensorDescriptor)]] = []
         for d in inputs {
             if operandOf[d.name] != nil { continue }
-            guard let (rule, captures) = SlicePlan.firstMatch(rules, d.name) else {
+            guard let (rule, captures) = SlicePlan.firstMatch(rules, d) else {
                 if keepUnmatched { assignments[d.name] = .pass(name: d.name, rule: nil) } else { unmatched.append(d.name) }
                 continue
             }
@@ -141,9 +141,9 @@ public struct SlicePlan {
         }
     }
 
-    static func firstMatch(_ rules: [SliceRule], _ name: String) -> (SliceRule, [String: String])? {
+    static func firstMatch(_ rules: [SliceRule], _ d: TensorDescriptor) -> (SliceRule, [String: String])? {
         for r in rules {
-            if let c = r.source.match(name) { return (r, c) }
+            if let c = r.matches(d) { return (r, c) }
         }
         return nil
     }
@@ -213,6 +213,7 @@ public struct SlicePlan {
                 current.dtype = d
             case .scale, .add:
                 guard SliceCast.supported(from: current.dtype) else { throw fail("\(op): \(current.dtype.rawValue) is not a float type") }
+            case .where: break
             case .mul:
                 elementwiseOnly = false
                 guard let operand = g.operands[k] else { throw fail("mul: the operand is not in the input") }

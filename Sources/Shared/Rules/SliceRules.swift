@@ -10,6 +10,8 @@ public enum SliceOp: Equatable, Sendable {
     case add(Double)
     /// Multiply element by element by another input tensor (consumed by this rule).
     case mul(RulePattern)
+    /// A condition on the input: the rule matches only tensors of this rank and/or type.
+    case `where`(rank: Int?, dtype: DType?)
 
     public enum IndexItem: Equatable, Sendable {
         case all
@@ -28,6 +30,15 @@ public struct SliceRule: Sendable {
     public var file: String
     public var line: Int
     public var location: String { "\(file):\(line)" }
+
+    /// The rule's source pattern matches `d`'s name and its `where` conditions hold.
+    public func matches(_ d: TensorDescriptor) -> [String: String]? {
+        for case .where(let rank, let dtype) in ops {
+            if let rank, d.shape.count != rank { return nil }
+            if let dtype, d.dtype != dtype { return nil }
+        }
+        return source.match(d.name)
+    }
 }
 
 /// A rule file error: where, and what.
@@ -164,8 +175,22 @@ public enum SliceRuleParser {
             return parts[0] == "scale" ? .scale(x) : .add(x)
         case "mul":
             do { return .mul(try RulePattern(arg)) } catch { throw RuleError(error.description) }
+        case "where":
+            var rank: Int?, dtype: DType?
+            for cond in arg.split(separator: " ") {
+                let kv = cond.split(separator: "=").map(String.init)
+                switch (kv.first, kv.count) {
+                case ("rank", 2): rank = Int(kv[1])
+                    if rank == nil { throw RuleError("where rank= takes an integer") }
+                case ("dtype", 2): dtype = DType(userName: kv[1])
+                    if dtype == nil { throw RuleError("where dtype= takes a type such as F32 or BF16") }
+                default: throw RuleError("where takes rank=N and/or dtype=T, not '\(cond)'")
+                }
+            }
+            guard rank != nil || dtype != nil else { throw RuleError("where needs rank=N or dtype=T") }
+            return .where(rank: rank, dtype: dtype)
         default:
-            throw RuleError("unknown operation '\(parts.first ?? "")' (known: rearrange, index, select, cast, scale, add, mul)")
+            throw RuleError("unknown operation '\(parts.first ?? "")' (known: where, rearrange, index, select, cast, scale, add, mul)")
         }
     }
 

@@ -1,0 +1,173 @@
+"""The shipped openpi rules on an openpi-shaped parameter tree at reduced sizes: every output
+equals what openpi's examples/convert_jax_model_to_pytorch.py does to the same arrays (its
+slicing, re-implemented in numpy below, line for line), and the torch-layout weights compute
+what the JAX einsums compute."""
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import ROOT, shell
+
+RNG = np.random.default_rng(3)
+# Reduced sizes with openpi's axis layouts; N*H != D on purpose (the general o_proj rule).
+L, N, K, H, D, F = 3, 4, 1, 8, 24, 40        # PaliGemma Gemma
+LE, NE, HE, DE, FE = 3, 2, 8, 12, 20         # action expert
+LV, NV, HV, DV, FV, P = 2, 2, 6, 12, 20, 4   # SigLIP: layers, heads, head dim, width, mlp, patch
+
+
+def r(*s):
+    return RNG.standard_normal(s).astype(np.float32)
+
+
+def openpi_tree(pi05):
+    t = {
+        "PaliGemma/img/embedding/kernel": r(P, P, 3, DV), "PaliGemma/img/embedding/bias": r(DV),
+        "PaliGemma/img/pos_embedding": r(1, 16, DV),
+        "PaliGemma/img/Transformer/encoder_norm/scale": r(DV), "PaliGemma/img/Transformer/encoder_norm/bias": r(DV),
+        "PaliGemma/img/head/kernel": r(DV, D), "PaliGemma/img/head/bias": r(D),
+        "PaliGemma/llm/embedder/input_embedding": r(50, D),
+        "PaliGemma/llm/layers/attn/q_einsum/w": r(L, N, D, H), "PaliGemma/llm/layers/attn/kv_einsum/w": r(L, 2, K, D, H),
+        "PaliGemma/llm/layers/attn/attn_vec_einsum/w": r(L, N, H, D),
+        "PaliGemma/llm/layers/mlp/gating_einsum": r(L, 2, D, F), "PaliGemma/llm/layers/mlp/linear": r(L, F, D),
+        "PaliGemma/llm/layers/pre_attention_norm/scale": r(L, D), "PaliGemma/llm/layers/pre_ffw_norm/scale": r(L, D),
+        "PaliGemma/llm/final_norm/scale": r(D),
+        "PaliGemma/llm/layers/attn/q_einsum_1/w": r(LE, NE, DE, HE), "PaliGemma/llm/layers/attn/kv_einsum_1/w": r(LE, 2, K, DE, HE),
+        "PaliGemma/llm/layers/attn/attn_vec_einsum_1/w": r(LE, NE, HE, DE),
+        "PaliGemma/llm/layers/mlp_1/gating_einsum": r(LE, 2, DE, FE), "PaliGemma/llm/layers/mlp_1/linear": r(LE, FE, DE),
+        "action_in_proj/kernel": r(7, DE), "action_in_proj/bias": r(DE), "action_out_proj/kernel": r(DE, 7), "action_out_proj/bias": r(7),
+    }
+    enc = "PaliGemma/img/Transformer/encoderblock/"
+    for n in ("LayerNorm_0", "LayerNorm_1"):
+        t[enc + n + "/scale"], t[enc + n + "/bias"] = r(LV, DV), r(LV, DV)
+    t[enc + "MlpBlock_0/Dense_0/kernel"], t[enc + "MlpBlock_0/Dense_0/bias"] = r(LV, DV, FV), r(LV, FV)
+    t[enc + "MlpBlock_0/Dense_1/kernel"], t[enc + "MlpBlock_0/Dense_1/bias"] = r(LV, FV, DV), r(LV, DV)
+    for m in ("query", "key", "value"):
+        t[enc + f"MultiHeadDotProductAttention_0/{m}/kernel"] = r(LV, DV, NV, HV)
+        t[enc + f"MultiHeadDotProductAttention_0/{m}/bias"] = r(LV, NV, HV)
+    t[enc + "MultiHeadDotProductAttention_0/out/kernel"] = r(LV, NV, HV, DV)
+    t[enc + "MultiHeadDotProductAttention_0/out/bias"] = r(LV, DV)
+    if pi05:
+        for n in ("pre_attention_norm_1", "pre_ffw_norm_1"):
+            t[f"PaliGemma/llm/layers/{n}/Dense_0/kernel"], t[f"PaliGemma/llm/layers/{n}/Dense_0/bias"] = r(LE, DE, 3 * DE), r(LE, 3 * DE)
+        t["PaliGemma/llm/final_norm_1/Dense_0/kernel"], t["PaliGemma/llm/final_norm_1/Dense_0/bias"] = r(DE, 3 * DE), r(3 * DE)
+        for p in ("time_mlp_in", "time_mlp_out"):
+            t[f"{p}/kernel"], t[f"{p}/bias"] = r(DE, DE), r(DE)
+    else:
+        t["PaliGemma/llm/layers/pre_attention_norm_1/scale"], t["PaliGemma/llm/layers/pre_ffw_norm_1/scale"] = r(LE, DE), r(LE, DE)
+        t["PaliGemma/llm/final_norm_1/scale"] = r(DE)
+        for p, (i, o) in {"state_proj": (7, DE), "action_time_mlp_in": (2 * DE, DE), "action_time_mlp_out": (DE, DE)}.items():
+            t[f"{p}/kernel"], t[f"{p}/bias"] = r(i, o), r(o)
+    return t
+
+
+def openpi_script(t, pi05):
+    """The slicing of openpi's convert_jax_model_to_pytorch.py, on the same arrays (o_proj by
+    the general rule for both Gemmas, as the rule files do)."""
+    s = {k.removeprefix("PaliGemma/"): v for k, v in t.items()}
+    out = {}
+    V = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
+    out[V + "embeddings.patch_embedding.weight"] = s["img/embedding/kernel"].transpose(3, 2, 0, 1)
+    out[V + "embeddings.patch_embedding.bias"] = s["img/embedding/bias"]
+    out[V + "embeddings.position_embedding.weight"] = s["img/pos_embedding"].reshape(-1, DV)
+    e = "img/Transformer/encoderblock/"
+    for i in range(LV):
+        p = V + f"encoder.layers.{i}."
+        out[p + "layer_norm1.weight"] = s[e + "LayerNorm_0/scale"][i]
+        out[p + "layer_norm1.bias"] = s[e + "LayerNorm_0/bias"][i]
+        out[p + "layer_norm2.weight"] = s[e + "LayerNorm_1/scale"][i]
+        out[p + "layer_norm2.bias"] = s[e + "LayerNorm_1/bias"][i]
+        out[p + "mlp.fc1.weight"] = s[e + "MlpBlock_0/Dense_0/kernel"][i].transpose()
+        out[p + "mlp.fc1.bias"] = s[e + "MlpBlock_0/Dense_0/bias"][i]
+        out[p + "mlp.fc2.weight"] = s[e + "MlpBlock_0/Dense_1/kernel"][i].transpose()
+        out[p + "mlp.fc2.bias"] = s[e + "MlpBlock_0/Dense_1/bias"][i]
+        for m, tm in (("key", "k"), ("value", "v"), ("query", "q")):
+            out[p + f"self_attn.{tm}_proj.weight"] = s[e + f"MultiHeadDotProductAttention_0/{m}/kernel"][i].reshape(-1, NV * HV).transpose()
+            out[p + f"self_attn.{tm}_proj.bias"] = s[e + f"MultiHeadDotProductAttention_0/{m}/bias"][i].reshape(-1, NV * HV).reshape(-1)
+        out[p + "self_attn.out_proj.weight"] = s[e + "MultiHeadDotProductAttention_0/out/kernel"][i].reshape(-1, DV).transpose()
+        out[p + "self_attn.out_proj.bias"] = s[e + "MultiHeadDotProductAttention_0/out/bias"][i]
+    out[V + "post_layernorm.weight"] = s["img/Transformer/encoder_norm/scale"].transpose()
+    out[V + "post_layernorm.bias"] = s["img/Transformer/encoder_norm/bias"]
+    out["paligemma_with_expert.paligemma.model.multi_modal_projector.linear.weight"] = s["img/head/kernel"].transpose()
+    out["paligemma_with_expert.paligemma.model.multi_modal_projector.linear.bias"] = s["img/head/bias"]
+    out["paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"] = s["llm/embedder/input_embedding"]
+    for sfx, base, n, h, d, layers in (("", "paligemma_with_expert.paligemma.model.language_model.", N, H, D, L),
+                                      ("_1", "paligemma_with_expert.gemma_expert.model.", NE, HE, DE, LE)):
+        q, kv = s[f"llm/layers/attn/q_einsum{sfx}/w"], s[f"llm/layers/attn/kv_einsum{sfx}/w"]
+        o, g, lin = s[f"llm/layers/attn/attn_vec_einsum{sfx}/w"], s[f"llm/layers/mlp{sfx}/gating_einsum"], s[f"llm/layers/mlp{sfx}/linear"]
+        for i in range(layers):
+            p = base + f"layers.{i}."
+            out[p + "self_attn.q_proj.weight"] = q[i].transpose(0, 2, 1).reshape(n * h, d)
+            out[p + "self_attn.k_proj.weight"] = kv[i, 0, 0].transpose()
+            out[p + "self_attn.v_proj.weight"] = kv[i, 1, 0].transpose()
+            out[p + "self_attn.o_proj.weight"] = o[i].reshape(n * h, d).transpose(1, 0)
+            out[p + "mlp.gate_proj.weight"] = g[i, 0].transpose()
+            out[p + "mlp.up_proj.weight"] = g[i, 1].transpose()
+            out[p + "mlp.down_proj.weight"] = lin[i].transpose()
+            if sfx == "":
+                out[p + "input_layernorm.weight"] = s["llm/layers/pre_attention_norm/scale"][i]
+                out[p + "post_attention_layernorm.weight"] = s["llm/layers/pre_ffw_norm/scale"][i]
+            elif pi05:
+                for nm, tn in (("pre_attention_norm_1", "input_layernorm"), ("pre_ffw_norm_1", "post_attention_layernorm")):
+                    out[p + f"{tn}.dense.bias"] = s[f"llm/layers/{nm}/Dense_0/bias"][i]
+                    out[p + f"{tn}.dense.weight"] = s[f"llm/layers/{nm}/Dense_0/kernel"][i].transpose()
+            else:
+                out[p + "input_layernorm.weight"] = s["llm/layers/pre_attention_norm_1/scale"][i]
+                out[p + "post_attention_layernorm.weight"] = s["llm/layers/pre_ffw_norm_1/scale"][i]
+    out["paligemma_with_expert.paligemma.model.language_model.norm.weight"] = s["llm/final_norm/scale"]
+    E = "paligemma_with_expert.gemma_expert.model."
+    if pi05:
+        out[E + "norm.dense.bias"] = s["llm/final_norm_1/Dense_0/bias"]
+        out[E + "norm.dense.weight"] = s["llm/final_norm_1/Dense_0/kernel"].transpose()
+        keys = ["action_in_proj", "action_out_proj", "time_mlp_in", "time_mlp_out"]
+    else:
+        out[E + "norm.weight"] = s["llm/final_norm_1/scale"]
+        keys = ["state_proj", "action_in_proj", "action_out_proj", "action_time_mlp_in", "action_time_mlp_out"]
+    for k in keys:
+        out[f"{k}.weight"] = t[f"{k}/kernel"].T
+        out[f"{k}.bias"] = t[f"{k}/bias"]
+    return out
+
+
+@pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
+def test_openpi_rules_match_the_conversion_script(tmp_path, pi05):
+    t = openpi_tree(pi05)
+    src, out = tmp_path / "params.safetensors", tmp_path / "model.safetensors"
+    save_file(t, str(src))
+    rules = os.path.join(ROOT, "rules", f"openpi-{'pi05' if pi05 else 'pi0'}-jax-to-pytorch.rules")
+    p = shell(f"ckpt-read '{src}' | ckpt-slice --rules '{rules}' | ckpt-write '{out}'")
+    assert p.returncode == 0, p.stderr.decode()
+    got = load_file(str(out))
+    ref = openpi_script(t, pi05)
+    assert sorted(got) == sorted(ref)
+    for k, v in ref.items():
+        assert got[k].shape == v.shape, k
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    # The torch layout computes what the JAX einsums compute, for q, k, v, o, gate, up, down.
+    x = r(2, 5, D)
+    pre = "paligemma_with_expert.paligemma.model.language_model.layers.1."
+    q = np.einsum("BTD,NDH->BTNH", x, t["PaliGemma/llm/layers/attn/q_einsum/w"][1]).reshape(2, 5, N * H)
+    np.testing.assert_allclose(x @ got[pre + "self_attn.q_proj.weight"].T, q, rtol=1e-5, atol=1e-5)
+    k, v = np.einsum("BSD,2KDH->2BSKH".replace("2", "C"), x, t["PaliGemma/llm/layers/attn/kv_einsum/w"][1])
+    np.testing.assert_allclose(x @ got[pre + "self_attn.k_proj.weight"].T, k.reshape(2, 5, K * H), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x @ got[pre + "self_attn.v_proj.weight"].T, v.reshape(2, 5, K * H), rtol=1e-5, atol=1e-5)
+    enc = r(2, 5, N, H)
+    o = np.einsum("BTNH,NHD->BTD", enc, t["PaliGemma/llm/layers/attn/attn_vec_einsum/w"][1])
+    np.testing.assert_allclose(enc.reshape(2, 5, N * H) @ got[pre + "self_attn.o_proj.weight"].T, o, rtol=1e-5, atol=1e-5)
+    g = t["PaliGemma/llm/layers/mlp/gating_einsum"][1]
+    np.testing.assert_allclose(x @ got[pre + "mlp.gate_proj.weight"].T, x @ g[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x @ got[pre + "mlp.up_proj.weight"].T, x @ g[1], rtol=1e-5, atol=1e-5)
+    h = r(2, 5, F)
+    np.testing.assert_allclose(h @ got[pre + "mlp.down_proj.weight"].T, h @ t["PaliGemma/llm/layers/mlp/linear"][1], rtol=1e-5, atol=1e-5)
+
+
+def test_openpi_rules_refuse_unmerged_lora(tmp_path):
+    t = openpi_tree(False)
+    t["PaliGemma/llm/layers/attn/q_einsum/lora_a"] = r(L, N, D, 2)
+    src = tmp_path / "params.safetensors"
+    save_file(t, str(src))
+    rules = os.path.join(ROOT, "rules", "openpi-pi0-jax-to-pytorch.rules")
+    p = shell(f"ckpt-read '{src}' | ckpt-slice --rules '{rules}' > /dev/null")
+    assert p.returncode == 65
+    assert b"no rule matches 1 input tensors" in p.stderr and b"q_einsum/lora_a" in p.stderr
