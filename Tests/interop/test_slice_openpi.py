@@ -171,3 +171,58 @@ def test_openpi_rules_refuse_unmerged_lora(tmp_path):
     p = shell(f"ckpt-read '{src}' | ckpt-slice --rules '{rules}' > /dev/null")
     assert p.returncode == 65
     assert b"no rule matches 1 input tensors" in p.stderr and b"q_einsum/lora_a" in p.stderr
+
+
+# ---- DINOv3 (facebookresearch/dinov3 key names) -> JAX tree ---------------------------------
+
+def dinov3_state(depth=2, dim=12, mask=True, swiglu=False):
+    s = {"cls_token": r(1, 1, dim), "storage_tokens": r(1, 4, dim), "mask_token": r(1, dim), "rope_embed.periods": r(dim // 4),
+         "patch_embed.proj.weight": r(dim, 3, 4, 4), "patch_embed.proj.bias": r(dim), "norm.weight": r(dim), "norm.bias": r(dim)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        s[b + "attn.qkv.weight"], s[b + "attn.qkv.bias"] = r(3 * dim, dim), r(3 * dim)
+        if mask:
+            m = np.ones(3 * dim, np.float32)
+            m[dim:2 * dim] = 0
+            s[b + "attn.qkv.bias_mask"] = m
+        s[b + "attn.proj.weight"], s[b + "attn.proj.bias"] = r(dim, dim), r(dim)
+        for n in (1, 2):
+            s[b + f"norm{n}.weight"], s[b + f"norm{n}.bias"], s[b + f"ls{n}.gamma"] = r(dim), r(dim), r(dim)
+        for m_ in (("w1", "w2", "w3") if swiglu else ("fc1", "fc2")):
+            shape = (dim, 2 * dim) if m_ in ("fc2", "w3") else (2 * dim, dim)
+            s[b + f"mlp.{m_}.weight"], s[b + f"mlp.{m_}.bias"] = r(*shape), r(shape[0])
+    return s
+
+
+@pytest.mark.parametrize("mask,swiglu", [(True, False), (False, True)])
+def test_dinov3_rules(tmp_path, mask, swiglu):
+    s = dinov3_state(mask=mask, swiglu=swiglu)
+    src, out = tmp_path / "dino.safetensors", tmp_path / "jax.safetensors"
+    save_file(s, str(src))
+    p = shell(f"ckpt-read '{src}' | ckpt-slice --rules '{os.path.join(ROOT, 'rules', 'dinov3-torch-to-jax.rules')}' | ckpt-write '{out}'")
+    assert p.returncode == 0, p.stderr.decode()
+    got = load_file(str(out))
+    d = 12
+    for i in range(2):
+        w, bias = s[f"blocks.{i}.attn.qkv.weight"], s[f"blocks.{i}.attn.qkv.bias"]
+        if mask:
+            bias = bias * s[f"blocks.{i}.attn.qkv.bias_mask"]
+        for j, n in enumerate("qkv"):
+            np.testing.assert_array_equal(got[f"blocks_{i}/attn/{n}/kernel"], w[j * d:(j + 1) * d].T)
+            np.testing.assert_array_equal(got[f"blocks_{i}/attn/{n}/bias"], bias[j * d:(j + 1) * d])
+        assert (got[f"blocks_{i}/attn/k/bias"] == 0).all() == mask
+        np.testing.assert_array_equal(got[f"blocks_{i}/attn/proj/kernel"], s[f"blocks.{i}.attn.proj.weight"].T)
+        np.testing.assert_array_equal(got[f"blocks_{i}/norm1/scale"], s[f"blocks.{i}.norm1.weight"])
+        np.testing.assert_array_equal(got[f"blocks_{i}/ls2/gamma"], s[f"blocks.{i}.ls2.gamma"])
+        fc = "w1" if swiglu else "fc1"
+        np.testing.assert_array_equal(got[f"blocks_{i}/mlp/{fc}/kernel"], s[f"blocks.{i}.mlp.{fc}.weight"].T)
+    np.testing.assert_array_equal(got["patch_embed/proj/kernel"], s["patch_embed.proj.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(got["rope_embed/periods"], s["rope_embed.periods"])
+    assert not any("bias_mask" in k for k in got)
+    # A mask still NaN (never initialised) is refused, naming the rule.
+    if mask:
+        s["blocks.1.attn.qkv.bias_mask"][:] = np.nan
+        save_file(s, str(src))
+        p = shell(f"ckpt-read '{src}' | ckpt-slice --rules '{os.path.join(ROOT, 'rules', 'dinov3-torch-to-jax.rules')}' > /dev/null")
+        assert p.returncode == 65
+        assert b"dinov3-torch-to-jax.rules:" in p.stderr and b"products are not finite" in p.stderr, p.stderr

@@ -130,9 +130,13 @@ public final class SliceSource: TensorSource {
                 SliceCast.affine(data.pointer, dtype, count: count, scale: 1, offset: a)
             case .where: break
             case .mul:
-                let operand = g.operands[k]!
+                guard let operand = g.operands[k] else { continue }  // mul? without its operand
                 let b = held.removeValue(forKey: operand.name)!
-                SliceCast.multiply(data.pointer, dtype, by: b.pointer, operand.dtype, count: count)
+                let bad = SliceCast.multiply(data.pointer, dtype, by: b.pointer, operand.dtype, count: count)
+                // An uninitialised mask (DINOv3's bias_mask is NaN until set) must not pass silently.
+                if bad > 0 {
+                    throw fail("mul \(operand.name): \(bad) products are not finite (NaN or Inf in \(g.inputs[0].name) or \(operand.name))")
+                }
             }
         }
         precondition(shape == g.finalShape, "plan and build disagree on \(g.rule.location)")

@@ -54,18 +54,19 @@ public struct SlicePlan {
         var problems: [String] = []
         var unmatched: [String] = []
         // mul operands first: they belong to the rule that names them.
-        var operandOf: [String: (consumer: String, op: Int)] = [:]
+        var operandOf: [String: (consumer: String, op: Int, optional: Bool)] = [:]
+        let byName = Dictionary(inputs.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
         for d in inputs {
             guard let (rule, captures) = SlicePlan.firstMatch(rules, d) else { continue }
             for (k, op) in rule.ops.enumerated() {
-                guard case .mul(let p) = op else { continue }
+                guard case .mul(let p, let optional) = op else { continue }
                 guard let name = p.substitute(captures) else {
                     problems.append("\(rule.location): mul \(p) uses a capture the source does not have"); continue
                 }
-                operandOf[name] = (d.name, k)
+                if optional && byName[name] == nil { continue }
+                operandOf[name] = (d.name, k, optional)
             }
         }
-        let byName = Dictionary(inputs.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
         let position = Dictionary(inputs.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { a, _ in a })
         var groupIndex: [String: Int] = [:]
         var groupCaptures: [[(values: [String: String], input: TensorDescriptor)]] = []
@@ -94,7 +95,7 @@ public struct SlicePlan {
                 }
             }
         }
-        for (name, (consumer, op)) in operandOf {
+        for (name, (consumer, op, _)) in operandOf {
             guard let d = byName[name] else {
                 problems.append("\(consumer): mul needs \(name), which is not in the input"); continue
             }
@@ -214,9 +215,12 @@ public struct SlicePlan {
             case .scale, .add:
                 guard SliceCast.supported(from: current.dtype) else { throw fail("\(op): \(current.dtype.rawValue) is not a float type") }
             case .where: break
-            case .mul:
+            case .mul(_, let optional):
+                guard let operand = g.operands[k] else {
+                    if optional { continue }
+                    throw fail("mul: the operand is not in the input")
+                }
                 elementwiseOnly = false
-                guard let operand = g.operands[k] else { throw fail("mul: the operand is not in the input") }
                 guard operand.shape.reduce(1, *) == current.shape.reduce(1, *), SliceCast.supported(from: operand.dtype),
                       SliceCast.supported(from: current.dtype) else {
                     throw fail("mul: \(operand.name) is \(operand.dtype.rawValue)\(operand.shape), the tensor is \(current.dtype.rawValue)\(current.shape)")

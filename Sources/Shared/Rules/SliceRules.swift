@@ -8,8 +8,9 @@ public enum SliceOp: Equatable, Sendable {
     case cast(DType)
     case scale(Double)
     case add(Double)
-    /// Multiply element by element by another input tensor (consumed by this rule).
-    case mul(RulePattern)
+    /// Multiply element by element by another input tensor (consumed by this rule); with
+    /// `optional` (`mul?`), a missing operand skips the op.
+    case mul(RulePattern, optional: Bool)
     /// A condition on the input: the rule matches only tensors of this rank and/or type.
     case `where`(rank: Int?, dtype: DType?)
 
@@ -173,8 +174,8 @@ public enum SliceRuleParser {
         case "scale", "add":
             guard let x = Double(arg), x.isFinite else { throw RuleError("\(parts[0]) takes a number, not '\(arg)'") }
             return parts[0] == "scale" ? .scale(x) : .add(x)
-        case "mul":
-            do { return .mul(try RulePattern(arg)) } catch { throw RuleError(error.description) }
+        case "mul", "mul?":
+            do { return .mul(try RulePattern(arg), optional: parts[0] == "mul?") } catch { throw RuleError(error.description) }
         case "where":
             var rank: Int?, dtype: DType?
             for cond in arg.split(separator: " ") {
@@ -190,7 +191,7 @@ public enum SliceRuleParser {
             guard rank != nil || dtype != nil else { throw RuleError("where needs rank=N or dtype=T") }
             return .where(rank: rank, dtype: dtype)
         default:
-            throw RuleError("unknown operation '\(parts.first ?? "")' (known: where, rearrange, index, select, cast, scale, add, mul)")
+            throw RuleError("unknown operation '\(parts.first ?? "")' (known: where, rearrange, index, select, cast, scale, add, mul, mul?)")
         }
     }
 

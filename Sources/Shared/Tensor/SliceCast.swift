@@ -140,12 +140,16 @@ public enum SliceCast {
     }
 
     /// `a · b` element by element into `a` (same element count), in float32 unless either is
-    /// float64; rounded to `a`'s type.
-    public static func multiply(_ a: UnsafeMutableRawPointer, _ ad: DType, by b: UnsafeRawPointer, _ bd: DType, count: Int) {
+    /// float64; rounded to `a`'s type. Returns how many products are not finite.
+    public static func multiply(_ a: UnsafeMutableRawPointer, _ ad: DType, by b: UnsafeRawPointer, _ bd: DType, count: Int) -> Int {
         let wide = ad == .f64 || bd == .f64
+        var bad = 0
         for i in 0..<count {
             let x = load(a, i, ad), y = load(b, i, bd)
-            store(wide ? x * y : Double(Float(x) * Float(y)), a, i, ad)
+            let p = wide ? x * y : Double(Float(x) * Float(y))
+            if !p.isFinite { bad += 1 }
+            store(p, a, i, ad)
         }
+        return bad
     }
 }
