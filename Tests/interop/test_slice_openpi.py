@@ -140,6 +140,10 @@ def test_openpi_rules_match_the_conversion_script(tmp_path, pi05):
     assert p.returncode == 0, p.stderr.decode()
     got = load_file(str(out))
     ref = openpi_script(t, pi05)
+    # Scanned layers are cut one layer at a time: the plan holds a layer, not the stack.
+    plan = shell(f"ckpt-slice --plan --rules '{rules}' --input '{src}'")
+    assert plan.returncode == 0, plan.stderr.decode()
+    assert plan.stdout.count(b"one slice of the leading axis at a time") >= 20, plan.stdout.decode()
     assert sorted(got) == sorted(ref)
     for k, v in ref.items():
         assert got[k].shape == v.shape, k

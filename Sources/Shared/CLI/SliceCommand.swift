@@ -74,7 +74,8 @@ public struct SliceCommand: ParsableCommand {
                 let operands = group.operands.values.map { "\(d($0)) (operand)" }
                 out += (group.inputs.map(d) + operands).joined(separator: "\n") + "\n"
                 let outs = group.outputs.count > 4 ? [d(group.outputs[0]), "... \(group.outputs.count - 2) more ...", d(group.outputs.last!)] : group.outputs.map(d)
-                let stacking = group.inputs.count > 1 ? "stacks \(group.inputs.count) inputs, " : ""
+                let stacking = group.inputs.count > 1 ? "stacks \(group.inputs.count) inputs, "
+                    : group.perSlice != nil ? "one slice of the leading axis at a time, " : ""
                 out += "  -> " + outs.joined(separator: "\n  -> ") + "\n"
                 out += "     (\(group.rule.location): \(stacking)holds \(formatBytes(group.memory)))\n"
                 if group.memory > peak.bytes { peak = (group.memory, group.rule.location) }

@@ -48,6 +48,20 @@ public struct Rearrange: Equatable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// The same expression without its first axis on both sides (applied to one slice along
+    /// a leading axis that stays leading).
+    public func droppingLeadingAxis() -> Rearrange? {
+        guard case .axis(let a)? = left.first, right.first == .axis(a) else { return nil }
+        return Rearrange(left: Array(left.dropFirst()), right: Array(right.dropFirst()), sizes: sizes, text: text + " (per \(a))")
+    }
+
+    private init(left: [Item], right: [Item], sizes: [String: Int], text: String) {
+        self.left = left
+        self.right = right
+        self.sizes = sizes
+        self.text = text
+    }
+
     private static func side(_ s: String, _ text: String) throws(Failure) -> [Item] {
         var items: [Item] = []
         var group: [String]?

@@ -15,6 +15,27 @@ public final class SliceSource: TensorSource {
         /// Element-wise conversion of upstream chunks: input type, ops, output type.
         case converting(from: DType, ops: [SliceOp], to: DType)
         case buffer(AlignedBuffer)
+        /// Outputs made one leading-axis slice of the upstream tensor at a time.
+        case slicing(SliceState)
+    }
+
+    /// Unstacking along the leading axis: which output, and the bytes of the next slice that
+    /// came with the previous chunk.
+    private final class SliceState {
+        let group: SlicePlan.Group
+        let per: Rearrange
+        let sliceShape: [Int]
+        let dtype: DType
+        var k = 0
+        var built: AlignedBuffer?
+        var leftover: [UInt8] = []
+        init(group: SlicePlan.Group, per: Rearrange) {
+            self.group = group
+            self.per = per
+            sliceShape = Array(group.inputs[0].shape.dropFirst())
+            dtype = group.inputs[0].dtype
+        }
+        var sliceBytes: Int { sliceShape.reduce(1, *) * dtype.size }
     }
     private var current = Current.none
     private var position = 0
@@ -33,6 +54,12 @@ public final class SliceSource: TensorSource {
     }
 
     public func nextTensor() throws -> TensorHeader? {
+        if case .slicing(let st) = current, st.k + 1 < st.group.outputs.count {
+            st.k += 1
+            st.built = nil
+            position = 0
+            return TensorHeader(st.group.outputs[st.k])
+        }
         current = .none
         position = 0
         carry = []
@@ -53,6 +80,10 @@ public final class SliceSource: TensorSource {
                 let renameOnly = group.rule.ops.allSatisfy { if case .where = $0 { return true } else { return false } }
                 current = renameOnly ? .upstream : .converting(from: d.dtype, ops: group.rule.ops, to: out.dtype)
                 return TensorHeader(out, attributes: t.attributes)
+            case .group(let g)? where plan.groups[g].perSlice != nil:
+                let st = SliceState(group: plan.groups[g], per: plan.groups[g].perSlice!)
+                current = .slicing(st)
+                return TensorHeader(st.group.outputs[0])
             case .group(let g)?, .operand(let g)?:
                 held[d.name] = try readWhole(d)
                 let group = plan.groups[g]
@@ -163,6 +194,47 @@ public final class SliceSource: TensorSource {
         }
     }
 
+    /// Reads the next leading-axis slice of the upstream tensor and makes its output.
+    private func buildSlice(_ st: SliceState) throws -> AlignedBuffer {
+        let g = st.group
+        func fail(_ m: String) -> RuleError { RuleError(m, file: g.rule.file, line: g.rule.line) }
+        let need = st.sliceBytes
+        let slice = AlignedBuffer(capacity: max(need, 1))
+        var have = min(st.leftover.count, need)
+        st.leftover.withUnsafeBytes { if have > 0 { slice.pointer.copyMemory(from: $0.baseAddress!, byteCount: have) } }
+        st.leftover.removeFirst(have)
+        while have < need, let chunk = try upstream.nextChunk() {
+            let take = min(chunk.count, need - have)
+            (slice.pointer + have).copyMemory(from: chunk.baseAddress!, byteCount: take)
+            have += take
+            if take < chunk.count { st.leftover += chunk[take...] }
+        }
+        guard have == need else {
+            throw StreamError(.tensorLengthMismatch(declared: UInt64(g.inputs[0].byteCount), received: UInt64(st.k * need + have)),
+                              source: "ckpt-slice", tensor: g.inputs[0].name)
+        }
+        slice.count = need
+        let b: Rearrange.Bound
+        do { b = try st.per.bind(st.sliceShape) } catch { throw fail(error.description) }
+        var data = SliceSource.gather(slice, st.dtype.size, offset: 0, shape: b.axes.map(\.size), strides: b.axes.map(\.stride))
+        var dtype = st.dtype
+        let count = b.outputShape.reduce(1, *)
+        for op in g.rule.ops {
+            switch op {
+            case .cast(let to):
+                let out = AlignedBuffer(capacity: max(count * to.size, 1))
+                out.count = count * to.size
+                SliceCast.convert(data.pointer, from: dtype, count: count, into: out.pointer, to: to)
+                data = out
+                dtype = to
+            case .scale(let x): SliceCast.affine(data.pointer, dtype, count: count, scale: x, offset: 0)
+            case .add(let x): SliceCast.affine(data.pointer, dtype, count: count, scale: 1, offset: x)
+            default: break  // the rearrange (done above) and where
+            }
+        }
+        return data
+    }
+
     /// A strided view of `source` (element strides) made contiguous.
     static func gather(_ source: AlignedBuffer, _ elementSize: Int, offset: Int, shape: [Int], strides: [Int]) -> AlignedBuffer {
         let count = shape.reduce(1, *)
@@ -179,6 +251,13 @@ public final class SliceSource: TensorSource {
         case .none: return nil
         case .upstream: return try upstream.nextChunk()
         case .buffer(let b):
+            guard position < b.count else { return nil }
+            let n = min(StreamFormat.defaultChunkSize, b.count - position)
+            defer { position += n }
+            return UnsafeRawBufferPointer(start: b.pointer + position, count: n)
+        case .slicing(let st):
+            if st.built == nil { st.built = try buildSlice(st) }
+            let b = st.built!
             guard position < b.count else { return nil }
             let n = min(StreamFormat.defaultChunkSize, b.count - position)
             defer { position += n }

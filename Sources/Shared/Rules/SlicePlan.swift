@@ -23,12 +23,19 @@ public struct SlicePlan {
         var finalShape: [Int] = []
         /// The source tensor streams through chunk by chunk (renames and element-wise ops).
         public var streams = false
+        /// The source is unstacked along its leading axis, which the expression keeps leading:
+        /// each output is made from one slice of it as it arrives (`perSlice` on the slice).
+        public var perSlice: Rearrange?
         /// Index of the input whose arrival completes the group.
         var trigger = 0
 
         /// Bytes held while the group is built (inputs, one intermediate, outputs).
         public var memory: Int {
             guard !streams else { return 0 }
+            if perSlice != nil, let out = outputs.first {
+                // One input slice and the output made from it (at most the wider type's size).
+                return inputs[0].byteCount / max(outputs.count, 1) + out.byteCount
+            }
             let inBytes = inputs.reduce(0) { $0 + $1.byteCount } + operands.values.reduce(0) { $0 + $1.byteCount }
             let outBytes = outputs.reduce(0) { $0 + $1.byteCount }
             return inBytes + max(inBytes, outBytes) + outBytes
@@ -258,6 +265,15 @@ public struct SlicePlan {
             }
         }
         g.streams = elementwiseOnly && unstack.isEmpty && g.operands.isEmpty
+        // Leading-axis unstacking streams slice by slice: one rearrange first that keeps its first
+        // axis first, then only element-wise ops, and that axis is the only one unstacked.
+        if stacked.isEmpty, g.operands.isEmpty, unstack.count == 1, unstack[0].position == 0,
+           case .rearrange(let r)? = rule.ops.first(where: { if case .where = $0 { return false } else { return true } }),
+           r.left.first == .axis(unstack[0].name),
+           rule.ops.filter({ if case .rearrange = $0 { return true }; if case .index = $0 { return true }; if case .mul = $0 { return true }; return false }).count == 1,
+           let per = r.droppingLeadingAxis() {
+            g.perSlice = per
+        }
     }
 }
 
