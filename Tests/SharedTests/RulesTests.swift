@@ -1,0 +1,136 @@
+import Testing
+@testable import Shared
+
+@Suite struct RulePatternTests {
+    @Test func capturesSegmentsRestIntegersAndSets() throws {
+        let p = try RulePattern("{p*}.layers.{i:int}.{s=q,k,v}_proj.{w}")
+        let m = try #require(p.match("model.enc.layers.12.k_proj.weight"))
+        #expect(m == ["p": "model.enc", "i": "12", "s": "k", "w": "weight"])
+        #expect(p.match("model.layers.x.k_proj.weight") == nil)     // not an integer
+        #expect(p.match("model.layers.1.o_proj.weight") == nil)     // not in the set
+        #expect(p.match("model.layers.1.k_proj.a.b") == nil)        // {w} is one segment
+        #expect(try RulePattern("{_=params/,}{p*}/kernel").match("params/a/b/kernel") == ["_": "params/", "p": "a/b"])
+        #expect(try RulePattern("{_=params/,}{p*}/kernel").match("a/kernel") == ["_": "", "p": "a"])
+    }
+
+    @Test func targetsRejoinRestCapturesWithTheirSeparator() throws {
+        let t = try RulePattern("{p}/kernel")
+        #expect(t.substitute(["p": "enc.layer.0"], rejoin: ["p"]) == "enc/layer/0/kernel")
+        #expect(t.substitute(["p": "enc.layer.0"]) == "enc.layer.0/kernel")
+        #expect(t.substitute([:]) == nil)
+    }
+
+    @Test func badPatterns() {
+        for bad in ["a{b", "a}b", "{}", "{a}{b}", "{x=}", "{a b}", "{x}.{x}"] {
+            #expect(throws: RulePattern.ParseError.self, "\(bad)") { try RulePattern(bad) }
+        }
+    }
+}
+
+@Suite struct RearrangeTests {
+    @Test func bindsSplitsMergesAndTransposes() throws {
+        let r = try Rearrange("L N D H -> L (N H) D")
+        let b = try r.bind([2, 3, 4, 5])
+        #expect(b.outputShape == [2, 15, 4])
+        #expect(b.axes.map(\.name) == ["L", "N", "H", "D"])
+        #expect(b.axes.map(\.stride) == [60, 20, 1, 5])
+        let split = try Rearrange("(s o) i -> s o i", sizes: ["s": 3]).bind([12, 5])
+        #expect(split.outputShape == [3, 4, 5])
+        #expect(try Rearrange("1 n d -> n d").bind([1, 7, 2]).outputShape == [7, 2])
+    }
+
+    @Test func refusesWhatDoesNotFit() throws {
+        #expect(throws: Rearrange.Failure.self) { try Rearrange("a b -> b") }
+        #expect(throws: Rearrange.Failure.self) { try Rearrange("a a -> a a") }
+        #expect(throws: Rearrange.Failure.self) { try Rearrange("(a (b)) -> a b") }
+        #expect(throws: Rearrange.Failure.self) { try Rearrange("a b -> b a").bind([2, 3, 4]) }
+        #expect(throws: Rearrange.Failure.self) { try Rearrange("(a b) -> a b", sizes: ["a": 4]).bind([6]) }
+        #expect(throws: Rearrange.Failure.self) { try Rearrange("(a b) -> a b").bind([6]) }  // two unknowns
+        #expect(throws: Rearrange.Failure.self) { try Rearrange("1 a -> a").bind([2, 3]) }
+    }
+}
+
+@Suite struct RuleFileTests {
+    @Test func parsesRulesOpsCommentsAndKeywords() throws {
+        let rules = try SliceRuleParser.parse("""
+            # a comment
+            drop {p*}.num_batches_tracked
+            keep tokens   # trailing comment
+            {p*}.weight -> {p}/kernel | where rank=2 | rearrange "o i -> i o" | cast BF16
+            x -> y | index [:, 0, 1:3] | scale 0.5 | add -1 | mul? {p}.mask
+            """, file: "t.rules")
+        #expect(rules.count == 4)
+        #expect(rules[0].action == .drop && rules[1].action == .keep)
+        #expect(rules[2].line == 4 && rules[2].ops.count == 3)
+        #expect(rules[2].ops[2] == .cast(.bf16))
+        #expect(rules[3].ops[0] == .index([.all, .at(0), .range(1, 3)]))
+        #expect(rules[3].ops[3] == .mul(try RulePattern("{p}.mask"), optional: true))
+        let w = try TensorDescriptor(name: "a.b.weight", dtype: .f32, shape: [2, 3])
+        #expect(rules[2].matches(w) == ["p": "a.b"])
+        #expect(rules[2].matches(try TensorDescriptor(name: "a.weight", dtype: .f32, shape: [2])) == nil)  // where rank=2
+    }
+
+    @Test func errorsNameFileAndLine() {
+        let cases: [(String, String)] = [
+            ("x -> y | frobnicate", "t.rules:1: unknown operation 'frobnicate'"),
+            ("\n\nx y", "t.rules:3: expected 'SOURCE -> TARGET"),
+            ("x -> y | cast F7", "t.rules:1: cast takes"),
+            ("x -> y.{L} | scale 2", "t.rules:1: target {L} is neither captured"),
+            ("l.{i:int}.w -> w | rearrange \"a i -> i a\"", "t.rules:1: stacking along i: the first rearrange must start with those axes"),
+            ("x -> y | rearrange i o -> o i", "t.rules:1: rearrange takes a quoted expression"),
+        ]
+        for (text, message) in cases {
+            do {
+                _ = try SliceRuleParser.parse(text, file: "t.rules")
+                Issue.record("no error for \(text)")
+            } catch {
+                #expect("\(error)".hasPrefix(message), "\(error)")
+            }
+        }
+    }
+}
+
+@Suite struct SlicePlanTests {
+    private func d(_ name: String, _ shape: [Int], _ dtype: DType = .f32) -> TensorDescriptor {
+        try! TensorDescriptor(name: name, dtype: dtype, shape: shape)
+    }
+
+    @Test func ordersOutputsWhereTheirLastInputArrives() throws {
+        let rules = try SliceRuleParser.parse("""
+            l.{i:int}.w -> stacked | rearrange "i a -> i a"
+            other -> other2
+            """, file: "t.rules")
+        let plan = try SlicePlan(rules: rules, inputs: [d("l.1.w", [2]), d("other", [3]), d("l.0.w", [2])], keepUnmatched: false)
+        #expect(plan.outputs.map(\.name) == ["other2", "stacked"])
+        #expect(plan.outputs[1].shape == [2, 2])
+        #expect(plan.groups[0].inputs.map(\.name) == ["l.0.w", "l.1.w"])  // stacking order, not arrival order
+    }
+
+    @Test func everyProblemAtOnce() throws {
+        let rules = try SliceRuleParser.parse("a -> z\nb -> z\nc -> c2 | rearrange \"x y -> y x\"", file: "t.rules")
+        do {
+            _ = try SlicePlan(rules: rules, inputs: [d("a", [1]), d("b", [1]), d("c", [3]), d("stray", [1])], keepUnmatched: false)
+            Issue.record("no error")
+        } catch {
+            let text = "\(error)"
+            #expect(text.contains("no rule matches 1 input tensors"))
+            #expect(text.contains("stray"))
+            #expect(text.contains("t.rules:3: rearrange"))
+            #expect(text.contains("two rules write z: t.rules:1 and t.rules:2"))
+        }
+    }
+}
+
+@Suite struct SliceCastTests {
+    @Test func float8RoundsToNearestEvenWithOverflow() {
+        let e4m3 = SliceCast.SmallFloat.e4m3fn, e5m2 = SliceCast.SmallFloat.e5m2
+        // 448 is e4m3fn's largest; 464 is the tie between 448 and (unrepresentable) 480.
+        #expect(e4m3.encode(448) == 0x7E && e4m3.encode(464) == 0x7E && e4m3.encode(465) == 0x7F)
+        #expect(e4m3.encode(.infinity) == 0x7F && e4m3.encode(-.nan) == 0xFF)
+        #expect(e4m3.encode(0.001953125) == 0x01)   // 2^-9, the smallest subnormal
+        #expect(e4m3.encode(0.0009765625) == 0x00)  // 2^-10: a tie, to even (zero)
+        #expect(e5m2.encode(57344) == 0x7B && e5m2.encode(61440) == 0x7C)  // max, then a tie that overflows to Inf
+        #expect(e5m2.decode(0x7B) == 57344 && e4m3.decode(0x7E) == 448)
+        #expect(SliceCast.SmallFloat.bf16.encode(1 + 1.0 / 256) == 0x3F80)  // a tie, to even
+    }
+}
