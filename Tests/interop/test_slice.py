@@ -198,3 +198,26 @@ def test_bad_rules_name_file_and_line(tmp_path, text, message):
         assert b"two rules write y: " in p.stderr and b"test.rules:1 and " in p.stderr
     assert message in p.stderr, p.stderr.decode()
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_bert_rules_give_exactly_what_flax_bert_model_builds(tmp_path, minilm):
+    """transformers 4.x FlaxBertModel.from_pretrained(dir, from_pt=True), run in .venv-tf4
+    (transformers 5 has no Flax models): every leaf bit-identical to the rules' output."""
+    import subprocess
+    py = os.path.join(ROOT, ".venv-tf4", "bin", "python")
+    if not os.path.exists(py):
+        pytest.fail(".venv-tf4 is missing: run scripts/setup.sh")
+    ref = tmp_path / "flax-ref.safetensors"
+    code = ("import sys, numpy as np; from transformers import FlaxBertModel; from flax.traverse_util import flatten_dict; "
+            "from safetensors.numpy import save_file; m = FlaxBertModel.from_pretrained(sys.argv[1], from_pt=True); "
+            "save_file({k: np.asarray(v) for k, v in flatten_dict(m.params, sep='/').items()}, sys.argv[2])")
+    p = subprocess.run([py, "-c", code, os.path.dirname(minilm), str(ref)], capture_output=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    out = tmp_path / "ours.safetensors"
+    q = shell(f"ckpt-read '{minilm}' | ckpt-slice --rules '{RULES}/bert-torch-to-flax.rules' | ckpt-write '{out}'")
+    assert q.returncode == 0, q.stderr.decode()
+    theirs, ours = load_file(str(ref)), load_file(str(out))
+    assert sorted(ours) == sorted(theirs)
+    for k, v in theirs.items():
+        assert ours[k].dtype == v.dtype and ours[k].shape == v.shape, k
+        assert np.array_equal(ours[k].view(np.uint8), v.view(np.uint8)), k

@@ -130,25 +130,10 @@ public final class LoRAMerger: TensorSource {
         if b.capacity >= spare?.capacity ?? 0 { spare = b }
     }
 
-    /// The whole current upstream tensor.
+    /// The whole current upstream tensor, in a recycled buffer.
     private func readWhole(_ d: TensorDescriptor) throws -> AlignedBuffer {
         let buffer = takeBuffer(d.byteCount)
-        var n = 0
-        if let reader = upstream as? StreamReader {
-            // Straight from the pipe into the buffer: one copy fewer.
-            while let got = try reader.nextChunk(copyingInto: UnsafeMutableRawBufferPointer(start: buffer.pointer + n, count: d.byteCount - n)) {
-                n += got
-            }
-        }
-        while let chunk = try upstream.nextChunk() {
-            guard n + chunk.count <= d.byteCount else { break }
-            (buffer.pointer + n).copyMemory(from: chunk.baseAddress!, byteCount: chunk.count)
-            n += chunk.count
-        }
-        guard n == d.byteCount else {
-            throw StreamError(.tensorLengthMismatch(declared: UInt64(d.byteCount), received: UInt64(n)), source: "lora-merge", tensor: d.name)
-        }
-        buffer.count = n
+        try upstream.readTensor(d, into: buffer, stage: "lora-merge")
         return buffer
     }
 

@@ -131,3 +131,28 @@ public protocol SpliceAwareSink: TensorSink {
 public protocol DirectChunkSource: TensorSource {
     func nextChunk(into sink: FileRegionSink) throws -> Int?
 }
+
+extension TensorSource {
+    /// Reads all of the current tensor `d` into `buffer` (its capacity holds `d.byteCount`)
+    /// and sets its count; a tensor longer or shorter than declared is an error naming `stage`.
+    public func readTensor(_ d: TensorDescriptor, into buffer: AlignedBuffer, stage: String) throws {
+        var n = 0
+        if let reader = self as? StreamReader {
+            // Straight from the input into the buffer: one copy fewer.
+            while let got = try reader.nextChunk(copyingInto: UnsafeMutableRawBufferPointer(start: buffer.pointer + n, count: d.byteCount - n)) {
+                n += got
+            }
+        }
+        while let chunk = try nextChunk() {
+            guard n + chunk.count <= d.byteCount else {
+                throw StreamError(.tensorLengthMismatch(declared: UInt64(d.byteCount), received: UInt64(n + chunk.count)), source: stage, tensor: d.name)
+            }
+            (buffer.pointer + n).copyMemory(from: chunk.baseAddress!, byteCount: chunk.count)
+            n += chunk.count
+        }
+        guard n == d.byteCount else {
+            throw StreamError(.tensorLengthMismatch(declared: UInt64(d.byteCount), received: UInt64(n)), source: stage, tensor: d.name)
+        }
+        buffer.count = n
+    }
+}

@@ -106,16 +106,7 @@ public final class SliceSource: TensorSource {
 
     private func readWhole(_ d: TensorDescriptor) throws -> AlignedBuffer {
         let buffer = AlignedBuffer(capacity: max(d.byteCount, 1))
-        var n = 0
-        while let chunk = try upstream.nextChunk() {
-            guard n + chunk.count <= d.byteCount else { break }
-            (buffer.pointer + n).copyMemory(from: chunk.baseAddress!, byteCount: chunk.count)
-            n += chunk.count
-        }
-        guard n == d.byteCount else {
-            throw StreamError(.tensorLengthMismatch(declared: UInt64(d.byteCount), received: UInt64(n)), source: "ckpt-slice", tensor: d.name)
-        }
-        buffer.count = n
+        try upstream.readTensor(d, into: buffer, stage: "ckpt-slice")
         return buffer
     }
 
@@ -149,16 +140,8 @@ public final class SliceSource: TensorSource {
                 let v = try IndexView(items, shape: shape)
                 data = SliceSource.gather(data, dtype.size, offset: v.offset, shape: v.shape, strides: v.strides)
                 shape = v.shape
-            case .cast(let to):
-                let out = AlignedBuffer(capacity: max(count * to.size, 1))
-                out.count = count * to.size
-                SliceCast.convert(data.pointer, from: dtype, count: count, into: out.pointer, to: to)
-                data = out
-                dtype = to
-            case .scale(let s):
-                SliceCast.affine(data.pointer, dtype, count: count, scale: s, offset: 0)
-            case .add(let a):
-                SliceCast.affine(data.pointer, dtype, count: count, scale: 1, offset: a)
+            case .cast, .scale, .add:
+                (data, dtype) = SliceSource.elementwise(op, data, dtype, count: count)
             case .where: break
             case .mul:
                 guard let operand = g.operands[k] else { continue }  // mul? without its operand
@@ -220,19 +203,24 @@ public final class SliceSource: TensorSource {
         var dtype = st.dtype
         let count = b.outputShape.reduce(1, *)
         for op in g.rule.ops {
-            switch op {
-            case .cast(let to):
-                let out = AlignedBuffer(capacity: max(count * to.size, 1))
-                out.count = count * to.size
-                SliceCast.convert(data.pointer, from: dtype, count: count, into: out.pointer, to: to)
-                data = out
-                dtype = to
-            case .scale(let x): SliceCast.affine(data.pointer, dtype, count: count, scale: x, offset: 0)
-            case .add(let x): SliceCast.affine(data.pointer, dtype, count: count, scale: 1, offset: x)
-            default: break  // the rearrange (done above) and where
-            }
+            (data, dtype) = SliceSource.elementwise(op, data, dtype, count: count)  // the rearrange was done above
         }
         return data
+    }
+
+    /// Applies an element-wise op (cast, scale, add; others pass): the new data and type.
+    static func elementwise(_ op: SliceOp, _ data: AlignedBuffer, _ dtype: DType, count: Int) -> (AlignedBuffer, DType) {
+        switch op {
+        case .cast(let to):
+            let out = AlignedBuffer(capacity: max(count * to.size, 1))
+            out.count = count * to.size
+            SliceCast.convert(data.pointer, from: dtype, count: count, into: out.pointer, to: to)
+            return (out, to)
+        case .scale(let x): SliceCast.affine(data.pointer, dtype, count: count, scale: x, offset: 0)
+        case .add(let x): SliceCast.affine(data.pointer, dtype, count: count, scale: 1, offset: x)
+        default: break
+        }
+        return (data, dtype)
     }
 
     /// A strided view of `source` (element strides) made contiguous.
@@ -270,23 +258,13 @@ public final class SliceSource: TensorSource {
                 carry = Array(input[(n * from.size)...])
                 input.removeLast(carry.count)
                 guard n > 0 else { continue }
-                if converted.capacity < n * max(to.size, from.size) { converted = AlignedBuffer(capacity: n * max(to.size, from.size)) }
-                input.withUnsafeBytes { converted.pointer.copyMemory(from: $0.baseAddress!, byteCount: n * from.size) }
+                var data = AlignedBuffer(capacity: n * from.size)
+                data.count = n * from.size
+                input.withUnsafeBytes { data.pointer.copyMemory(from: $0.baseAddress!, byteCount: n * from.size) }
                 var dtype = from
-                for op in ops {
-                    switch op {
-                    case .cast(let d):
-                        let tmp = AlignedBuffer(capacity: n * d.size)
-                        SliceCast.convert(converted.pointer, from: dtype, count: n, into: tmp.pointer, to: d)
-                        converted.pointer.copyMemory(from: tmp.pointer, byteCount: n * d.size)
-                        dtype = d
-                    case .scale(let s): SliceCast.affine(converted.pointer, dtype, count: n, scale: s, offset: 0)
-                    case .add(let a): SliceCast.affine(converted.pointer, dtype, count: n, scale: 1, offset: a)
-                    case .where: break
-                    default: preconditionFailure("a streaming rule has only element-wise ops")
-                    }
-                }
+                for op in ops { (data, dtype) = SliceSource.elementwise(op, data, dtype, count: n) }
                 precondition(dtype == to)
+                converted = data
                 return UnsafeRawBufferPointer(start: converted.pointer, count: n * to.size)
             }
             guard carry.isEmpty else {
