@@ -132,8 +132,9 @@ def test_cast_rounds_bit_for_bit_like_ml_dtypes(tmp_path, target, ref, source):
 def test_scale_add_and_widening_cast_match_numpy(tmp_path):
     x = np.random.default_rng(1).standard_normal(1000).astype(np.float32)
     xb = x.astype(ml_dtypes.bfloat16)
-    p, out = slice_file(tmp_path, {"a": x, "b": xb}, rules_text="a -> a2 | scale 0.3\nb -> b1 | add 1\nb -> never\n")
+    p, out = slice_file(tmp_path, {"a": x, "b": xb, "c": x[:3]}, rules_text="a -> a2 | scale 0.3\nb -> b1 | add 1\nb -> never\nkeep c\n")
     assert p.returncode == 0, p.stderr.decode()
+    np.testing.assert_array_equal(out["c"], x[:3])
     np.testing.assert_array_equal(out["a2"], x * np.float32(0.3))
     np.testing.assert_array_equal(out["b1"].view(np.uint16), (xb + 1).view(np.uint16))  # ml_dtypes: in float32, rounded once
     p, out = slice_file(tmp_path, {"b": xb}, rules_text="b -> b | cast F32\n")
@@ -176,6 +177,12 @@ def test_plan_reads_only_the_manifest(tmp_path):
     assert b"a.weight F32[1000, 1000]\n  -> a/kernel F32[1000, 1000]" in p.stdout, p.stdout
     assert b"a.bias F32[1000]  -> a/bias F32[1000]" in p.stdout and b"streams" in p.stdout
     assert b"peak held 11.4 MiB" in p.stdout or b"peak held" in p.stdout
+    # A saved `ckpt-read --list` table plans the same way.
+    table = tmp_path / "list.txt"
+    table.write_bytes(run(["ckpt-read", "--list", str(src)], check=True).stdout)
+    q = run(["ckpt-slice", "--plan", "--rules", str(rules), "--input", str(table)])
+    assert q.returncode == 0, q.stderr
+    assert q.stdout == p.stdout
     # The same rules on the cut stream itself fail loudly: the data is missing.
     assert run(["ckpt-slice", "--rules", str(rules), "--input", str(cut), "-o", str(tmp_path / "x.ckpts")]).returncode != 0
 

@@ -101,4 +101,24 @@ public enum TensorTable {
         out += "\(tensors.count) tensors, \(total) bytes (\(formatBytes(total)))\n"
         return out
     }
+
+    /// Reads a table `render` printed back into descriptors (names without spaces), so a
+    /// `ckpt-read --list` saved earlier can be planned against; nil if `text` is not one.
+    public static func parse(_ text: String) -> [TensorDescriptor]? {
+        var lines = text.split(separator: "\n").map(String.init)
+        guard let head = lines.first, head.split(separator: " ").map(String.init) == ["name", "dtype", "shape", "bytes"],
+              let last = lines.last, last.contains(" tensors, ") else { return nil }
+        lines.removeFirst()
+        lines.removeLast()
+        var out: [TensorDescriptor] = []
+        for line in lines {
+            let f = line.split(separator: " ").map(String.init)
+            guard f.count == 4, let dtype = DType(rawValue: f[1]), f[2].hasPrefix("["), f[2].hasSuffix("]") else { return nil }
+            let dims = f[2].dropFirst().dropLast().split(separator: ",").map { Int($0) }
+            guard !dims.contains(nil), let d = try? TensorDescriptor(name: f[0], dtype: dtype, shape: dims.map { $0! }),
+                  Int(f[3]) == d.byteCount else { return nil }
+            out.append(d)
+        }
+        return out
+    }
 }

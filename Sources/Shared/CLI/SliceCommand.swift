@@ -27,7 +27,7 @@ public struct SliceCommand: ParsableCommand {
     @Flag(help: "Pass tensors no rule matches through unchanged instead of failing.")
     public var keepUnmatched = false
 
-    @Option(help: ArgumentHelp("Read FILE (a stream or any checkpoint ckpt-read reads) instead of stdin.", valueName: "file"))
+    @Option(help: ArgumentHelp("Read FILE (a stream, any checkpoint ckpt-read reads, or with --plan a saved ckpt-read --list table) instead of stdin.", valueName: "file"))
     public var input: String = "-"
 
     @OptionGroup public var stream: StreamOutputOptions
@@ -43,6 +43,13 @@ public struct SliceCommand: ParsableCommand {
         try Tool.run("ckpt-slice") {
             var all: [SliceRule] = []
             for file in rules { all += try SliceRuleParser.parse(file: file) }
+            if plan, input != "-", let bytes = try? readWholeFile(input, limit: 1 << 28),
+               let table = String(validating: bytes, as: UTF8.self).flatMap(TensorTable.parse) {
+                // A `ckpt-read --list` table saved earlier: plan against it.
+                let p = try SlicePlan(rules: all, inputs: table, keepUnmatched: keepUnmatched)
+                print(SliceCommand.render(p, inputs: table), terminator: "")
+                return
+            }
             let upstream = try openSource(input, options: ReadOptions(), producer: "ckpt-slice \(Tool.version)")
             let source = try SliceSource(upstream: upstream, rules: all, keepUnmatched: keepUnmatched)
             if plan {
