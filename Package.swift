@@ -11,6 +11,7 @@ let package = Package(
         .executable(name: "ckpt-write", targets: ["ckpt-write"]),
         .executable(name: "lora-merge", targets: ["lora-merge"]),
         .executable(name: "ckpt-slice", targets: ["ckpt-slice"]),
+        .executable(name: "ckpt-diff", targets: ["ckpt-diff"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -42,6 +43,7 @@ let package = Package(
         .executableTarget(name: "ckpt-write", dependencies: ["Shared"]),
         .executableTarget(name: "lora-merge", dependencies: ["Shared"]),
         .executableTarget(name: "ckpt-slice", dependencies: ["Shared"]),
+        .executableTarget(name: "ckpt-diff", dependencies: ["Shared"]),
         .testTarget(
             name: "SharedTests",
             dependencies: ["Shared"],

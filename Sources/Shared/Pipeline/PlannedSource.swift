@@ -115,6 +115,37 @@ public final class PlannedSource: FileBackedSource {
         return t
     }
 
+    /// The bytes of plan entry `index`, read whole, out of order (for tools that look tensors
+    /// up by name, such as ckpt-diff); does not disturb `nextTensor`/`nextChunk`.
+    public func tensorBytes(at index: Int) throws -> AlignedBuffer {
+        let (t, data) = plan[index]
+        let n = t.descriptor.byteCount
+        switch data {
+        case .mapped(let f, let offset):
+            let out = AlignedBuffer(capacity: max(n, 1))
+            out.pointer.copyMemory(from: f.bytes(at: offset, count: n).baseAddress ?? UnsafeRawPointer(out.pointer), byteCount: n)
+            f.drop(offset: offset, count: n)
+            out.count = n
+            return out
+        case .segments(let f, let pieces):
+            let out = AlignedBuffer(capacity: max(n, 1))
+            var at = 0
+            for (offset, count) in pieces {
+                if count > 0 { (out.pointer + at).copyMemory(from: f.bytes(at: offset, count: count).baseAddress!, byteCount: count) }
+                f.drop(offset: offset, count: count)
+                at += count
+            }
+            out.count = at
+            return out
+        case .materialized(let make):
+            let out = try make()
+            guard out.count == n else {
+                throw StreamError(.tensorLengthMismatch(declared: UInt64(n), received: UInt64(out.count)), source: header.sourceFormat, tensor: t.descriptor.name)
+            }
+            return out
+        }
+    }
+
     public func nextChunk() throws -> UnsafeRawBufferPointer? {
         guard position < currentLength else {
             materialized = nil

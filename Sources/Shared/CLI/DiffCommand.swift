@@ -1,0 +1,78 @@
+import ArgumentParser
+import Glibc
+
+/// `ckpt-diff A B`: compares two checkpoints tensor by tensor; exits like cmp(1).
+public struct DiffCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "ckpt-diff",
+        abstract: "Compare two checkpoints tensor by tensor.",
+        discussion: """
+            A and B are any checkpoints ckpt-read reads, or streams ('-' for stdin). For each tensor in both: \
+            max and mean absolute difference, max relative difference, cosine similarity, NaN and Inf counts. \
+            Tensors are equal when |a - b| <= atol + rtol*|b| everywhere (NaN equals NaN) and their types \
+            match; by default (rtol = atol = 0) only identical values are equal.
+
+            Exit status: 0 equal, 1 different (a tensor differs, or is only in one of them), 2 trouble.
+
+            Examples:
+              ckpt-diff original.safetensors converted.safetensors
+              ckpt-diff --rules rules/bert-torch-to-flax.rules model.safetensors flax_params.msgpack
+              ckpt-diff --rtol 1e-5 --atol 1e-6 --json a.pt b.safetensors
+            """,
+        version: Tool.version)
+
+    @Argument(help: "The first checkpoint (or stream).")
+    public var a: String
+
+    @Argument(help: "The second checkpoint (or stream).")
+    public var b: String
+
+    @Option(help: ArgumentHelp("Relative tolerance.", valueName: "x"))
+    public var rtol: Double = 0
+
+    @Option(help: ArgumentHelp("Absolute tolerance.", valueName: "x"))
+    public var atol: Double = 0
+
+    @Option(name: .long, help: ArgumentHelp("Apply this slice rule file to A first, to compare across layouts (repeatable).", valueName: "file"))
+    public var rules: [String] = []
+
+    @Flag(help: "Print JSON instead of a table.")
+    public var json = false
+
+    @Flag(help: "Print only the summary line.")
+    public var brief = false
+
+    public init() {}
+
+    public func validate() throws {
+        guard rtol >= 0, atol >= 0, rtol.isFinite, atol.isFinite else { throw ValidationError("--rtol and --atol take finite numbers >= 0") }
+        guard !(a == "-" && b == "-") else { throw ValidationError("only one of A and B can be stdin") }
+    }
+
+    public func run() throws {
+        do {
+            let report = try compare()
+            print(json ? report.json() : report.table(brief: brief), terminator: "")
+            if !report.equal { throw ExitCode(1) }
+        } catch let e as ExitCode {
+            throw e
+        } catch let e as CkptError {
+            StandardError.write("ckpt-diff: \(e.description)\n")
+            throw ExitCode(2)
+        } catch {
+            StandardError.write("ckpt-diff: \(error)\n")
+            throw ExitCode(2)
+        }
+    }
+
+    func compare() throws -> DiffReport {
+        var sourceA = try openSource(a, options: ReadOptions(), producer: "ckpt-diff")
+        if !rules.isEmpty {
+            var all: [SliceRule] = []
+            for file in rules { all += try SliceRuleParser.parse(file: file) }
+            sourceA = try SliceSource(upstream: sourceA, rules: all, keepUnmatched: false)
+        }
+        let sourceB = try openSource(b, options: ReadOptions(), producer: "ckpt-diff")
+        return try DiffReport.build(a: sourceA, b: sourceB, rtol: rtol, atol: atol)
+    }
+}
