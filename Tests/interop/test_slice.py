@@ -228,3 +228,28 @@ def test_bert_rules_give_exactly_what_flax_bert_model_builds(tmp_path, minilm):
     for k, v in theirs.items():
         assert ours[k].dtype == v.dtype and ours[k].shape == v.shape, k
         assert np.array_equal(ours[k].view(np.uint8), v.view(np.uint8)), k
+
+
+def test_without_a_manifest_single_tensor_rules_stream_and_stacks_are_refused(tmp_path):
+    """A stream from a user's filter may have no manifest: each tensor is planned alone."""
+    t = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float32), "c": np.ones(1, np.float32)}
+    src = tmp_path / "in.safetensors"
+    save_file(t, str(src))
+    strip = ("python3 -c \"import sys; sys.path.insert(0, 'scripts'); import ckpt_stream as s; r = s.StreamReader(sys.stdin.buffer); "
+             "w = s.StreamWriter(sys.stdout.buffer, r.header); [w.write(x) for x in r]; w.close()\"")
+    rules = tmp_path / "r.rules"
+    rules.write_text('{m}.weight -> {m}/kernel | rearrange "o i -> i o"\nb -> b | cast BF16\n')
+    out = tmp_path / "o.safetensors"
+    p = shell(f"ckpt-read '{src}' | {strip} | ckpt-slice --rules '{rules}' --keep-unmatched | ckpt-write '{out}'", cwd=ROOT)
+    assert p.returncode == 0, p.stderr.decode()
+    got = load_file(str(out))
+    np.testing.assert_array_equal(got["a/kernel"], t["a.weight"].T)
+    assert got["b"].dtype == ml_dtypes.bfloat16 and "c" in got
+    # Without --keep-unmatched, every unmatched tensor is listed (at the end) and nothing is written.
+    p = shell(f"ckpt-read '{src}' | {strip} | ckpt-slice --rules '{rules}' | ckpt-write '{tmp_path / 'x.safetensors'}'", cwd=ROOT)
+    assert p.returncode == 65 and b"no rule matches 1 input tensors" in p.stderr and b": c" in p.stderr, p.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+    save_file({"l.0": np.ones(2, np.float32), "l.1": np.ones(2, np.float32)}, str(src))
+    rules.write_text('l.{i:int} -> stacked\n')
+    p = shell(f"ckpt-read '{src}' | {strip} | ckpt-slice --rules '{rules}' > /dev/null", cwd=ROOT)
+    assert p.returncode == 65 and b"stacks tensors, which needs the stream's manifest" in p.stderr, p.stderr

@@ -51,6 +51,9 @@ public struct SliceCommand: ParsableCommand {
                 return
             }
             let upstream = try openSource(input, options: ReadOptions(), producer: "ckpt-slice \(Tool.version)")
+            if plan && upstream.manifest == nil {
+                throw UsageError("--plan needs a stream with a manifest (ckpt-read writes one), a checkpoint, or a ckpt-read --list table")
+            }
             let source = try SliceSource(upstream: upstream, rules: all, keepUnmatched: keepUnmatched)
             if plan {
                 print(SliceCommand.render(source.plan, inputs: upstream.manifest ?? []), terminator: "")

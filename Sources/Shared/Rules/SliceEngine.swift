@@ -5,7 +5,13 @@
 public final class SliceSource: TensorSource {
     public let header: StreamHeader
     public let manifest: [TensorDescriptor]?
-    public let plan: SlicePlan
+    /// The plan of the whole stream; without a manifest, of the tensor at hand.
+    public private(set) var plan: SlicePlan
+    private let rules: [SliceRule]
+    private let keepUnmatched: Bool
+    /// Without a manifest: outputs written so far, and inputs no rule matched.
+    private var written: [String: String] = [:]
+    private var unmatched: [String] = []
     private let upstream: TensorSource
     private var held: [String: AlignedBuffer] = [:]
     private var queue: [(TensorHeader, AlignedBuffer)] = []
@@ -44,13 +50,37 @@ public final class SliceSource: TensorSource {
     private var converted = AlignedBuffer(capacity: 1)
 
     public init(upstream: TensorSource, rules: [SliceRule], keepUnmatched: Bool) throws {
-        guard let input = upstream.manifest else {
-            throw UsageError("ckpt-slice needs a stream with a manifest (ckpt-read writes one) to plan its rules")
-        }
         self.upstream = upstream
+        self.rules = rules
+        self.keepUnmatched = keepUnmatched
         header = upstream.header
-        plan = try SlicePlan(rules: rules, inputs: input, keepUnmatched: keepUnmatched)
-        manifest = plan.outputs
+        plan = try SlicePlan(rules: rules, inputs: upstream.manifest ?? [], keepUnmatched: keepUnmatched)
+        manifest = upstream.manifest == nil ? nil : plan.outputs
+    }
+
+    /// Without a manifest each tensor is planned alone as it arrives: renames, casts,
+    /// transposes and unstacking work; rules that stack or multiply need to see other tensors
+    /// first and are refused. Unmatched tensors are listed together at the end.
+    private func planAlone(_ d: TensorDescriptor) throws -> Bool {
+        let single = try SlicePlan(rules: rules, inputs: [d], keepUnmatched: true)
+        if case .pass(_, nil)? = single.assignments[d.name], !keepUnmatched {
+            unmatched.append(d.name)
+            return false
+        }
+        for g in single.groups {
+            let stacks = g.rule.source.captureNames.contains { !g.rule.target!.captureNames.contains($0) }
+            let muls = g.rule.ops.contains { if case .mul = $0 { return true } else { return false } }
+            if stacks || muls {
+                throw RuleError("\(d.name): this rule \(stacks ? "stacks tensors" : "multiplies by another tensor"), which needs the stream's manifest (ckpt-read writes one)",
+                                file: g.rule.file, line: g.rule.line)
+            }
+        }
+        for o in single.outputs {
+            if let other = written[o.name] { throw RuleError("two inputs write \(o.name): \(other) and \(d.name)") }
+            written[o.name] = d.name
+        }
+        plan = single
+        return true
     }
 
     public func nextTensor() throws -> TensorHeader? {
@@ -66,6 +96,10 @@ public final class SliceSource: TensorSource {
         if !queue.isEmpty { return emitQueued() }
         while let t = try upstream.nextTensor() {
             let d = t.descriptor
+            if manifest == nil, try !planAlone(d) {
+                while try upstream.nextChunk() != nil {}
+                continue
+            }
             switch plan.assignments[d.name] {
             case .drop?:
                 while try upstream.nextChunk() != nil {}
@@ -94,6 +128,9 @@ public final class SliceSource: TensorSource {
             case nil:
                 throw StreamError(.manifestMismatch("tensor \(d.name) is not in the manifest"), source: "ckpt-slice", tensor: d.name)
             }
+        }
+        if !unmatched.isEmpty {
+            throw RuleError("no rule matches \(unmatched.count) input tensors (add rules, 'drop PATTERN', or --keep-unmatched): \(unmatched.joined(separator: ", "))")
         }
         return nil
     }
