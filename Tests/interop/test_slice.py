@@ -152,7 +152,7 @@ def test_stack_unstack_and_index(tmp_path):
     for i in range(3):
         np.testing.assert_array_equal(out[f"layers.{i}.k"], layers[f"layers.{i}.kv"][0, 1:3])
         np.testing.assert_array_equal(out[f"layers.{i}.v"], layers[f"layers.{i}.kv"][1, 1:3])
-    p = shell(f"ckpt-read '{tmp_path / 'in.safetensors'}' | ckpt-slice --plan --rules '{tmp_path / 'test.rules'}'")
+    p = run(["ckpt-slice", "--plan", "--rules", str(tmp_path / "test.rules"), "--input", str(tmp_path / "in.safetensors")])
     assert p.returncode == 0, p.stderr.decode()
     assert b"stacks 3 inputs" in p.stdout
     # A gap in the stacked indices is an error naming the rule.

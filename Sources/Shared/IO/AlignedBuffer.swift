@@ -71,3 +71,14 @@ public final class BufferPool: @unchecked Sendable {
         lock.withLock { if free.count < retain { free.append(b) } }
     }
 }
+
+extension AlignedBuffer {
+    /// The next piece of at most `size` bytes from `position` (advanced past it), nil at the
+    /// end: how a source hands out a tensor it holds whole, chunk by chunk.
+    public func chunk(from position: inout Int, size: Int = StreamFormat.defaultChunkSize) -> UnsafeRawBufferPointer? {
+        guard position < count else { return nil }
+        let n = min(size, count - position)
+        defer { position += n }
+        return UnsafeRawBufferPointer(start: pointer + position, count: n)
+    }
+}

@@ -265,10 +265,7 @@ public final class LoRAMerger: TensorSource {
         case .none: return nil
         case .upstream: return try upstream.nextChunk()
         case .buffer(let b):
-            guard position < b.count else { return nil }
-            let n = min(chunkSize, b.count - position)
-            defer { position += n }
-            return UnsafeRawBufferPointer(start: b.pointer + position, count: n)
+            return b.chunk(from: &position)
         case .streaming(let ahead, let narrowed):
             if let merged = try ahead.next() { return merged }
             summary.mergeSeconds += ahead.merge.seconds
@@ -285,10 +282,8 @@ public final class LoRAMerger: TensorSource {
                 current = .buffer(b)
                 return nil
             }
-            let n = min(chunkSize, b.count - position)
-            try job.wait(upTo: position + n)
-            defer { position += n }
-            return UnsafeRawBufferPointer(start: b.pointer + position, count: n)
+            try job.wait(upTo: min(b.count, position + chunkSize))
+            return b.chunk(from: &position, size: chunkSize)
         }
     }
 }

@@ -276,17 +276,10 @@ public final class SliceSource: TensorSource {
         case .none: return nil
         case .upstream: return try upstream.nextChunk()
         case .buffer(let b):
-            guard position < b.count else { return nil }
-            let n = min(StreamFormat.defaultChunkSize, b.count - position)
-            defer { position += n }
-            return UnsafeRawBufferPointer(start: b.pointer + position, count: n)
+            return b.chunk(from: &position)
         case .slicing(let st):
             if st.built == nil { st.built = try buildSlice(st) }
-            let b = st.built!
-            guard position < b.count else { return nil }
-            let n = min(StreamFormat.defaultChunkSize, b.count - position)
-            defer { position += n }
-            return UnsafeRawBufferPointer(start: b.pointer + position, count: n)
+            return st.built!.chunk(from: &position)
         case .converting(let from, let ops, let to):
             // Whole elements only: an element cut by a chunk boundary waits for the next chunk.
             while let chunk = try upstream.nextChunk() {
