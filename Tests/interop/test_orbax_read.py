@@ -93,6 +93,10 @@ def test_openpi_style_value_leaves_are_stripped(tmp_path):
     assert set(ours) == {"params/PaliGemma/llm/w", "params/b"}
     _, kept = read(path, "--no-strip-value")
     assert set(kept) == {"params/PaliGemma/llm/w/value", "params/b/value"}
+    # --root params: the sub-tree openpi's restore_params returns, named from there.
+    _, rooted = read(path, "--root", "params")
+    assert set(rooted) == {"PaliGemma/llm/w", "b"}
+    assert run(["ckpt-read", "--root", "opt_state", path]).returncode == 65
 
 
 def test_orbax_to_safetensors_pipeline(tmp_path):

@@ -31,7 +31,7 @@ public struct ReadCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Skip tensors whose name matches GLOB (repeatable).", valueName: "glob"))
     public var exclude: [String] = []
 
-    @Option(help: ArgumentHelp("torch: emit only the sub-tree at this dotted path (e.g. model, state_dict).", valueName: "path"))
+    @Option(help: ArgumentHelp("torch, orbax: emit only the sub-tree at this path (torch: dotted, e.g. model, state_dict; orbax: /, e.g. params), named from there.", valueName: "path"))
     public var root: String?
 
     @Flag(help: "torch: emit tensors that are the very same view of one storage once (aliases go to the header metadata).")
@@ -67,7 +67,7 @@ public struct ReadCommand: ParsableCommand {
             options.selection = TensorSelection(only: only, exclude: exclude)
             options.torch = TorchReader.Options(root: root, dedupe: dedupe)
             options.hints = try DTypeHints(arguments: dtypeHint)
-            options.orbax = OrbaxReader.Options(step: step, stripValue: stripValue)
+            options.orbax = OrbaxReader.Options(step: step, stripValue: stripValue, root: root)
             if let size = readAhead.flatMap(parseByteSize) {
                 options.orbax.readAhead = size == 0 ? .off : ReadAhead(budget: size, depth: 1)
             }

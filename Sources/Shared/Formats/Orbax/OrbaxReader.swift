@@ -14,10 +14,13 @@ public enum OrbaxReader {
         public var stripValue: Bool?
         /// Decode arrays ahead on other cores (zstd decoding of one chunk is single-threaded).
         public var readAhead: ReadAhead
-        public init(step: Int? = nil, stripValue: Bool? = nil, readAhead: ReadAhead = Options.defaultReadAhead) {
+        /// Emit only the sub-tree at this `/` path, named relative to it.
+        public var root: String?
+        public init(step: Int? = nil, stripValue: Bool? = nil, readAhead: ReadAhead = Options.defaultReadAhead, root: String? = nil) {
             self.step = step
             self.stripValue = stripValue
             self.readAhead = readAhead
+            self.root = root
         }
         /// One array decoded ahead while another is emitted, when both fit in 1 GiB.
         public static let defaultReadAhead = ReadAhead(budget: 1 << 30, depth: 1)
@@ -129,8 +132,15 @@ public enum OrbaxReader {
         let strip = options.stripValue ?? (!arrays.isEmpty && arrays.allSatisfy { $0.keys.last == "value" })
         var plan: [(TensorHeader, TensorData)] = []
         var names = Set<String>()
+        let root = options.root.map { $0.split(separator: "/").map(String.init) } ?? []
+        if !root.isEmpty && !arrays.contains(where: { $0.keys.starts(with: root) }) {
+            throw OrbaxError("no array is under --root \(root.joined(separator: "/"))", file: metaPath)
+        }
         for (keys, param) in arrays {
-            var parts = keys
+            // --root: only the sub-tree at that path, named from there (openpi keeps its params
+            // under a top-level "params" key).
+            guard keys.starts(with: root) else { continue }
+            var parts = Array(keys.dropFirst(root.count))
             if strip && parts.count > 1 && parts.last == "value" { parts.removeLast() }
             let name = parts.joined(separator: "/")
             guard names.insert(name).inserted else { throw OrbaxError("two leaves are named \(name)", file: metaPath) }
