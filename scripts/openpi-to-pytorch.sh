@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# openpi JAX checkpoint -> openpi PyTorch model folder (model.safetensors, config.json, assets/).
+#
+#   scripts/openpi-to-pytorch.sh CKPT_STEP_DIR OUT_DIR [options]
+#
+#   --precision float32|bfloat16   output type (default: float32; openpi's LoRA training keeps
+#                                  the frozen base in bf16, and the merge is computed in f32)
+#   --llm-lora CONFIG              LoRA config of the PaliGemma Gemma (default gemma_2b_lora:
+#                                  rank 16, alpha 16); e.g. rank=16,alpha=32[,rslora]
+#   --expert-lora CONFIG           LoRA config of the action expert (default gemma_300m_lora)
+#   --action-horizon N             written to config.json (not stored in the weights; default 50)
+#
+# The variant (pi0 or pi0.5) and LoRA are told from the keys, never from the path: pi0.5 has
+# time_mlp_in and adaptive norms; LoRA checkpoints have lora_a/lora_b leaves. Every key must be
+# consumed: an adapter lora-merge could not place, or a key no rule converts, fails the run and
+# no output is left.
+set -euo pipefail
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 64; }
+[ $# -ge 2 ] || usage
+CKPT="$1" OUT="$2"
+shift 2
+PRECISION=float32 LLM_LORA=gemma_2b_lora EXPERT_LORA=gemma_300m_lora HORIZON=50
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --precision) PRECISION="$2"; shift 2 ;;
+    --llm-lora) LLM_LORA="$2"; shift 2 ;;
+    --expert-lora) EXPERT_LORA="$2"; shift 2 ;;
+    --action-horizon) HORIZON="$2"; shift 2 ;;
+    *) usage ;;
+    esac
+done
+case "$PRECISION" in float32) DTYPE=F32 ;; bfloat16) DTYPE=BF16 ;; *) echo "openpi-to-pytorch: --precision is float32 or bfloat16" >&2; exit 64 ;; esac
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+BIN="${CKPT_BIN:-$HERE/.build/release}"
+[ -x "$BIN/ckpt-read" ] || BIN="$HERE/.build/debug"
+PARAMS="$CKPT/params"
+[ -d "$PARAMS" ] || { echo "openpi-to-pytorch: $PARAMS is not a folder (give the step folder holding params/ and assets/)" >&2; exit 66; }
+
+# What the checkpoint is, from its keys (metadata only: no data is read).
+KEYS="$("$BIN/ckpt-read" --root params --list "$PARAMS" | awk 'NR > 1 && NF == 4 { print $1 }')"
+if grep -q '^time_mlp_in/kernel$' <<<"$KEYS"; then VARIANT=pi05; else VARIANT=pi0; fi
+if grep -qE '(/|_)lora_a$' <<<"$KEYS"; then LORA=1; else LORA=0; fi
+ACTION_DIM="$("$BIN/ckpt-read" --root params --list "$PARAMS" | awk '$1 == "action_in_proj/kernel" { gsub(/[][]/, "", $3); split($3, s, ","); print s[1] }')"
+echo "openpi-to-pytorch: $VARIANT, $([ $LORA = 1 ] && echo "LoRA ($LLM_LORA; expert $EXPERT_LORA) merged" || echo "no LoRA"), $PRECISION" >&2
+
+mkdir -p "$OUT"
+merge() {
+    if [ $LORA = 1 ]; then
+        "$BIN/lora-merge" --scheme openpi --config "*_1/*=$EXPERT_LORA" --config "$LLM_LORA" --dtype F32
+    else
+        cat
+    fi
+}
+CAST="$(mktemp)"
+trap 'rm -f "$CAST"' EXIT
+echo "{x*} -> {x} | cast $DTYPE" > "$CAST"
+"$BIN/ckpt-read" --root params "$PARAMS" \
+    | merge \
+    | "$BIN/ckpt-slice" --rules "$HERE/rules/openpi-$VARIANT-jax-to-pytorch.rules" \
+    | "$BIN/ckpt-slice" --rules "$CAST" \
+    | "$BIN/ckpt-write" --force "$OUT/model.safetensors"
+
+# What openpi's own converter writes beside the weights (PaliGemma is gemma_2b, the expert
+# gemma_300m: the PyTorch model has no LoRA modules, the adapters are merged).
+cat > "$OUT/config.json" <<EOF
+{
+  "action_dim": ${ACTION_DIM:-32},
+  "action_horizon": $HORIZON,
+  "paligemma_variant": "gemma_2b",
+  "action_expert_variant": "gemma_300m",
+  "precision": "$PRECISION"
+}
+EOF
+if [ -d "$CKPT/assets" ]; then
+    rm -rf "$OUT/assets"
+    cp -r "$CKPT/assets" "$OUT/assets"
+fi
+echo "openpi-to-pytorch: wrote $OUT/model.safetensors, config.json$([ -d "$CKPT/assets" ] && echo ", assets/")" >&2
