@@ -133,3 +133,196 @@ def test_openpi_recipe_refuses_what_it_cannot_place(tmp_path):
     assert p.returncode != 0
     assert b"the adapter has rank 4, the LoRA config says 16" in p.stderr, p.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ---- PyTorch -> JAX: a small DINOv3-style ViT ------------------------------------------------
+
+def small_dinov3_vit(dim=16, heads=2, depth=2, patch=4, storage=2):
+    """A minimal ViT with DINOv3's parameter names (patch_embed, cls/storage tokens, blocks with
+    a masked-bias qkv, LayerScale, Mlp, final norm), built with real torch."""
+    import torch
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.qkv.register_buffer("bias_mask", torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)]))
+            self.proj = nn.Linear(dim, dim)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            qkv = nn.functional.linear(x, self.qkv.weight, self.qkv.bias * self.qkv.bias_mask)
+            q, k, v = qkv.reshape(b, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+            att = torch.softmax(q @ k.transpose(-1, -2) / (dim // heads) ** 0.5, dim=-1)
+            return self.proj((att @ v).transpose(1, 2).reshape(b, n, dim))
+
+    class LayerScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.randn(dim) * 0.5)
+
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+        def forward(self, x):
+            return self.fc2(nn.functional.gelu(self.fc1(x)))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim, eps=1e-6), Attention(), LayerScale()
+            self.norm2, self.mlp, self.ls2 = nn.LayerNorm(dim, eps=1e-6), Mlp(), LayerScale()
+
+        def forward(self, x):
+            x = x + self.ls1.gamma * self.attn(self.norm1(x))
+            return x + self.ls2.gamma * self.mlp(self.norm2(x))
+
+    class PatchEmbed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Conv2d(3, dim, patch, stride=patch)
+
+    class ViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch_embed = PatchEmbed()
+            self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+            self.storage_tokens = nn.Parameter(torch.randn(1, storage, dim))
+            self.mask_token = nn.Parameter(torch.zeros(1, dim))
+            self.rope_embed = nn.Module()
+            self.rope_embed.register_buffer("periods", torch.arange(1, dim // 4 + 1, dtype=torch.float32))
+            self.blocks = nn.ModuleList([Block() for _ in range(depth)])
+            self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+        def forward(self, img):
+            x = self.patch_embed.proj(img).flatten(2).transpose(1, 2)
+            b = x.shape[0]
+            x = torch.cat([self.cls_token.expand(b, -1, -1), self.storage_tokens.expand(b, -1, -1), x], 1)
+            for blk in self.blocks:
+                x = blk(x)
+            return self.norm(x)
+
+    torch.manual_seed(0)
+    model = ViT().eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.bias.normal_()  # non-zero k bias: the mask must matter
+    return model
+
+
+def numpy_vit(p, img, dim=16, heads=2, depth=2, patch=4):
+    """The same ViT on the JAX-layout tree (kernels [in, out], conv HWIO, q/k/v split)."""
+    from math import erf, sqrt
+    gelu = np.vectorize(lambda v: 0.5 * v * (1 + erf(v / sqrt(2))))
+
+    def ln(x, s, b):
+        m = x.mean(-1, keepdims=True)
+        v = ((x - m) ** 2).mean(-1, keepdims=True)
+        return (x - m) / np.sqrt(v + 1e-6) * s + b
+
+    x = img.transpose(0, 2, 3, 1)  # NHWC
+    bsz, hh, ww, c = x.shape
+    patches = x.reshape(bsz, hh // patch, patch, ww // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+    x = np.einsum("bijhwc,hwco->bijo", patches, p["patch_embed/proj/kernel"]) + p["patch_embed/proj/bias"]
+    x = x.reshape(bsz, -1, dim)
+    x = np.concatenate([np.broadcast_to(p["cls_token"], (bsz, 1, dim)), np.broadcast_to(p["storage_tokens"], (bsz, 2, dim)), x], 1)
+    for i in range(depth):
+        b = f"blocks_{i}/"
+        y = ln(x, p[b + "norm1/scale"], p[b + "norm1/bias"])
+        q, k, v = (y @ p[b + f"attn/{s}/kernel"] + p[b + f"attn/{s}/bias"] for s in "qkv")
+        split = lambda t: t.reshape(bsz, -1, heads, dim // heads).transpose(0, 2, 1, 3)
+        q, k, v = split(q), split(k), split(v)
+        a = q @ k.transpose(0, 1, 3, 2) / np.sqrt(dim // heads)
+        a = np.exp(a - a.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        o = (a @ v).transpose(0, 2, 1, 3).reshape(bsz, -1, dim)
+        x = x + p[b + "ls1/gamma"] * (o @ p[b + "attn/proj/kernel"] + p[b + "attn/proj/bias"])
+        y = ln(x, p[b + "norm2/scale"], p[b + "norm2/bias"])
+        y = gelu(y @ p[b + "mlp/fc1/kernel"] + p[b + "mlp/fc1/bias"]) @ p[b + "mlp/fc2/kernel"] + p[b + "mlp/fc2/bias"]
+        x = x + p[b + "ls2/gamma"] * y
+    return ln(x, p["norm/scale"], p["norm/bias"])
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "msgpack"])
+def test_pytorch_to_jax_recipe_dinov3_vit(tmp_path, fmt):
+    import torch
+    model = small_dinov3_vit()
+    pth = tmp_path / "vit.pth"
+    torch.save(model.state_dict(), str(pth))
+    out = tmp_path / ("params" if fmt == "orbax" else "params.msgpack")
+    p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "pytorch-to-jax.sh"), str(pth), os.path.join(ROOT, "rules", "dinov3-torch-to-jax.rules"), str(out), fmt],
+                       capture_output=True, env=dict(os.environ, CKPT_BIN=BIN))
+    assert p.returncode == 0, p.stderr.decode()
+    if fmt == "orbax":
+        import orbax.checkpoint as ocp
+        tree = ocp.PyTreeCheckpointer().restore(str(out.resolve()))
+    else:
+        from flax.serialization import msgpack_restore
+        tree = msgpack_restore(out.read_bytes())
+    flat = {}
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, prefix + k + "/")
+            else:
+                flat[prefix + k] = np.asarray(v)
+    walk(tree, "")
+    img = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(img)).numpy()
+    got = numpy_vit(flat, img)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- Hugging Face BERT -> Flax msgpack, and back ------------------------------------------------
+
+FLAX_FORWARD = """
+import sys, numpy as np, torch
+from flax.serialization import msgpack_restore
+from transformers import BertConfig, BertModel, FlaxBertModel
+model_dir, msgpack_path = sys.argv[1], sys.argv[2]
+config = BertConfig.from_pretrained(model_dir)
+flax_model = FlaxBertModel(config, _do_init=False)
+params = msgpack_restore(open(msgpack_path, "rb").read())
+ids = np.array([[101, 7592, 2088, 2003, 1037, 3231, 102, 0]], dtype=np.int32)
+mask = np.array([[1, 1, 1, 1, 1, 1, 1, 0]], dtype=np.int32)
+ours = np.asarray(flax_model(ids, attention_mask=mask, params=params).last_hidden_state)
+torch_model = BertModel.from_pretrained(model_dir, add_pooling_layer=True).eval()
+with torch.no_grad():
+    ref = torch_model(torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).last_hidden_state.numpy()
+err = float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+print(err)
+assert err < 1e-5, err
+"""
+
+
+def test_bert_recipe_to_flax_msgpack_and_back(tmp_path, minilm):
+    rules = os.path.join(ROOT, "rules")
+    flax = tmp_path / "flax_model.msgpack"
+    env = dict(os.environ, CKPT_BIN=BIN)
+    p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "pytorch-to-jax.sh"), minilm, f"{rules}/bert-torch-to-flax.rules", str(flax)],
+                       capture_output=True, env=env)
+    assert p.returncode == 0, p.stderr.decode()
+    diff = os.path.join(BIN, "ckpt-diff")
+    # The Flax file holds exactly the original's weights, in Flax's layout.
+    p = subprocess.run([diff, "--brief", "--rules", f"{rules}/bert-torch-to-flax.rules", minilm, str(flax)], capture_output=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    # And back to torch: identical to the original except the position_ids buffer, not written.
+    back = tmp_path / "back.safetensors"
+    p = subprocess.run(f"'{BIN}/ckpt-read' '{flax}' | '{BIN}/ckpt-slice' --rules '{rules}/bert-flax-to-torch.rules' | '{BIN}/ckpt-write' '{back}'",
+                       shell=True, capture_output=True)
+    assert p.returncode == 0, p.stderr.decode()
+    same = tmp_path / "same.rules"
+    same.write_text("drop embeddings.position_ids\nkeep {x*}\n")
+    p = subprocess.run([diff, "--brief", "--rules", str(same), minilm, str(back)], capture_output=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.endswith(b"103 in both: 103 equal, 0 not; 0 only in A, 0 only in B: equal\n")
+    # The Flax params run in transformers 4.x's FlaxBertModel give the torch BertModel's output.
+    py = os.path.join(ROOT, ".venv-tf4", "bin", "python")
+    if not os.path.exists(py):
+        pytest.fail(".venv-tf4 is missing: run scripts/setup.sh")
+    p = subprocess.run([py, "-c", FLAX_FORWARD, os.path.dirname(minilm), str(flax)], capture_output=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
