@@ -326,3 +326,44 @@ def test_bert_recipe_to_flax_msgpack_and_back(tmp_path, minilm):
         pytest.fail(".venv-tf4 is missing: run scripts/setup.sh")
     p = subprocess.run([py, "-c", FLAX_FORWARD, os.path.dirname(minilm), str(flax)], capture_output=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert p.returncode == 0, p.stderr.decode()[-3000:]
+
+
+# ---- Across hosts: two stages joined by TCP on loopback (as ssh would join them) -------------
+
+def across_tcp(tmp_path, minilm, cut_after=None):
+    import time
+    relay = os.path.join(ROOT, "scripts", "tcp_relay.py")
+    port_file = tmp_path / "port"
+    out = tmp_path / "remote" / "flax_model.msgpack"
+    out.parent.mkdir(exist_ok=True)
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"])
+    receiver = subprocess.Popen(["bash", "-o", "pipefail", "-c",
+                                 f"python3 '{relay}' listen '{port_file}' | ckpt-slice --rules '{ROOT}/rules/bert-torch-to-flax.rules' "
+                                 f"| ckpt-write --format msgpack '{out}'"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    for _ in range(200):
+        if port_file.exists():
+            break
+        time.sleep(0.05)
+    cut = f" --cut-after {cut_after}" if cut_after else ""
+    sender = subprocess.run(["bash", "-o", "pipefail", "-c",
+                             f"ckpt-read --compress zlib '{minilm}' | python3 '{relay}' send 127.0.0.1 {port_file.read_text()}{cut}"],
+                            capture_output=True, env=env)
+    _, err = receiver.communicate(timeout=120)
+    return sender, receiver.returncode, err, out
+
+
+def test_across_hosts_over_tcp(tmp_path, minilm):
+    sender, rc, err, out = across_tcp(tmp_path, minilm)
+    assert sender.returncode == 0, sender.stderr.decode()
+    assert rc == 0, err.decode()
+    p = subprocess.run([os.path.join(BIN, "ckpt-diff"), "--brief", "--rules", f"{ROOT}/rules/bert-torch-to-flax.rules", minilm, str(out)],
+                       capture_output=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_a_connection_cut_mid_stream_fails_loudly_and_leaves_nothing(tmp_path, minilm):
+    sender, rc, err, out = across_tcp(tmp_path, minilm, cut_after=3_000_000)
+    assert rc != 0
+    assert b"ckpt-slice: " in err or b"ckpt-write: " in err
+    assert b"truncated" in err or b"end frame" in err or b"ended" in err, err.decode()
+    assert not out.exists() and os.listdir(out.parent) == []
