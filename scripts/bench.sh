@@ -8,7 +8,9 @@
 #   BENCH_CASES="cat ckpt" scripts/bench.sh 8 1    only some cases (python needs 2x SIZE of RAM)
 #
 # Cases: cat, ckpt, ckpt-zlib1, python-safetensors (safetensors in and out); ckpt-lora (ckpt with
-# lora-merge of a rank-16 PEFT adapter on every tensor), python-peft (the same merge in torch); cat-pt, ckpt-pt,
+# lora-merge of a rank-16 PEFT adapter on every tensor), python-peft (the same merge in torch);
+# ckpt-openpi, python-openpi (a synthetic pi0 LoRA checkpoint, OPENPI_SCALE of pi0's widths,
+# through the openpi recipe's stages, and through what openpi's script does in Python); cat-pt, ckpt-pt,
 # python-torch (a torch.save zip of the same tensors in, safetensors out); ckpt-orbax,
 # python-orbax (an Orbax checkpoint with default settings, written by orbax itself, of the
 # f32 tensors: OCDBT + zstd; safetensors out; ckpt-orbax-ra0 decodes one array at a time)
@@ -112,6 +114,16 @@ PYGEN
     fi ;;
 esac
 
+OPENPI="$WORK/openpi-pi0-lora-s${OPENPI_SCALE:-0.5}/30000"
+case " $CASES " in *openpi*)
+    if [ ! -d "$OPENPI/params" ]; then
+        echo "making $OPENPI (a synthetic pi0 LoRA checkpoint, width scale ${OPENPI_SCALE:-0.5}, written by orbax)..." >&2
+        "$PY" scripts/bench_openpi.py make "$OPENPI" "${OPENPI_SCALE:-0.5}"
+    fi
+    OPENPI_CAST="$WORK/cast-f32.rules"
+    echo "{x*} -> {x} | cast F32" > "$OPENPI_CAST" ;;
+esac
+
 # run NAME COMMAND...: one timed run of a shell pipeline; each stage is wrapped by
 # `$TIME -o $WORK/rss.N` so we get its peak RSS. Appends "NAME wall rss1 rss2" to results.
 RESULTS="$WORK/results.txt"
@@ -146,6 +158,12 @@ for rep in $(seq "$REPS"); do
         cat) run cat "$(T 1) cat '$IN' > '$OUT'" ;;
         ckpt) ckpt_case ckpt "$IN" 1 ;;
         ckpt-zlib1) ckpt_case ckpt-zlib1 "$IN" 1 --compress zlib:1 ;;
+        ckpt-openpi)  # the stages of scripts/openpi-to-pytorch.sh, each measured
+            run ckpt-openpi "$(T 1) $BIN/ckpt-read --root params '$OPENPI/params' | $(T 2) $BIN/lora-merge -q --scheme openpi --config '*_1/*=gemma_300m_lora' --config gemma_2b_lora --dtype F32 | $(T 3) $BIN/ckpt-slice --rules rules/openpi-pi0-jax-to-pytorch.rules | $(T 4) $BIN/ckpt-slice --rules '$OPENPI_CAST' | $(T 5) $BIN/ckpt-write '$OUT'"
+            cp "$OUT" "$WORK/openpi-ours.safetensors" ;;
+        python-openpi)
+            run python-openpi "$(T 1) $PY scripts/bench_openpi.py convert '$OPENPI' '$OUT'"
+            cp "$OUT" "$WORK/openpi-python.safetensors" ;;
         ckpt-lora)
             run ckpt-lora "$(T 1) $BIN/ckpt-read '$IN' | $(T 2) $BIN/lora-merge -q --adapter '$LORA' | $(T 3) $BIN/ckpt-write '$OUT'" ;;
         python-peft)
@@ -179,12 +197,17 @@ for name in $CASES; do
     t=$(awk -v n="$name" '$1==n{print $2}' "$RESULTS" | median)
     rss=$(awk -v n="$name" '$1==n{for(i=3;i<=NF;i++) if($i>m[i]) m[i]=$i; k=NF} END{s=""; for(i=3;i<=k;i++) s=s (i>3?" | ":"") sprintf("%.0f", m[i]/1024); print s}' "$RESULTS")
     bytes=$BYTES
-    case "$name" in *orbax*) bytes=$(calc "$BYTES / 2") ;; esac  # the f32 half
+    case "$name" in *orbax*) bytes=$(calc "$BYTES / 2") ;; *openpi*) bytes=$(stat -c %s "$WORK/openpi-ours.safetensors") ;; esac
     printf "| %s | %.2f | %.2f | %.2f× | %s |\n" "$name" "$t" "$(calc "$bytes / $t / 1e9")" "$(calc "$cat_t / $t")" "$rss"
 done
 echo
 echo "All runs (name, wall s, peak RSS KiB per stage):"
 sed 's/^/    /' "$RESULTS"
+if [ -f "$WORK/openpi-ours.safetensors" ] && [ -f "$WORK/openpi-python.safetensors" ]; then
+    echo
+    echo "openpi: ours against the Python reference: $("$BIN/ckpt-diff" --brief --rtol 1e-5 --atol 1e-6 "$WORK/openpi-python.safetensors" "$WORK/openpi-ours.safetensors")"
+    echo "openpi: largest tensor $("$BIN/ckpt-read" --list "$WORK/openpi-ours.safetensors" | awk 'NF == 4 && $4 ~ /^[0-9]+$/ { if ($4 > m) { m = $4; n = $1 } } END { printf "%s, %.0f MiB", n, m / 1048576 }')"
+fi
 
 echo
 echo "## --compress zlib:1: stream size and throughput"
