@@ -227,3 +227,31 @@ void ckpt_low_rank_update(float *c, size_t ldc, const float *l, const float *r,
     update_portable(c, ldc, l, r, n, rows, n, k);
 }
 #endif
+
+// Transposes in 32x32 tiles so both the reads and the writes of a tile stay in cache lines
+// already loaded; the element copies are typed so the compiler emits plain moves.
+#define TRANSPOSE(T)                                                                         \
+    static void transpose_##T(const T *in, size_t is, T *out, size_t os, size_t rows, size_t cols) { \
+        for (size_t a0 = 0; a0 < rows; a0 += 32) {                                          \
+            const size_t a1 = a0 + 32 < rows ? a0 + 32 : rows;                               \
+            for (size_t j0 = 0; j0 < cols; j0 += 32) {                                      \
+                const size_t j1 = j0 + 32 < cols ? j0 + 32 : cols;                           \
+                for (size_t a = a0; a < a1; a++)                                             \
+                    for (size_t j = j0; j < j1; j++) out[a * os + j] = in[a + j * is];       \
+            }                                                                                \
+        }                                                                                    \
+    }
+TRANSPOSE(uint8_t)
+TRANSPOSE(uint16_t)
+TRANSPOSE(uint32_t)
+TRANSPOSE(uint64_t)
+
+void ckpt_transpose(const void *in, size_t in_stride, void *out, size_t out_stride,
+                    size_t rows, size_t cols, size_t elem) {
+    switch (elem) {
+    case 1: transpose_uint8_t(in, in_stride, out, out_stride, rows, cols); break;
+    case 2: transpose_uint16_t(in, in_stride, out, out_stride, rows, cols); break;
+    case 4: transpose_uint32_t(in, in_stride, out, out_stride, rows, cols); break;
+    default: transpose_uint64_t(in, in_stride, out, out_stride, rows, cols); break;
+    }
+}

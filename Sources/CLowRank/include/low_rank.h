@@ -30,3 +30,8 @@ void ckpt_f32_to_bf16(const float *src, unsigned short *dst, size_t n, ckpt_roun
 
 /// Counts the non-finite values of `src` into `stats` (float32 output: no rounding).
 void ckpt_count_non_finite(const float *src, size_t n, ckpt_round_stats *stats);
+
+/// out[a * out_stride + j] = in[a + j * in_stride] for a < rows, j < cols, elements of
+/// `elem` bytes (1, 2, 4 or 8): one 2-D transpose, in cache-sized tiles.
+void ckpt_transpose(const void *in, size_t in_stride, void *out, size_t out_stride,
+                    size_t rows, size_t cols, size_t elem);

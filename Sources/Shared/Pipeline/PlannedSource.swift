@@ -1,3 +1,4 @@
+import CLowRank
 import Dispatch
 
 /// Where a planned tensor's bytes come from.
@@ -213,6 +214,24 @@ public enum StridedCopy {
         }
         let rank = shape.count
         let inner = shape[rank - 1], innerStride = stride[rank - 1]
+        if innerStride != 1, [1, 2, 4, 8].contains(elementSize),
+           let a = (0..<(rank - 1)).last(where: { stride[$0] == 1 && shape[$0] > 1 }) {
+            // A transpose: axis `a` is contiguous in the source, the last axis in the output.
+            // Copy the (a, last) planes as 2-D transposes in cache-sized tiles.
+            var outStride = [Int](repeating: 1, count: rank)
+            for d in stride.indices.reversed().dropFirst() { outStride[d] = outStride[d + 1] * shape[d + 1] }
+            var outer = shape
+            outer[a] = 1
+            forEachRow(outer) { index in
+                var src = offset, dst = 0
+                for d in 0..<(rank - 1) {
+                    src += index[d] * stride[d]
+                    dst += index[d] * outStride[d]
+                }
+                ckpt_transpose(base + src * elementSize, innerStride, out + dst * elementSize, outStride[a], shape[a], inner, elementSize)
+            }
+            return
+        }
         var dst = out
         forEachRow(shape) { index in
             var src = offset

@@ -33,7 +33,9 @@ public final class SliceSource: TensorSource {
         let sliceShape: [Int]
         let dtype: DType
         var k = 0
+        /// The output being written, and the rest of the current slice's outputs.
         var built: AlignedBuffer?
+        var rest: [AlignedBuffer] = []
         var leftover: [UInt8] = []
         init(group: SlicePlan.Group, per: Rearrange) {
             self.group = group
@@ -195,27 +197,29 @@ public final class SliceSource: TensorSource {
             queue.append((TensorHeader(g.outputs[0]), data))
             return
         }
-        // One output per index of the unstacked axes, in row-major order over them.
-        var strides = [Int](repeating: 1, count: shape.count)
-        for d in strides.indices.reversed().dropFirst() { strides[d] = strides[d + 1] * shape[d + 1] }
-        let keptAxes = shape.indices.filter { !g.unstackAxes.contains($0) }
-        var index = [Int](repeating: 0, count: g.unstackAxes.count)
-        for out in g.outputs {
-            let offset = zip(index, g.unstackAxes).reduce(0) { $0 + $1.0 * strides[$1.1] }
-            let b = SliceSource.gather(data, dtype.size, offset: offset, shape: keptAxes.map { shape[$0] }, strides: keptAxes.map { strides[$0] })
+        for (out, b) in zip(g.outputs, SliceSource.unstack(data, dtype.size, shape: shape, axes: g.unstackAxes)) {
             queue.append((TensorHeader(out), b))
-            var d = index.count - 1
-            while d >= 0 {
-                index[d] += 1
-                if index[d] < shape[g.unstackAxes[d]] { break }
-                index[d] = 0
-                d -= 1
-            }
         }
     }
 
-    /// Reads the next leading-axis slice of the upstream tensor and makes its output.
-    private func buildSlice(_ st: SliceState) throws -> AlignedBuffer {
+    /// One tensor per index of the `axes` (positions in `shape`), in row-major order over them.
+    static func unstack(_ data: AlignedBuffer, _ elementSize: Int, shape: [Int], axes: [Int]) -> [AlignedBuffer] {
+        guard !axes.isEmpty else { return [data] }
+        guard axes.allSatisfy({ shape[$0] > 0 }) else { return [] }
+        var strides = [Int](repeating: 1, count: shape.count)
+        for d in strides.indices.reversed().dropFirst() { strides[d] = strides[d + 1] * shape[d + 1] }
+        let keptAxes = shape.indices.filter { !axes.contains($0) }
+        var out: [AlignedBuffer] = []
+        var cursor = StridedCursor(shape: axes.map { shape[$0] }, step: axes.map { strides[$0] })
+        repeat {
+            out.append(gather(data, elementSize, offset: cursor.offset, shape: keptAxes.map { shape[$0] }, strides: keptAxes.map { strides[$0] }))
+        } while cursor.advance(axes: axes.count)
+        return out
+    }
+
+    /// Reads the next leading-axis slice of the upstream tensor and makes its outputs (one, or
+    /// one per index of the other unstacked axes).
+    private func buildSlice(_ st: SliceState) throws -> [AlignedBuffer] {
         let g = st.group
         func fail(_ m: String) -> RuleError { RuleError(m, file: g.rule.file, line: g.rule.line) }
         let need = st.sliceBytes
@@ -242,7 +246,7 @@ public final class SliceSource: TensorSource {
         for op in g.rule.ops {
             (data, dtype) = SliceSource.elementwise(op, data, dtype, count: count)  // the rearrange was done above
         }
-        return data
+        return SliceSource.unstack(data, dtype.size, shape: b.outputShape, axes: g.unstackAxes.dropFirst().map { $0 - 1 })
     }
 
     /// Applies an element-wise op (cast, scale, add; others pass): the new data and type.
@@ -278,7 +282,10 @@ public final class SliceSource: TensorSource {
         case .buffer(let b):
             return b.chunk(from: &position)
         case .slicing(let st):
-            if st.built == nil { st.built = try buildSlice(st) }
+            if st.built == nil {
+                if st.rest.isEmpty { st.rest = try buildSlice(st) }
+                st.built = st.rest.removeFirst()
+            }
             return st.built!.chunk(from: &position)
         case .converting(let from, let ops, let to):
             // Whole elements only: an element cut by a chunk boundary waits for the next chunk.

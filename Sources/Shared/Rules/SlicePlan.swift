@@ -32,9 +32,10 @@ public struct SlicePlan {
         /// Bytes held while the group is built (inputs, one intermediate, outputs).
         public var memory: Int {
             guard !streams else { return 0 }
-            if perSlice != nil, let out = outputs.first {
-                // One input slice and the output made from it (at most the wider type's size).
-                return inputs[0].byteCount / max(outputs.count, 1) + out.byteCount
+            if perSlice != nil, let leading = inputs[0].shape.first, leading > 0 {
+                // One input slice, its rearranged copy and the outputs cut from it.
+                let outBytes = outputs.reduce(0) { $0 + $1.byteCount } / leading
+                return inputs[0].byteCount / leading + 2 * outBytes
             }
             let inBytes = inputs.reduce(0) { $0 + $1.byteCount } + operands.values.reduce(0) { $0 + $1.byteCount }
             let outBytes = outputs.reduce(0) { $0 + $1.byteCount }
@@ -266,8 +267,8 @@ public struct SlicePlan {
         }
         g.streams = elementwiseOnly && unstack.isEmpty && g.operands.isEmpty
         // Leading-axis unstacking streams slice by slice: one rearrange first that keeps its first
-        // axis first, then only element-wise ops, and that axis is the only one unstacked.
-        if stacked.isEmpty, g.operands.isEmpty, unstack.count == 1, unstack[0].position == 0,
+        // axis first, then only element-wise ops; other unstacked axes are cut within each slice.
+        if stacked.isEmpty, g.operands.isEmpty, unstack.first?.position == 0,
            case .rearrange(let r)? = rule.ops.first(where: { if case .where = $0 { return false } else { return true } }),
            r.left.first == .axis(unstack[0].name),
            rule.ops.filter({ if case .rearrange = $0 { return true }; if case .index = $0 { return true }; if case .mul = $0 { return true }; return false }).count == 1,
