@@ -119,9 +119,7 @@ case " $CASES " in *openpi*)
     if [ ! -d "$OPENPI/params" ]; then
         echo "making $OPENPI (a synthetic pi0 LoRA checkpoint, width scale ${OPENPI_SCALE:-0.5}, written by orbax)..." >&2
         "$PY" scripts/bench_openpi.py make "$OPENPI" "${OPENPI_SCALE:-0.5}"
-    fi
-    OPENPI_CAST="$WORK/cast-f32.rules"
-    echo "{x*} -> {x} | cast F32" > "$OPENPI_CAST" ;;
+    fi ;;
 esac
 
 # run NAME COMMAND...: one timed run of a shell pipeline; each stage is wrapped by
@@ -159,7 +157,7 @@ for rep in $(seq "$REPS"); do
         ckpt) ckpt_case ckpt "$IN" 1 ;;
         ckpt-zlib1) ckpt_case ckpt-zlib1 "$IN" 1 --compress zlib:1 ;;
         ckpt-openpi)  # the stages of scripts/openpi-to-pytorch.sh, each measured
-            run ckpt-openpi "$(T 1) $BIN/ckpt-read --root params '$OPENPI/params' | $(T 2) $BIN/lora-merge -q --scheme openpi --config '*_1/*=gemma_300m_lora' --config gemma_2b_lora --dtype F32 | $(T 3) $BIN/ckpt-slice --rules rules/openpi-pi0-jax-to-pytorch.rules | $(T 4) $BIN/ckpt-slice --rules '$OPENPI_CAST' | $(T 5) $BIN/ckpt-write '$OUT'"
+            run ckpt-openpi "$(T 1) $BIN/ckpt-read --root params '$OPENPI/params' | $(T 2) $BIN/lora-merge -q --scheme openpi --config '*_1/*=gemma_300m_lora' --config gemma_2b_lora --dtype F32 | $(T 3) $BIN/ckpt-slice --rules rules/openpi-pi0-jax-to-pytorch.rules --cast F32 | $(T 4) $BIN/ckpt-write '$OUT'"
             cp "$OUT" "$WORK/openpi-ours.safetensors" ;;
         python-openpi)
             run python-openpi "$(T 1) $PY scripts/bench_openpi.py convert '$OPENPI' '$OUT'"

@@ -51,13 +51,9 @@ merge() {
         cat
     fi
 }
-CAST="$(mktemp)"
-trap 'rm -f "$CAST"' EXIT
-echo "{x*} -> {x} | cast $DTYPE" > "$CAST"
 "$BIN/ckpt-read" --root params "$PARAMS" \
     | merge \
-    | "$BIN/ckpt-slice" --rules "$HERE/rules/openpi-$VARIANT-jax-to-pytorch.rules" \
-    | "$BIN/ckpt-slice" --rules "$CAST" \
+    | "$BIN/ckpt-slice" --rules "$HERE/rules/openpi-$VARIANT-jax-to-pytorch.rules" --cast "$DTYPE" \
     | "$BIN/ckpt-write" --force "$OUT/model.safetensors"
 
 # What openpi's own converter writes beside the weights (PaliGemma is gemma_2b, the expert

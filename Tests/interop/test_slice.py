@@ -253,3 +253,14 @@ def test_without_a_manifest_single_tensor_rules_stream_and_stacks_are_refused(tm
     rules.write_text('l.{i:int} -> stacked\n')
     p = shell(f"ckpt-read '{src}' | {strip} | ckpt-slice --rules '{rules}' > /dev/null", cwd=ROOT)
     assert p.returncode == 65 and b"stacks tensors, which needs the stream's manifest" in p.stderr, p.stderr
+
+
+def test_cast_option_casts_every_float_output_and_nothing_else(tmp_path):
+    t = {"w": np.ones((2, 3), ml_dtypes.bfloat16), "ids": np.arange(4, dtype=np.int64), "x": np.ones(2, np.float32)}
+    p, out = slice_file(tmp_path, t, rules_text='w -> kernel | rearrange "a b -> b a"\nkeep ids\n', args="--cast F32 --keep-unmatched")
+    assert p.returncode == 0, p.stderr.decode()
+    assert out["kernel"].dtype == np.float32 and out["kernel"].shape == (3, 2)
+    assert out["ids"].dtype == np.int64 and out["x"].dtype == np.float32
+    p, out = slice_file(tmp_path, t, rules_text="w -> w2 | cast? F16\nids -> ids2 | cast? F16\nx -> x\n")
+    assert p.returncode == 0, p.stderr.decode()
+    assert out["w2"].dtype == np.float16 and out["ids2"].dtype == np.int64

@@ -51,12 +51,16 @@ public final class SliceSource: TensorSource {
     private var carry: [UInt8] = []
     private var converted = AlignedBuffer(capacity: 1)
 
-    public init(upstream: TensorSource, rules: [SliceRule], keepUnmatched: Bool) throws {
+    /// With `cast`, every float output is cast to it at the end (`ckpt-slice --cast`).
+    private let cast: DType?
+
+    public init(upstream: TensorSource, rules: [SliceRule], keepUnmatched: Bool, cast: DType? = nil) throws {
         self.upstream = upstream
         self.rules = rules
         self.keepUnmatched = keepUnmatched
+        self.cast = cast
         header = upstream.header
-        plan = try SlicePlan(rules: rules, inputs: upstream.manifest ?? [], keepUnmatched: keepUnmatched)
+        plan = try SlicePlan(rules: rules, inputs: upstream.manifest ?? [], keepUnmatched: keepUnmatched, cast: cast)
         manifest = upstream.manifest == nil ? nil : plan.outputs
     }
 
@@ -64,7 +68,7 @@ public final class SliceSource: TensorSource {
     /// transposes and unstacking work; rules that stack or multiply need to see other tensors
     /// first and are refused. Unmatched tensors are listed together at the end.
     private func planAlone(_ d: TensorDescriptor) throws -> Bool {
-        let single = try SlicePlan(rules: rules, inputs: [d], keepUnmatched: true)
+        let single = try SlicePlan(rules: rules, inputs: [d], keepUnmatched: true, cast: cast)
         if case .pass(_, nil)? = single.assignments[d.name], !keepUnmatched {
             unmatched.append(d.name)
             return false
@@ -109,12 +113,18 @@ public final class SliceSource: TensorSource {
                 var h = t
                 h.descriptor.name = name
                 current = .upstream
+                if let cast, SliceCast.supported(from: d.dtype), d.dtype != cast {
+                    h.descriptor = try TensorDescriptor(name: name, dtype: cast, shape: d.shape)
+                    current = .converting(from: d.dtype, ops: [.cast(cast)], to: cast)
+                }
                 return h
             case .group(let g)? where plan.groups[g].streams:
                 let group = plan.groups[g]
                 let out = group.outputs[0]
-                let renameOnly = group.rule.ops.allSatisfy { if case .where = $0 { return true } else { return false } }
-                current = renameOnly ? .upstream : .converting(from: d.dtype, ops: group.rule.ops, to: out.dtype)
+                let renameOnly = out.dtype == d.dtype && group.ops.allSatisfy {
+                    switch $0 { case .where, .castFloats: return true; default: return false }
+                }
+                current = renameOnly ? .upstream : .converting(from: d.dtype, ops: group.ops, to: out.dtype)
                 return TensorHeader(out, attributes: t.attributes)
             case .group(let g)? where plan.groups[g].perSlice != nil:
                 let st = SliceState(group: plan.groups[g], per: plan.groups[g].perSlice!)
@@ -167,7 +177,7 @@ public final class SliceSource: TensorSource {
                 (data.pointer + i * part).copyMemory(from: b.pointer, byteCount: part)
             }
         }
-        for (k, op) in g.rule.ops.enumerated() {
+        for (k, op) in g.ops.enumerated() {
             let count = shape.reduce(1, *)
             switch op {
             case .rearrange(let r):
@@ -179,7 +189,7 @@ public final class SliceSource: TensorSource {
                 let v = try IndexView(items, shape: shape)
                 data = SliceSource.gather(data, dtype.size, offset: v.offset, shape: v.shape, strides: v.strides)
                 shape = v.shape
-            case .cast, .scale, .add:
+            case .cast, .castFloats, .scale, .add:
                 (data, dtype) = SliceSource.elementwise(op, data, dtype, count: count)
             case .where: break
             case .mul:
@@ -243,7 +253,7 @@ public final class SliceSource: TensorSource {
         var data = SliceSource.gather(slice, st.dtype.size, offset: 0, shape: b.axes.map(\.size), strides: b.axes.map(\.stride))
         var dtype = st.dtype
         let count = b.outputShape.reduce(1, *)
-        for op in g.rule.ops {
+        for op in g.ops {
             (data, dtype) = SliceSource.elementwise(op, data, dtype, count: count)  // the rearrange was done above
         }
         return SliceSource.unstack(data, dtype.size, shape: b.outputShape, axes: g.unstackAxes.dropFirst().map { $0 - 1 })
@@ -252,6 +262,9 @@ public final class SliceSource: TensorSource {
     /// Applies an element-wise op (cast, scale, add; others pass): the new data and type.
     static func elementwise(_ op: SliceOp, _ data: AlignedBuffer, _ dtype: DType, count: Int) -> (AlignedBuffer, DType) {
         switch op {
+        case .castFloats(let to):
+            guard SliceCast.supported(from: dtype), dtype != to else { break }
+            return elementwise(.cast(to), data, dtype, count: count)
         case .cast(let to):
             let out = AlignedBuffer(capacity: max(count * to.size, 1))
             out.count = count * to.size

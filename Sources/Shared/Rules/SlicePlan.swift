@@ -11,6 +11,8 @@ public struct SlicePlan {
     /// One rule application: its inputs (stacked in order), what the ops make, and the outputs.
     public struct Group {
         public let rule: SliceRule
+        /// The rule's ops, plus the final cast of `--cast`.
+        public var ops: [SliceOp] = []
         /// Inputs in stacking order.
         public var inputs: [TensorDescriptor]
         /// Sizes of the stacked axes (empty: one input).
@@ -58,7 +60,8 @@ public struct SlicePlan {
 
     /// Plans `inputs` (in stream order) against `rules`; every problem is collected and thrown
     /// together.
-    public init(rules: [SliceRule], inputs: [TensorDescriptor], keepUnmatched: Bool) throws {
+    /// `cast`: a final `cast?` of every output (`ckpt-slice --cast`), passed tensors included.
+    public init(rules: [SliceRule], inputs: [TensorDescriptor], keepUnmatched: Bool, cast: DType? = nil) throws {
         var problems: [String] = []
         var unmatched: [String] = []
         // mul operands first: they belong to the rule that names them.
@@ -115,6 +118,7 @@ public struct SlicePlan {
             problems.append("no rule matches \(unmatched.count) input tensors (add rules, 'drop PATTERN', or --keep-unmatched): \(unmatched.joined(separator: ", "))")
         }
         for g in groups.indices {
+            groups[g].ops = groups[g].rule.ops + (cast.map { [.castFloats($0)] } ?? [])
             do { try SlicePlan.shape(&groups[g], captures: groupCaptures[g]) } catch let e as RuleError {
                 problems.append(e.description)
             }
@@ -144,6 +148,7 @@ public struct SlicePlan {
             if case .pass(let name, _)? = assignments[d.name] {
                 var r = d
                 r.name = name
+                if let cast, SliceCast.supported(from: d.dtype) { r = try TensorDescriptor(name: name, dtype: cast, shape: d.shape) }
                 outputs.append(r)
             }
             for g in completing[i] ?? [] { outputs += groups[g].outputs }
@@ -204,7 +209,7 @@ public struct SlicePlan {
             current = NamedShape(shape: g.stack + first.shape, names: stacked.map { Optional($0) } + first.shape.map { _ in nil }, dtype: first.dtype)
         }
         var elementwiseOnly = stacked.isEmpty
-        for (k, op) in rule.ops.enumerated() {
+        for (k, op) in g.ops.enumerated() {
             switch op {
             case .rearrange(let r):
                 elementwiseOnly = false
@@ -220,6 +225,8 @@ public struct SlicePlan {
             case .cast(let d):
                 guard SliceCast.supported(from: current.dtype) else { throw fail("cast: \(current.dtype.rawValue) is not a float type") }
                 current.dtype = d
+            case .castFloats(let d):
+                if SliceCast.supported(from: current.dtype) { current.dtype = d }
             case .scale, .add:
                 guard SliceCast.supported(from: current.dtype) else { throw fail("\(op): \(current.dtype.rawValue) is not a float type") }
             case .where: break
@@ -269,9 +276,9 @@ public struct SlicePlan {
         // Leading-axis unstacking streams slice by slice: one rearrange first that keeps its first
         // axis first, then only element-wise ops; other unstacked axes are cut within each slice.
         if stacked.isEmpty, g.operands.isEmpty, unstack.first?.position == 0,
-           case .rearrange(let r)? = rule.ops.first(where: { if case .where = $0 { return false } else { return true } }),
+           case .rearrange(let r)? = g.ops.first(where: { if case .where = $0 { return false } else { return true } }),
            r.left.first == .axis(unstack[0].name),
-           rule.ops.filter({ if case .rearrange = $0 { return true }; if case .index = $0 { return true }; if case .mul = $0 { return true }; return false }).count == 1,
+           g.ops.filter({ if case .rearrange = $0 { return true }; if case .index = $0 { return true }; if case .mul = $0 { return true }; return false }).count == 1,
            let per = r.droppingLeadingAxis() {
             g.perSlice = per
         }

@@ -6,6 +6,8 @@ public enum SliceOp: Equatable, Sendable {
     /// numpy basic indexing: an integer drops the axis, `a:b` keeps a slice of it.
     case index([IndexItem])
     case cast(DType)
+    /// `cast? T` (and `ckpt-slice --cast T`): cast float tensors, leave others as they are.
+    case castFloats(DType)
     case scale(Double)
     case add(Double)
     /// Multiply element by element by another input tensor (consumed by this rule); with
@@ -166,11 +168,11 @@ public enum SliceRuleParser {
                 return .range(Int(ab[0]), Int(ab[1]))
             }
             return .index(items)
-        case "cast":
+        case "cast", "cast?":
             guard let d = DType(userName: arg), SliceCast.supported(to: d) else {
                 throw RuleError("cast takes F32, F64, BF16, F16, F8_E4M3 or F8_E5M2, not '\(arg)'")
             }
-            return .cast(d)
+            return parts[0] == "cast" ? .cast(d) : .castFloats(d)
         case "scale", "add":
             guard let x = Double(arg), x.isFinite else { throw RuleError("\(parts[0]) takes a number, not '\(arg)'") }
             return parts[0] == "scale" ? .scale(x) : .add(x)
@@ -191,7 +193,7 @@ public enum SliceRuleParser {
             guard rank != nil || dtype != nil else { throw RuleError("where needs rank=N or dtype=T") }
             return .where(rank: rank, dtype: dtype)
         default:
-            throw RuleError("unknown operation '\(parts.first ?? "")' (known: where, rearrange, index, select, cast, scale, add, mul, mul?)")
+            throw RuleError("unknown operation '\(parts.first ?? "")' (known: where, rearrange, index, select, cast, cast?, scale, add, mul, mul?)")
         }
     }
 
