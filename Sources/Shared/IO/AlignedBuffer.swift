@@ -12,7 +12,29 @@ public final class AlignedBuffer: @unchecked Sendable {
     /// How many bytes are in use (set by whoever fills it).
     public var count = 0
     private let mapped: Bool
+    /// Returned to `MappingCache` instead of unmapped (see `reusable`).
+    private var cached = false
     private static let mapThreshold = 256 << 10
+
+    /// A buffer whose every byte the caller will write before reading (its contents are
+    /// undefined): large ones come from recently released mappings of a similar size when there
+    /// are some, since a fresh page costs a fault and zeroing (and on a VM far more).
+    public static func reusable(capacity: Int) -> AlignedBuffer {
+        guard capacity >= mapThreshold, let (p, size) = MappingCache.shared.take(capacity) else {
+            let b = AlignedBuffer(capacity: capacity)
+            b.cached = b.mapped
+            return b
+        }
+        let b = AlignedBuffer(reusing: p, capacity: size)
+        b.cached = true
+        return b
+    }
+
+    private init(reusing pointer: UnsafeMutableRawPointer, capacity: Int) {
+        self.capacity = capacity
+        self.pointer = pointer
+        mapped = true
+    }
 
     public init(capacity: Int) {
         self.capacity = capacity
@@ -31,6 +53,7 @@ public final class AlignedBuffer: @unchecked Sendable {
     }
 
     deinit {
+        if cached && MappingCache.shared.give(pointer, capacity) { return }
         if mapped { munmap(pointer, capacity) } else { free(pointer) }
     }
 
@@ -80,5 +103,48 @@ extension AlignedBuffer {
         let n = min(size, count - position)
         defer { position += n }
         return UnsafeRawBufferPointer(start: pointer + position, count: n)
+    }
+}
+
+/// Released large mappings kept for `AlignedBuffer.reusable`, up to a fixed total: reusing one
+/// avoids faulting fresh pages in. A request takes the smallest kept mapping that holds it and
+/// is at most twice its size; what does not fit the total is unmapped.
+final class MappingCache: @unchecked Sendable {
+    static let shared = MappingCache(limit: 128 << 20)
+    private let lock = Mutex()
+    private var kept: [(pointer: UnsafeMutableRawPointer, size: Int)] = []
+    private var total = 0
+    private let limit: Int
+
+    init(limit: Int) { self.limit = limit }
+
+    func take(_ size: Int) -> (UnsafeMutableRawPointer, Int)? {
+        lock.withLock {
+            var best: Int?
+            for (i, m) in kept.enumerated() where m.size >= size && m.size <= 2 * size {
+                if best == nil || m.size < kept[best!].size { best = i }
+            }
+            guard let i = best else { return nil }
+            let m = kept.remove(at: i)
+            total -= m.size
+            return (m.pointer, m.size)
+        }
+    }
+
+    /// Keeps the mapping if it fits the limit (evicting older ones); false: the caller unmaps it.
+    func give(_ pointer: UnsafeMutableRawPointer, _ size: Int) -> Bool {
+        guard size <= limit / 2 else { return false }
+        var evicted: [(pointer: UnsafeMutableRawPointer, size: Int)] = []
+        lock.withLock {
+            while total + size > limit, !kept.isEmpty {
+                let m = kept.removeFirst()
+                total -= m.size
+                evicted.append(m)
+            }
+            kept.append((pointer, size))
+            total += size
+        }
+        for m in evicted { munmap(m.pointer, m.size) }
+        return true
     }
 }

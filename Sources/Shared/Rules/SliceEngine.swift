@@ -154,7 +154,7 @@ public final class SliceSource: TensorSource {
     }
 
     private func readWhole(_ d: TensorDescriptor) throws -> AlignedBuffer {
-        let buffer = AlignedBuffer(capacity: max(d.byteCount, 1))
+        let buffer = AlignedBuffer.reusable(capacity: max(d.byteCount, 1))
         try upstream.readTensor(d, into: buffer, stage: "ckpt-slice")
         return buffer
     }
@@ -170,7 +170,7 @@ public final class SliceSource: TensorSource {
             data = held.removeValue(forKey: g.inputs[0].name)!
         } else {
             let part = g.inputs[0].byteCount
-            data = AlignedBuffer(capacity: max(part * g.inputs.count, 1))
+            data = AlignedBuffer.reusable(capacity: max(part * g.inputs.count, 1))
             data.count = part * g.inputs.count
             for (i, d) in g.inputs.enumerated() {
                 let b = held.removeValue(forKey: d.name)!
@@ -233,7 +233,7 @@ public final class SliceSource: TensorSource {
         let g = st.group
         func fail(_ m: String) -> RuleError { RuleError(m, file: g.rule.file, line: g.rule.line) }
         let need = st.sliceBytes
-        let slice = AlignedBuffer(capacity: max(need, 1))
+        let slice = AlignedBuffer.reusable(capacity: max(need, 1))
         var have = min(st.leftover.count, need)
         st.leftover.withUnsafeBytes { if have > 0 { slice.pointer.copyMemory(from: $0.baseAddress!, byteCount: have) } }
         st.leftover.removeFirst(have)
@@ -266,7 +266,7 @@ public final class SliceSource: TensorSource {
             guard SliceCast.supported(from: dtype), dtype != to else { break }
             return elementwise(.cast(to), data, dtype, count: count)
         case .cast(let to):
-            let out = AlignedBuffer(capacity: max(count * to.size, 1))
+            let out = AlignedBuffer.reusable(capacity: max(count * to.size, 1))
             out.count = count * to.size
             SliceCast.convert(data.pointer, from: dtype, count: count, into: out.pointer, to: to)
             return (out, to)
@@ -280,7 +280,7 @@ public final class SliceSource: TensorSource {
     /// A strided view of `source` (element strides) made contiguous.
     static func gather(_ source: AlignedBuffer, _ elementSize: Int, offset: Int, shape: [Int], strides: [Int]) -> AlignedBuffer {
         let count = shape.reduce(1, *)
-        let out = AlignedBuffer(capacity: max(count * elementSize, 1))
+        let out = AlignedBuffer.reusable(capacity: max(count * elementSize, 1))
         out.count = count * elementSize
         withExtendedLifetime(source) {
             StridedCopy.gather(from: UnsafeRawPointer(source.pointer), elementSize: elementSize, offset: offset, shape: shape, stride: strides, into: out.pointer)
@@ -308,7 +308,7 @@ public final class SliceSource: TensorSource {
                 carry = Array(input[(n * from.size)...])
                 input.removeLast(carry.count)
                 guard n > 0 else { continue }
-                var data = AlignedBuffer(capacity: n * from.size)
+                var data = AlignedBuffer.reusable(capacity: n * from.size)
                 data.count = n * from.size
                 input.withUnsafeBytes { data.pointer.copyMemory(from: $0.baseAddress!, byteCount: n * from.size) }
                 var dtype = from
