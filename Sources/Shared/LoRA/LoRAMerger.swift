@@ -182,6 +182,15 @@ public final class LoRAMerger: TensorSource {
                     adapters[t.descriptor.name] = (t.descriptor, bytes)
                     baseData = heldBases.removeValue(forKey: module)!
                 }
+                if plan.merge.inOrder, parts[.magnitude] == nil {
+                    // A held base (its adapters came after it) streams through the same row-block
+                    // merge, from memory: no second, whole-tensor output buffer.
+                    let held = HeldTensorChunks(baseData.1)
+                    current = .streaming(AheadStreamingMerge(try streamingMerge(base: base, parts: parts, output: output, plan: plan),
+                                                             upstream: held),
+                                         narrowed: output.dtype != .f32 && output.dtype != .f64)
+                    return TensorHeader(output, attributes: baseData.0.attributes)
+                }
                 current = try merge(base: base, data: baseData.1, parts: parts, output: output, plan: plan)
                 return TensorHeader(output, attributes: baseData.0.attributes)
             }
@@ -286,4 +295,15 @@ public final class LoRAMerger: TensorSource {
             return b.chunk(from: &position, size: chunkSize)
         }
     }
+}
+
+/// A tensor held in memory, handed out as chunks (the upstream of a merge of a held base).
+final class HeldTensorChunks: TensorSource {
+    let header = StreamHeader(producer: "lora-merge", sourceFormat: "held")
+    let manifest: [TensorDescriptor]? = nil
+    private let buffer: AlignedBuffer
+    private var position = 0
+    init(_ buffer: AlignedBuffer) { self.buffer = buffer }
+    func nextTensor() throws -> TensorHeader? { nil }
+    func nextChunk() throws -> UnsafeRawBufferPointer? { buffer.chunk(from: &position) }
 }
