@@ -48,7 +48,6 @@ public final class LoRAMerger: TensorSource {
     /// What `nextChunk` serves: upstream chunks, a buffer, or a buffer a merge is still filling.
     private enum Current {
         case none, upstream, buffer(AlignedBuffer)
-        case merging(AlignedBuffer, MergeJob, narrowed: Bool)
         case streaming(AheadStreamingMerge, narrowed: Bool)
     }
     private var current = Current.none
@@ -56,8 +55,6 @@ public final class LoRAMerger: TensorSource {
     private var tail: [(TensorHeader, AlignedBuffer)]?
     /// The last emitted buffer, reused for the next tensor: fresh pages cost a fault each.
     private var spare: AlignedBuffer?
-    /// The base buffer of a merge written to a separate output buffer: free once the merge ends.
-    private var spareAfterMerge: AlignedBuffer?
     private let chunkSize = StreamFormat.defaultChunkSize
 
     public init(upstream: TensorSource, options: Options) throws {
@@ -103,19 +100,31 @@ public final class LoRAMerger: TensorSource {
         return out
     }
 
-    private static func checkFinite(_ d: TensorDescriptor, _ bytes: [UInt8]) throws(LoRAError) {
-        guard FloatConversion.canWiden(d.dtype) else { return }  // the plan reports the type
+    /// An adapter's values as float32 (its type was checked by the plan).
+    private static func widened(_ d: TensorDescriptor, _ bytes: [UInt8]) -> [Float] {
         var values = [Float](repeating: 0, count: d.elementCount)
         bytes.withUnsafeBytes { b in values.withUnsafeMutableBufferPointer { FloatConversion.widen(b.baseAddress!, d.dtype, count: d.elementCount, into: $0.baseAddress!) } }
-        let bad = values.lazy.filter { !$0.isFinite }.count
+        return values
+    }
+
+    private static func checkFinite(_ d: TensorDescriptor, _ bytes: [UInt8]) throws(LoRAError) {
+        guard FloatConversion.canWiden(d.dtype) else { return }  // the plan reports the type
+        let bad = widened(d, bytes).lazy.filter { !$0.isFinite }.count
         if bad > 0 { throw LoRAError("the adapter holds \(bad) non-finite values (NaN or Inf)", tensors: [d.name]) }
     }
 
     private func floats(_ name: String) -> [Float] {
         let (d, bytes) = adapters[name]!
-        var values = [Float](repeating: 0, count: d.elementCount)
-        bytes.withUnsafeBytes { b in values.withUnsafeMutableBufferPointer { FloatConversion.widen(b.baseAddress!, d.dtype, count: d.elementCount, into: $0.baseAddress!) } }
-        return values
+        return LoRAMerger.widened(d, bytes)
+    }
+
+    /// Reads the current upstream tensor, an adapter part, checks it and keeps it.
+    private func keepAdapter(_ d: TensorDescriptor) throws {
+        let data = try readWhole(d)
+        let bytes = data.copyBytes()
+        recycle(data)
+        try LoRAMerger.checkFinite(d, bytes)
+        adapters[d.name] = (d, bytes)
     }
 
     private func takeBuffer(_ size: Int) -> AlignedBuffer {
@@ -140,7 +149,6 @@ public final class LoRAMerger: TensorSource {
     public func nextTensor() throws -> TensorHeader? {
         switch current {
         case .buffer(let b): recycle(b)
-        case .merging(_, let job, _): _ = try? job.finish()  // abandoned half-way: let it end, drop it
         case .streaming(let ahead, _): ahead.settle()
         default: break
         }
@@ -156,11 +164,7 @@ public final class LoRAMerger: TensorSource {
                 summary.passed += 1
                 return h
             case .buffer:
-                let data = try readWhole(t.descriptor)
-                let bytes = data.copyBytes()
-                recycle(data)
-                try LoRAMerger.checkFinite(t.descriptor, bytes)
-                adapters[t.descriptor.name] = (t.descriptor, bytes)
+                try keepAdapter(t.descriptor)
             case .hold(let module):
                 heldBases[module] = (t, try readWhole(t.descriptor))
             case .merge(let module, let base, let parts, let output, let plan):
@@ -175,11 +179,7 @@ public final class LoRAMerger: TensorSource {
                 if base.name == t.descriptor.name {
                     baseData = (t, try readWhole(t.descriptor))
                 } else {
-                    let data = try readWhole(t.descriptor)
-                    let bytes = data.copyBytes()
-                    recycle(data)
-                    try LoRAMerger.checkFinite(t.descriptor, bytes)
-                    adapters[t.descriptor.name] = (t.descriptor, bytes)
+                    try keepAdapter(t.descriptor)
                     baseData = heldBases.removeValue(forKey: module)!
                 }
                 if plan.merge.inOrder, parts[.magnitude] == nil {
@@ -252,7 +252,8 @@ public final class LoRAMerger: TensorSource {
         return StreamingMerge(plan.merge, left: left, right: right, baseType: base.dtype, outputType: output.dtype, name: base.name)
     }
 
-    /// Starts the merge of one module; its output is served by `nextChunk` as it becomes final.
+    /// Merges one module whole (DoRA, or a weight whose axes are not in batch-rows-columns
+    /// order); its output is then served from the buffer.
     private func merge(base: TensorDescriptor, data: AlignedBuffer, parts: [LoRAPart: TensorDescriptor],
                        output: TensorDescriptor, plan: LoRAModulePlan) throws -> Current {
         let (left, right) = factors(parts, plan: plan)
@@ -260,13 +261,15 @@ public final class LoRAMerger: TensorSource {
         out.count = output.byteCount
         let magnitude = parts[.magnitude].map { (floats($0.name), plan.magnitudeAxis!) }
         let started = DispatchTime.now()
-        let job = try plan.merge.start(base: UnsafeRawPointer(data.pointer), baseType: base.dtype, left: left, right: right,
-                                       output: out.pointer, outputType: output.dtype, magnitude: magnitude, name: base.name,
-                                       keepAlive: [data, out])
-        if job.seconds == 0 { summary.mergeSeconds += Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9 }
-        if out !== data { spareAfterMerge = data }
+        let drift = try withExtendedLifetime(data) {
+            try plan.merge.apply(base: UnsafeRawPointer(data.pointer), baseType: base.dtype, left: left, right: right,
+                                 output: out.pointer, outputType: output.dtype, magnitude: magnitude, name: base.name)
+        }
+        summary.mergeSeconds += Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
+        if out !== data { recycle(data) }
         account(parts, output: output, plan: plan)
-        return .merging(out, job, narrowed: output.dtype != .f32 && output.dtype != .f64)
+        if output.dtype != .f32 && output.dtype != .f64 { summary.drift.add(drift) }
+        return .buffer(out)
     }
 
     public func nextChunk() throws -> UnsafeRawBufferPointer? {
@@ -281,18 +284,6 @@ public final class LoRAMerger: TensorSource {
             if narrowed { summary.drift.add(ahead.merge.drift) }
             current = .none
             return nil
-        case .merging(let b, let job, let narrowed):
-            guard position < b.count else {
-                // The whole output was written: the merge is over; account for it.
-                let drift = try job.finish()
-                summary.mergeSeconds += job.seconds
-                if narrowed { summary.drift.add(drift) }
-                if let s = spareAfterMerge { recycle(s); spareAfterMerge = nil }
-                current = .buffer(b)
-                return nil
-            }
-            try job.wait(upTo: min(b.count, position + chunkSize))
-            return b.chunk(from: &position, size: chunkSize)
         }
     }
 }

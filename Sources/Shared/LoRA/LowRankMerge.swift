@@ -182,30 +182,13 @@ public struct LowRankMerge: Sendable {
     /// computed in float32, checked finite, rounded once. With `magnitude` (DoRA), each
     /// output row along `magnitudeAxis` of the merged weight is scaled to m / ‖row‖.
     /// Returns the rounding drift when the output type is narrower than float32.
+    ///
+    /// The whole merged weight is held in float32 first: this serves DoRA (its norms need whole
+    /// rows or columns) and layouts not in batch-rows-columns order. Weights in that order
+    /// stream through `StreamingMerge` instead.
     public func apply(base: UnsafeRawPointer, baseType: DType, left: [Float], right: [Float],
                       output: UnsafeMutableRawPointer, outputType: DType,
                       magnitude: (values: [Float], axis: Int)? = nil, name: String) throws(LoRAError) -> MergeDrift {
-        try start(base: base, baseType: baseType, left: left, right: right, output: output, outputType: outputType,
-                  magnitude: magnitude, name: name, keepAlive: []).finish()
-    }
-
-    /// Starts the merge: in the background, block by block, when W is in [batch][rows][cols]
-    /// order (the output can be written as it becomes final); otherwise computed here.
-    public func start(base: UnsafeRawPointer, baseType: DType, left: [Float], right: [Float],
-                      output: UnsafeMutableRawPointer, outputType: DType,
-                      magnitude: (values: [Float], axis: Int)?, name: String, keepAlive: [AnyObject]) throws(LoRAError) -> MergeJob {
-        if inOrder && magnitude == nil {
-            return startInBlocks(base: base, baseType: baseType, left: left, right: right, output: output, outputType: outputType,
-                                 name: name, keepAlive: keepAlive)
-        }
-        return MergeJob(finished: try mergeWhole(base: base, baseType: baseType, left: left, right: right, output: output,
-                                                 outputType: outputType, magnitude: magnitude, name: name))
-    }
-
-    /// General layouts and DoRA: the whole merged weight in float32 first.
-    private func mergeWhole(base: UnsafeRawPointer, baseType: DType, left: [Float], right: [Float],
-                            output: UnsafeMutableRawPointer, outputType: DType,
-                            magnitude: (values: [Float], axis: Int)?, name: String) throws(LoRAError) -> MergeDrift {
         let total = batch * rows * cols
         var merged = [Float](repeating: 0, count: total)
         merged.withUnsafeMutableBufferPointer { m in
@@ -256,52 +239,6 @@ public struct LowRankMerge: Sendable {
         }
     }
 
-    /// The usual case: W is [batch][rows][cols] already. Blocks of rows are widened, merged
-    /// and rounded by every core, each into its own part of `output`, in the background: the
-    /// returned job says how much of `output` is final, so it can be written out meanwhile.
-    /// `keepAlive` (the buffers behind `base` and `output`) is held until the job ends.
-    public func startInBlocks(base: UnsafeRawPointer, baseType: DType, left: [Float], right: [Float],
-                              output: UnsafeMutableRawPointer, outputType: DType, name: String, keepAlive: [AnyObject]) -> MergeJob {
-        let blockRows = max(4, min(rows, (1 << 18) / max(cols, 1)) / 4 * 4)
-        let blocksPerBatch = (rows + blockRows - 1) / blockRows
-        let blocks = batch * blocksPerBatch
-        let workers = max(1, min(blocks, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
-        let (rows, cols, rank, baseSize, outSize) = (self.rows, self.cols, self.rank, baseType.size, outputType.size)
-        // Byte offset in `output` where each block ends (blocks are taken in order).
-        let ends = (0..<blocks).map { b -> Int in
-            let bi = b / blocksPerBatch, r0 = (b % blocksPerBatch) * blockRows
-            return ((bi * rows + r0 + min(blockRows, rows - r0)) * cols) * outSize
-        }
-        let job = MergeJob(blockEnds: ends, keepAlive: keepAlive)
-        nonisolated(unsafe) let (bp, op) = (base, output)
-        DispatchQueue.global(qos: .userInitiated).async {
-            left.withUnsafeBufferPointer { l in
-                right.withUnsafeBufferPointer { r in
-                    nonisolated(unsafe) let (lp, rp) = (l.baseAddress!, r.baseAddress!)
-                    DispatchQueue.concurrentPerform(iterations: workers) { _ in
-                        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: blockRows * cols)
-                        defer { scratch.deallocate() }
-                        while let block = job.take() {
-                            let bi = block / blocksPerBatch, r0 = (block % blocksPerBatch) * blockRows
-                            let n = min(blockRows, rows - r0)
-                            let first = (bi * rows + r0) * cols
-                            FloatConversion.widen(bp + first * baseSize, baseType, count: n * cols, into: scratch)
-                            ckpt_low_rank_update(scratch, cols, lp + (bi * rows + r0) * rank, rp + bi * rank * cols, n, cols, rank)
-                            do throws(LoRAError) {
-                                job.done(block, drift: try LowRankMerge.finish(scratch, count: n * cols, into: op + first * outSize,
-                                                                               outputType: outputType, name: name))
-                            } catch {
-                                job.fail(error)
-                            }
-                        }
-                    }
-                }
-            }
-            job.end()
-        }
-        return job
-    }
-
     /// Checks that every merged value is finite, rounds it to `outputType`, and measures
     /// what rounding changed (one pass, in C, for the usual float32 and bfloat16 outputs).
     static func finish(_ merged: UnsafePointer<Float>, count: Int, into output: UnsafeMutableRawPointer,
@@ -349,95 +286,6 @@ public struct LowRankMerge: Sendable {
         let factor = (0..<norms.count).map { Float(Double(magnitude[$0]) / norms[$0].squareRoot()) }
         for i in 0..<r {
             for j in 0..<c { merged[i * c + j] *= factor[axis == 0 ? i : j] }
-        }
-    }
-}
-
-/// A merge running in the background, block by block in output order: `wait(upTo:)` blocks
-/// until the first bytes of the output are final, so they can be written while later blocks
-/// are computed.
-public final class MergeJob: @unchecked Sendable {
-    private let lock = Mutex()
-    private let progress = DispatchSemaphore(value: 0)
-    private let blockEnds: [Int]
-    private var next = 0
-    private var complete: [Bool]
-    /// Blocks below this are all done.
-    private var watermark = 0
-    private var ended = false
-    private var error: LoRAError?
-    private var drift = MergeDrift()
-    private var keepAlive: [AnyObject]
-    private let started = DispatchTime.now()
-    /// Wall time from start to the last block.
-    public private(set) var seconds: Double = 0
-
-    init(blockEnds: [Int], keepAlive: [AnyObject]) {
-        self.blockEnds = blockEnds
-        complete = [Bool](repeating: false, count: blockEnds.count)
-        self.keepAlive = keepAlive
-    }
-
-    /// A merge that was computed in place of the caller.
-    convenience init(finished drift: MergeDrift) {
-        self.init(blockEnds: [], keepAlive: [])
-        self.drift = drift
-        ended = true
-    }
-
-    func take() -> Int? {
-        lock.withLock {
-            guard error == nil, next < blockEnds.count else { return nil }
-            next += 1
-            return next - 1
-        }
-    }
-
-    func done(_ block: Int, drift d: MergeDrift) {
-        lock.withLock {
-            complete[block] = true
-            drift.add(d)
-            while watermark < complete.count && complete[watermark] { watermark += 1 }
-        }
-        progress.signal()
-    }
-
-    func fail(_ e: LoRAError) {
-        lock.withLock { if error == nil { error = e } }
-        progress.signal()
-    }
-
-    func end() {
-        lock.withLock {
-            ended = true
-            seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
-            keepAlive = []
-        }
-        progress.signal()
-    }
-
-    /// Waits until the first `bytes` of the output are final.
-    public func wait(upTo bytes: Int) throws(LoRAError) {
-        while true {
-            let (ready, failed, over) = lock.withLock { () -> (Int, LoRAError?, Bool) in
-                (watermark == 0 ? 0 : blockEnds[watermark - 1], error, ended)
-            }
-            if let failed { throw failed }
-            if ready >= bytes || (over && watermark == blockEnds.count) { return }
-            progress.wait()
-        }
-    }
-
-    /// Waits for the whole merge; the rounding drift.
-    public func finish() throws(LoRAError) -> MergeDrift {
-        while true {
-            let (failed, over) = lock.withLock { (error, ended) }
-            if let failed {
-                if over { throw failed }
-            } else if over {
-                return lock.withLock { drift }
-            }
-            progress.wait()
         }
     }
 }
