@@ -134,3 +134,18 @@ import Testing
         #expect(SliceCast.SmallFloat.bf16.encode(1 + 1.0 / 256) == 0x3F80)  // a tie, to even
     }
 }
+
+@Suite struct SliceSourceTests {
+    @Test func castStreamsWholeElementsAcrossOddChunks() throws {
+        let values: [Float] = (0..<11).map { Float($0) * 1.5 - 3 }
+        let input = values.withUnsafeBytes { [UInt8]($0) }
+        // 3-byte chunks cut every float32 apart: elements must be reassembled before casting.
+        let source = MemorySource([tensor("x", .f32, [11], input)], chunk: 3)
+        let rules = try SliceRuleParser.parse("x -> y | cast BF16", file: "t.rules")
+        let sink = CollectingSink()
+        try pump(from: try SliceSource(upstream: source, rules: rules, keepUnmatched: false), to: sink)
+        #expect(sink.tensors.map(\.0.descriptor.name) == ["y"])
+        let expected = values.map { FloatConversion.bfloat16Bits($0) }.withUnsafeBytes { [UInt8]($0) }
+        #expect(sink.tensors[0].1 == expected)
+    }
+}

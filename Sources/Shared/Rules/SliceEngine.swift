@@ -303,14 +303,18 @@ public final class SliceSource: TensorSource {
         case .converting(let from, let ops, let to):
             // Whole elements only: an element cut by a chunk boundary waits for the next chunk.
             while let chunk = try upstream.nextChunk() {
-                var input = carry + [UInt8](chunk)
-                let n = input.count / from.size
-                carry = Array(input[(n * from.size)...])
-                input.removeLast(carry.count)
-                guard n > 0 else { continue }
+                let n = (carry.count + chunk.count) / from.size
+                guard n > 0 else {
+                    carry += chunk
+                    continue
+                }
+                // The carried bytes, then the chunk up to the last whole element: one copy.
                 var data = AlignedBuffer.reusable(capacity: n * from.size)
                 data.count = n * from.size
-                input.withUnsafeBytes { data.pointer.copyMemory(from: $0.baseAddress!, byteCount: n * from.size) }
+                carry.withUnsafeBytes { if !$0.isEmpty { data.pointer.copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
+                let used = n * from.size - carry.count
+                (data.pointer + carry.count).copyMemory(from: chunk.baseAddress!, byteCount: used)
+                carry = Array(chunk[used...])
                 var dtype = from
                 for op in ops { (data, dtype) = SliceSource.elementwise(op, data, dtype, count: n) }
                 precondition(dtype == to)
