@@ -26,3 +26,11 @@ int ckpt_map_populate(void) {
     return 0;
 #endif
 }
+
+int ckpt_o_direct(void) {
+#ifdef O_DIRECT
+    return O_DIRECT;
+#else
+    return 0;
+#endif
+}

@@ -13,4 +13,7 @@ ssize_t ckpt_splice(int fd_in, int64_t *off_in, int fd_out, int64_t *off_out, si
 /// MAP_POPULATE, for read-only mappings that are read once right away.
 int ckpt_map_populate(void);
 
+/// O_DIRECT, for outputs written once that should bypass the page cache.
+int ckpt_o_direct(void);
+
 #endif

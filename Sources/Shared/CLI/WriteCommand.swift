@@ -42,6 +42,9 @@ public struct WriteCommand: ParsableCommand {
     @Option(help: ArgumentHelp("orbax: cut arrays larger than this into chunks along axis 0 (default 2GiB).", valueName: "size"))
     public var orbaxChunk: String?
 
+    @Flag(help: ArgumentHelp("safetensors: write through the page cache. By default files of 64 MiB and more bypass it (O_DIRECT) where the file system allows."))
+    public var bufferedIO = false
+
     @Flag(help: "Replace existing output files.")
     public var force = false
 
@@ -88,7 +91,7 @@ public struct WriteCommand: ParsableCommand {
             switch fmt {
             case .safetensors:
                 sink = SafetensorsWriter(path: path, maxShardSize: maxShardSize.flatMap(parseByteSize), overwrite: force,
-                                         log: { if !quiet { Tool.note("ckpt-write", $0) } })
+                                         directIO: !bufferedIO, log: { if !quiet { Tool.note("ckpt-write", $0) } })
             case .torch:
                 sink = TorchWriter(path: path, nest: nest, overwrite: force)
             case .npy, .npz:

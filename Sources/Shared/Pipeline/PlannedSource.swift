@@ -11,6 +11,19 @@ public enum TensorData {
     /// Produced whole when the tensor's turn comes: a strided view made contiguous, an
     /// inflated member, byte-swapped data. Holds one tensor at a time.
     case materialized(() throws -> AlignedBuffer)
+    /// Produced in order, a chunk at a time, by a decoder with its own state (a zstd stream):
+    /// nothing the size of the tensor is held. The next chunk is decoded on another core while
+    /// the current one is emitted.
+    case streamed(() throws -> ChunkProducer)
+}
+
+/// Produces a tensor's bytes in order, piece by piece (see `TensorData.streamed`).
+public protocol ChunkProducer: AnyObject {
+    /// Fills `buffer` from its start with the next bytes; fewer than `buffer.count` only when
+    /// the data ends.
+    func produce(into buffer: UnsafeMutableRawBufferPointer) throws -> Int
+    /// Called after the tensor's last byte: checks that the data ends exactly there.
+    func finish() throws
 }
 
 /// How far a `PlannedSource` may materialize tensors ahead of the one being emitted, so
@@ -47,6 +60,9 @@ public final class PlannedSource: FileBackedSource {
     private var pieces: [(offset: Int, count: Int)] = []
     private var piece = 0
     private var piecePosition = 0
+    /// The current tensor's decoder, when it is streamed.
+    private var streamed: StreamedTensor?
+    private let chunkPool: BufferPool
     public private(set) var lastChunkOrigin: (descriptor: FileDescriptor, offset: Int)?
     private let readAhead: ReadAhead
     /// Tensors being made ahead, by plan index.
@@ -60,6 +76,7 @@ public final class PlannedSource: FileBackedSource {
         self.plan = plan
         self.chunkSize = chunkSize
         self.readAhead = readAhead
+        chunkPool = BufferPool(bufferSize: chunkSize, retain: 2)
         manifest = plan.map(\.0.descriptor)
     }
 
@@ -87,6 +104,7 @@ public final class PlannedSource: FileBackedSource {
     public func nextTensor() throws -> TensorHeader? {
         materialized = nil
         file = nil
+        streamed = nil
         guard next < plan.count else { return nil }
         let index = next
         let (t, data) = plan[index]
@@ -112,6 +130,9 @@ public final class PlannedSource: FileBackedSource {
                                   source: header.sourceFormat, tensor: t.descriptor.name)
             }
             materialized = buffer
+        case .streamed(let make):
+            streamed = StreamedTensor(producer: try make(), length: currentLength, chunkSize: chunkSize, pool: chunkPool,
+                                      name: t.descriptor.name, source: header.sourceFormat)
         }
         return t
     }
@@ -138,6 +159,15 @@ public final class PlannedSource: FileBackedSource {
             }
             out.count = at
             return out
+        case .streamed(let make):
+            let out = AlignedBuffer(capacity: max(n, 1))
+            let producer = try make()
+            out.count = try producer.produce(into: UnsafeMutableRawBufferPointer(start: out.pointer, count: n))
+            guard out.count == n else {
+                throw StreamError(.tensorLengthMismatch(declared: UInt64(n), received: UInt64(out.count)), source: header.sourceFormat, tensor: t.descriptor.name)
+            }
+            try producer.finish()
+            return out
         case .materialized(let make):
             let out = try make()
             guard out.count == n else {
@@ -151,8 +181,15 @@ public final class PlannedSource: FileBackedSource {
         guard position < currentLength else {
             materialized = nil
             file = nil
+            streamed = nil
             lastChunkOrigin = nil
             return nil
+        }
+        if let streamed {
+            let chunk = try streamed.next()
+            position += chunk.count
+            lastChunkOrigin = nil
+            return chunk
         }
         if let materialized {
             let n = min(chunkSize, currentLength - position)
@@ -174,6 +211,82 @@ public final class PlannedSource: FileBackedSource {
         position += n
         lastChunkOrigin = (file!.descriptor, at)
         return file!.bytes(at: at, count: n)
+    }
+}
+
+/// A streamed tensor's chunks, each decoded on a background thread while the one before it is
+/// emitted (two chunk buffers, used in turn). The decoder is stateful, so its jobs run one at a
+/// time, in order, on a serial queue.
+private final class StreamedTensor {
+    private let producer: ChunkProducer
+    private let length: Int
+    private let chunkSize: Int
+    private let pool: BufferPool
+    private let name: String
+    private let source: String
+    private let queue = DispatchQueue(label: "ckpt.streamed-tensor", qos: .userInitiated)
+    private var requested = 0
+    private var pending: ProduceJob?
+    /// The chunk last handed out: valid until the next call.
+    private var handedOut: AlignedBuffer?
+
+    init(producer: ChunkProducer, length: Int, chunkSize: Int, pool: BufferPool, name: String, source: String) {
+        self.producer = producer
+        self.length = length
+        self.chunkSize = chunkSize
+        self.pool = pool
+        self.name = name
+        self.source = source
+        start()
+    }
+
+    deinit {
+        if let pending { try? pending.wait(); pool.give(pending.buffer) }
+        if let handedOut { pool.give(handedOut) }
+    }
+
+    private func start() {
+        guard requested < length else { return }
+        let n = min(chunkSize, length - requested)
+        requested += n
+        let job = ProduceJob(producer: producer, buffer: pool.take(minimum: n), count: n, last: requested == length)
+        pending = job
+        queue.async { job.execute() }
+    }
+
+    func next() throws -> UnsafeRawBufferPointer {
+        if let handedOut { pool.give(handedOut) }
+        handedOut = nil
+        guard let job = pending else { return UnsafeRawBufferPointer(start: nil, count: 0) }
+        pending = nil
+        try job.wait()
+        guard job.produced == job.count else {
+            throw StreamError(.tensorLengthMismatch(declared: UInt64(length), received: UInt64(requested - job.count + job.produced)),
+                              source: source, tensor: name)
+        }
+        handedOut = job.buffer
+        start()
+        return UnsafeRawBufferPointer(start: job.buffer.pointer, count: job.count)
+    }
+}
+
+private final class ProduceJob: Job, @unchecked Sendable {
+    let producer: ChunkProducer
+    let buffer: AlignedBuffer
+    let count: Int
+    let last: Bool
+    var produced = 0
+
+    init(producer: ChunkProducer, buffer: AlignedBuffer, count: Int, last: Bool) {
+        self.producer = producer
+        self.buffer = buffer
+        self.count = count
+        self.last = last
+    }
+
+    override func run() throws {
+        produced = try producer.produce(into: UnsafeMutableRawBufferPointer(start: buffer.pointer, count: count))
+        if last && produced == count { try producer.finish() }
     }
 }
 

@@ -150,11 +150,15 @@ public enum OrbaxReader {
             let d = try a.descriptor
             try a.validate(file: dir, get: { try get(param + "/" + $0) })
             let array = a
-            // A single uncompressed chunk that fills the array is already its row-major bytes.
-            if a.codec == nil && a.innerChunks == nil && a.chunks == a.shape, !d.shape.contains(0),
-               case .file(let f, let o, let n)? = try get(param + "/" + a.chunkKey([Int](repeating: 0, count: a.shape.count))) {
+            // A single chunk that fills the array (orbax's usual layout) is its row-major bytes:
+            // in place when uncompressed, decoded chunk by chunk as the stream goes when zstd.
+            let single = a.innerChunks == nil && a.chunks == a.shape && !d.shape.contains(0)
+                ? try get(param + "/" + a.chunkKey([Int](repeating: 0, count: a.shape.count))) : nil
+            if a.codec == nil, case .file(let f, let o, let n)? = single {
                 guard n == d.byteCount else { throw OrbaxError("zarr: chunk holds \(n) bytes, expected \(d.byteCount)", file: dir, tensor: name) }
                 plan.append((TensorHeader(d), .mapped(f, offset: o)))
+            } else if a.codec == .zstd, case .file(let f, let o, let n)? = single {
+                plan.append((TensorHeader(d), .streamed { try ZarrStreamedChunk(f, offset: o, count: n, array: array, file: dir) }))
             } else {
                 plan.append((TensorHeader(d), .materialized { try array.assemble(file: dir, get: { try get(param + "/" + $0) }) }))
             }

@@ -314,3 +314,29 @@ public struct ZarrArray: Sendable {
         }
     }
 }
+
+/// An array stored as one zstd chunk in a data file, decoded as the stream goes
+/// (`TensorData.streamed`): the decoder's window and one stream chunk are all it holds.
+final class ZarrStreamedChunk: ChunkProducer {
+    private let decoder: ZstdCodec.FileDecoder
+    private let name: String
+    private let file: String
+
+    init(_ mapped: MappedFile, offset: Int, count: Int, array: ZarrArray, file: String) throws {
+        name = array.name
+        self.file = file
+        do {
+            decoder = try ZstdCodec.FileDecoder(mapped, offset: offset, count: count, expected: try array.descriptor.byteCount)
+        } catch let e as ZstdCodec.Failure {
+            throw ZarrArray.fail(name, "chunk does not decompress: \(e)", file: file)
+        }
+    }
+
+    func produce(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        do { return try decoder.read(into: buffer) } catch { throw ZarrArray.fail(name, "chunk does not decompress: \(error)", file: file) }
+    }
+
+    func finish() throws {
+        do { try decoder.finish() } catch { throw ZarrArray.fail(name, "chunk does not decompress: \(error)", file: file) }
+    }
+}

@@ -22,29 +22,81 @@ public enum ZstdCodec {
         guard n == output.count else { throw Failure(description: "decompressed to \(n) bytes, expected \(output.count)") }
     }
 
-    /// Decompresses frames stored in a mapped file into exactly `output.count` bytes, feeding
-    /// the input 4 MiB at a time and dropping consumed pages, so only the output stays resident.
+    /// Decompresses frames stored in a mapped file into exactly `output.count` bytes.
     public static func decompress(_ file: MappedFile, offset: Int, count: Int, into output: UnsafeMutableRawBufferPointer) throws(Failure) {
-        guard let dctx = ZSTD_createDCtx() else { throw Failure(description: "cannot create a zstd context") }
-        defer { ZSTD_freeDCtx(dctx) }
-        var out = ZSTD_outBuffer(dst: output.baseAddress, size: output.count, pos: 0)
-        var done = 0
-        var last = 0
-        while done < count {
-            let n = min(4 << 20, count - done)
-            let piece = file.bytes(at: offset + done, count: n)
-            var input = ZSTD_inBuffer(src: piece.baseAddress, size: n, pos: 0)
-            while input.pos < input.size {
-                let before = (input.pos, out.pos)
+        let decoder = try FileDecoder(file, offset: offset, count: count, expected: output.count)
+        _ = try decoder.read(into: output)
+        try decoder.finish()
+    }
+
+    /// Frames stored in a mapped file, decoded piece by piece into the caller's buffers: input
+    /// is fed 4 MiB at a time and its pages dropped once consumed, so nothing the size of the
+    /// data is ever resident (a 1 GB array streams through a 4 MiB chunk).
+    public final class FileDecoder {
+        private let dctx: OpaquePointer
+        private let file: MappedFile
+        private let offset: Int
+        private let count: Int
+        /// The bytes the frames must decode to, exactly.
+        public let expected: Int
+        public private(set) var produced = 0
+        private var input = ZSTD_inBuffer(src: nil, size: 0, pos: 0)
+        private var pieceStart = 0
+        private var pieceCount = 0
+        /// decompressStream's last return: 0 when a frame has just ended.
+        private var last = 0
+
+        public init(_ file: MappedFile, offset: Int, count: Int, expected: Int) throws(Failure) {
+            guard let dctx = ZSTD_createDCtx() else { throw Failure(description: "cannot create a zstd context") }
+            self.dctx = dctx
+            self.file = file
+            self.offset = offset
+            self.count = count
+            self.expected = expected
+        }
+
+        deinit { ZSTD_freeDCtx(dctx) }
+
+        /// Moves `input` to the next piece of the stored bytes; false when there is none.
+        private func nextPiece() -> Bool {
+            if pieceCount > 0 { file.drop(offset: offset + pieceStart, count: pieceCount) }
+            pieceStart += pieceCount
+            pieceCount = min(4 << 20, count - pieceStart)
+            guard pieceCount > 0 else { return false }
+            input = ZSTD_inBuffer(src: file.bytes(at: offset + pieceStart, count: pieceCount).baseAddress, size: pieceCount, pos: 0)
+            return true
+        }
+
+        /// Fills `output` with the next bytes (all of it unless fewer than that remain of
+        /// `expected`); returns how many.
+        public func read(into output: UnsafeMutableRawBufferPointer) throws(Failure) -> Int {
+            var out = ZSTD_outBuffer(dst: output.baseAddress, size: min(output.count, expected - produced), pos: 0)
+            while out.pos < out.size {
+                if input.pos == input.size && !nextPiece() { break }
                 last = ZSTD_decompressStream(dctx, &out, &input)
                 if ZSTD_isError(last) != 0 { throw Failure(description: String(cString: ZSTD_getErrorName(last))) }
-                if (input.pos, out.pos) == before { throw Failure(description: "decompresses to more than the expected \(output.count) bytes") }
             }
-            file.drop(offset: offset + done, count: n)
-            done += n
+            produced += out.pos
+            return out.pos
         }
-        guard last == 0 else { throw Failure(description: "zstd stream is truncated") }
-        guard out.pos == output.count else { throw Failure(description: "decompressed to \(out.pos) bytes, expected \(output.count)") }
+
+        /// Checks, once `expected` bytes were read, that the frames end exactly there.
+        public func finish() throws(Failure) {
+            guard produced == expected else { throw Failure(description: "decompressed to \(produced) bytes, expected \(expected)") }
+            var scratch: UInt64 = 0
+            while input.pos < input.size || nextPiece() {
+                let before = input.pos
+                let extra = withUnsafeMutableBytes(of: &scratch) { s -> Int in
+                    var out = ZSTD_outBuffer(dst: s.baseAddress, size: s.count, pos: 0)
+                    last = ZSTD_decompressStream(dctx, &out, &input)
+                    return out.pos
+                }
+                if ZSTD_isError(last) != 0 { throw Failure(description: String(cString: ZSTD_getErrorName(last))) }
+                if extra > 0 { throw Failure(description: "decompresses to more than the expected \(expected) bytes") }
+                if input.pos == before { throw Failure(description: "zstd decoder made no progress") }
+            }
+            guard last == 0 else { throw Failure(description: "zstd stream is truncated") }
+        }
     }
 
     /// Decompresses frames into at most `limit` bytes. A declared size is checked against the

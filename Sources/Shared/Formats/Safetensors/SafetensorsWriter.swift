@@ -7,16 +7,24 @@ import Glibc
 /// each chunk goes straight to its final offset (`pwrite`), in one pass, memory
 /// independent of model size. Without one, data is spooled to a temporary file in the
 /// output's folder and laid out at the end. Files appear only on success.
+///
+/// Files of `directThreshold` and more are written with `O_DIRECT` where the file system
+/// allows (`DirectFileWriter`): a checkpoint is written once and should not push everything
+/// else out of the page cache; `directIO: false` writes through the cache.
 public final class SafetensorsWriter: FileRegionSink {
     public let path: String
     public let maxShardSize: Int?
     public let overwrite: Bool
+    public let directIO: Bool
+    public static let directThreshold = 64 << 20
     private let log: (String) -> Void
 
     private struct OutputFile {
         var name: String
         var output: AtomicOutput
         var layout: SafetensorsLayout
+        /// Data writes when this file bypasses the page cache.
+        var direct: DirectFileWriter?
     }
     private var files: [OutputFile] = []
     /// `<name>.index.json`, when the tensors were sharded.
@@ -34,10 +42,11 @@ public final class SafetensorsWriter: FileRegionSink {
     private var cursor = (file: 0, offset: 0)
     private var written = 0
 
-    public init(path: String, maxShardSize: Int? = nil, overwrite: Bool, log: @escaping (String) -> Void) {
+    public init(path: String, maxShardSize: Int? = nil, overwrite: Bool, directIO: Bool = true, log: @escaping (String) -> Void) {
         self.path = path
         self.maxShardSize = maxShardSize
         self.overwrite = overwrite
+        self.directIO = directIO
         self.log = log
     }
 
@@ -85,7 +94,10 @@ public final class SafetensorsWriter: FileRegionSink {
             }
             let layout = SafetensorsLayout(tensors: group, metadata: shardMetadata)
             let out = try AtomicOutput(path: full, overwrite: overwrite)
-            files.append(OutputFile(name: name, output: out, layout: layout))
+            // Spooled data is copied in at the end by the spool, through the page cache.
+            let direct = directIO && spool == nil && layout.fileSize >= SafetensorsWriter.directThreshold
+                ? DirectFileWriter(path: out.temporaryPath, buffered: out.descriptor) : nil
+            files.append(OutputFile(name: name, output: out, layout: layout, direct: direct))
             for (d, offset) in layout.placements { placement[d.name] = (i, offset) }
             try layout.headerBytes.withUnsafeBytes { try out.descriptor.pwriteAll($0, at: 0) }
             if ftruncate(out.descriptor.rawValue, off_t(layout.fileSize)) != 0 {
@@ -113,13 +125,17 @@ public final class SafetensorsWriter: FileRegionSink {
             throw StreamError(.tensorLengthMismatch(declared: UInt64(current?.byteCount ?? 0), received: UInt64(written + chunk.count)),
                               source: path, tensor: current?.name)
         }
-        let fd = spool?.output.descriptor ?? files[cursor.file].output.descriptor
-        try fd.pwriteAll(chunk, at: cursor.offset + written)
+        if spool == nil, let direct = files[cursor.file].direct {
+            try direct.write(chunk, at: cursor.offset + written)
+        } else {
+            let fd = spool?.output.descriptor ?? files[cursor.file].output.descriptor
+            try fd.pwriteAll(chunk, at: cursor.offset + written)
+        }
         written += chunk.count
     }
 
     public func nextFileRegion() -> (descriptor: FileDescriptor, offset: Int)? {
-        guard current != nil else { return nil }
+        guard current != nil, spool != nil || files[cursor.file].direct == nil else { return nil }
         return (spool?.output.descriptor ?? files[cursor.file].output.descriptor, cursor.offset + written)
     }
 
@@ -162,12 +178,14 @@ public final class SafetensorsWriter: FileRegionSink {
             index = out
             try content.encoded().withUnsafeBytes { try out.descriptor.writeAll($0) }
         }
+        for f in files { try f.direct?.finish() }
         for f in files { try f.output.commit() }
         try index?.commit()
     }
 
     public func abort() {
         spool?.remove()
+        for i in files.indices { files[i].direct = nil }  // waits for a write in flight
         for f in files { f.output.abort() }
         index?.abort()
     }
