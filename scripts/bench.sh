@@ -10,7 +10,8 @@
 # Cases: cat, ckpt, ckpt-zlib1, python-safetensors (safetensors in and out); ckpt-lora (ckpt with
 # lora-merge of a rank-16 PEFT adapter on every tensor), python-peft (the same merge in torch);
 # ckpt-openpi, python-openpi (a synthetic pi0 LoRA checkpoint, OPENPI_SCALE of pi0's widths,
-# through the openpi recipe's stages, and through what openpi's script does in Python); cat-pt, ckpt-pt,
+# through the openpi recipe's stages, and through what openpi's script does in Python;
+# ckpt-openpi-cached writes its output through the page cache, as Python does); cat-pt, ckpt-pt,
 # python-torch (a torch.save zip of the same tensors in, safetensors out); ckpt-orbax,
 # python-orbax (an Orbax checkpoint with default settings, written by orbax itself, of the
 # f32 tensors: OCDBT + zstd; safetensors out; ckpt-orbax-ra0 decodes one array at a time)
@@ -159,6 +160,8 @@ for rep in $(seq "$REPS"); do
         ckpt-openpi)  # the stages of scripts/openpi-to-pytorch.sh, each measured
             run ckpt-openpi "$(T 1) $BIN/ckpt-read --root params '$OPENPI/params' | $(T 2) $BIN/lora-merge -q --scheme openpi --config '*_1/*=gemma_300m_lora' --config gemma_2b_lora --dtype F32 | $(T 3) $BIN/ckpt-slice --rules rules/openpi-pi0-jax-to-pytorch.rules --cast F32 | $(T 4) $BIN/ckpt-write '$OUT'"
             cp "$OUT" "$WORK/openpi-ours.safetensors" ;;
+        ckpt-openpi-cached)  # the same, writing through the page cache as Python does
+            run ckpt-openpi-cached "$(T 1) $BIN/ckpt-read --root params '$OPENPI/params' | $(T 2) $BIN/lora-merge -q --scheme openpi --config '*_1/*=gemma_300m_lora' --config gemma_2b_lora --dtype F32 | $(T 3) $BIN/ckpt-slice --rules rules/openpi-pi0-jax-to-pytorch.rules --cast F32 | $(T 4) $BIN/ckpt-write --buffered-io '$OUT'" ;;
         python-openpi)
             run python-openpi "$(T 1) $PY scripts/bench_openpi.py convert '$OPENPI' '$OUT'"
             cp "$OUT" "$WORK/openpi-python.safetensors" ;;

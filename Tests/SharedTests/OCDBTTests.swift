@@ -72,3 +72,54 @@ import CZstd
         #expect(throws: (any Error).self) { try Array(frame.dropLast(3)).withUnsafeBytes { try ZstdCodec.decompress($0, limit: 1 << 20) } }
     }
 }
+
+@Suite struct ZstdFileDecoderTests {
+    private func compressed(_ data: [UInt8]) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: ZSTD_compressBound(data.count))
+        let n = out.withUnsafeMutableBytes { o in data.withUnsafeBytes { ZSTD_compress(o.baseAddress, o.count, $0.baseAddress, $0.count, 3) } }
+        return Array(out[0..<n])
+    }
+
+    private func mapped(_ bytes: [UInt8]) throws -> MappedFile {
+        let path = temporaryDirectory() + "/frames.zst"
+        writeFile(path, bytes)
+        let fd = try FileDescriptor.openForReading(path)
+        return try MappedFile(fd, size: bytes.count)
+    }
+
+    /// Decodes `stored` in pieces of `piece` bytes, expecting `expected` bytes.
+    private func decode(_ stored: [UInt8], expected: Int, piece: Int) throws -> [UInt8] {
+        let file = try mapped(stored)
+        let decoder = try ZstdCodec.FileDecoder(file, offset: 0, count: stored.count, expected: expected)
+        var out: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: piece)
+        while true {
+            let n = try buffer.withUnsafeMutableBytes { try decoder.read(into: $0) }
+            out += buffer[0..<n]
+            if n < piece { break }
+        }
+        try decoder.finish()
+        return out
+    }
+
+    private let data = (0..<1_000_003).map { UInt8(truncatingIfNeeded: ($0 &* 2_654_435_761) >> 11 & 0x3f) }
+
+    @Test func decodesPieceByPieceAcrossFrames() throws {
+        #expect(try decode(compressed(data), expected: data.count, piece: 65_537) == data)
+        // Two frames back to back decode as one stream (tensorstore may write several).
+        let two = compressed(Array(data[0..<400_000])) + ZstdTests.frameWithoutSize(Array(data[400_000...]))
+        #expect(try decode(two, expected: data.count, piece: 1 << 20) == data)
+    }
+
+    @Test func refusesTruncatedShortAndLongData() throws {
+        let frame = compressed(data)
+        #expect(throws: ZstdCodec.Failure.self) { _ = try decode(Array(frame.dropLast(9)), expected: data.count, piece: 1 << 16) }
+        // More bytes than the array holds, and fewer.
+        #expect(throws: ZstdCodec.Failure.self) { _ = try decode(frame, expected: data.count - 1, piece: 1 << 16) }
+        #expect(throws: ZstdCodec.Failure.self) { _ = try decode(frame, expected: data.count + 1, piece: 1 << 16) }
+        // (zstd frames carry no checksum unless asked to, so only damage the decoder can see.)
+        var corrupt = frame
+        corrupt[0] ^= 0xff
+        #expect(throws: ZstdCodec.Failure.self) { _ = try decode(corrupt, expected: data.count, piece: 1 << 16) }
+    }
+}

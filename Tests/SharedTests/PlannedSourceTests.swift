@@ -77,3 +77,47 @@ private final class MakeLog: @unchecked Sendable {
         #expect(throws: OrbaxError.self) { _ = try source.nextTensor() }
     }
 }
+
+/// Produces `length` bytes of a known sequence in pieces, optionally failing at the end.
+private final class CountingProducer: ChunkProducer {
+    let length: Int
+    let failAtEnd: Bool
+    var position = 0
+    init(length: Int, failAtEnd: Bool = false) {
+        self.length = length
+        self.failAtEnd = failAtEnd
+    }
+    func produce(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        let n = min(buffer.count, length - position)
+        for k in 0..<n { buffer[k] = UInt8(truncatingIfNeeded: (position + k) &* 7) }
+        position += n
+        return n
+    }
+    func finish() throws {
+        if failAtEnd { throw OrbaxError("trailing data", file: "test", tensor: "s") }
+    }
+}
+
+@Suite struct PlannedSourceStreamedTests {
+    private func source(_ sizes: [Int], failing: Int? = nil, short: Int? = nil) -> PlannedSource {
+        let plan: [(TensorHeader, TensorData)] = sizes.enumerated().map { i, n in
+            (TensorHeader(try! TensorDescriptor(name: "s\(i)", dtype: .u8, shape: [n])),
+             .streamed { CountingProducer(length: i == short ? n - 1 : n, failAtEnd: i == failing) })
+        }
+        return PlannedSource(header: StreamHeader(producer: "t", sourceFormat: "t"), plan: plan, chunkSize: 1000)
+    }
+
+    @Test func emitsEveryByteInChunks() throws {
+        let sink = CollectingSink()
+        try pump(from: source([2500, 0, 1000, 1]), to: sink)
+        #expect(sink.tensors.map(\.1.count) == [2500, 0, 1000, 1])
+        #expect(sink.tensors[0].1 == (0..<2500).map { UInt8(truncatingIfNeeded: $0 &* 7) })
+        #expect(try source([3001]).tensorBytes(at: 0).copyBytes() == (0..<3001).map { UInt8(truncatingIfNeeded: $0 &* 7) })
+    }
+
+    @Test func aProducerThatEndsEarlyOrFailsIsAnError() throws {
+        #expect(throws: StreamError.self) { try pump(from: self.source([10, 2500], short: 1), to: CollectingSink()) }
+        #expect(throws: OrbaxError.self) { try pump(from: self.source([2500], failing: 0), to: CollectingSink()) }
+        #expect(throws: StreamError.self) { _ = try self.source([2500], short: 0).tensorBytes(at: 0) }
+    }
+}

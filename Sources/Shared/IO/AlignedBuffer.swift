@@ -15,13 +15,15 @@ public final class AlignedBuffer: @unchecked Sendable {
     /// Returned to `MappingCache` instead of unmapped (see `reusable`).
     private var cached = false
     private static let mapThreshold = 256 << 10
+    private static let hugePageThreshold = 16 << 20
 
     /// A buffer whose every byte the caller will write before reading (its contents are
     /// undefined): large ones come from recently released mappings of a similar size when there
     /// are some, since a fresh page costs a fault and zeroing (and on a VM far more).
-    public static func reusable(capacity: Int) -> AlignedBuffer {
+    /// `pageAligned`: mapped even when small (direct I/O needs page-aligned memory).
+    public static func reusable(capacity: Int, pageAligned: Bool = false) -> AlignedBuffer {
         guard capacity >= mapThreshold, let (p, size) = MappingCache.shared.take(capacity) else {
-            let b = AlignedBuffer(capacity: capacity)
+            let b = AlignedBuffer(capacity: capacity, mapped: pageAligned)
             b.cached = b.mapped
             return b
         }
@@ -36,11 +38,16 @@ public final class AlignedBuffer: @unchecked Sendable {
         mapped = true
     }
 
-    public init(capacity: Int) {
+    /// `mapped`: page-aligned mapping whatever the size (large buffers always are).
+    public init(capacity: Int, mapped map: Bool = false) {
         self.capacity = capacity
-        if capacity >= AlignedBuffer.mapThreshold {
+        if capacity >= AlignedBuffer.mapThreshold || map {
+            MappingCache.shared.willMap(capacity)
             let p = mmap(nil, capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
             precondition(p != nil && p != MAP_FAILED, "out of memory mapping \(capacity) bytes")
+            // Transparent huge pages where the system offers them on request: a 2 MiB fault
+            // instead of 512 small ones (on a VM each costs a trip to the hypervisor).
+            if capacity >= AlignedBuffer.hugePageThreshold { _ = madvise(p, capacity, MADV_HUGEPAGE) }
             pointer = p!
             mapped = true
         } else {
@@ -54,7 +61,12 @@ public final class AlignedBuffer: @unchecked Sendable {
 
     deinit {
         if cached && MappingCache.shared.give(pointer, capacity) { return }
-        if mapped { munmap(pointer, capacity) } else { free(pointer) }
+        if mapped {
+            MappingCache.shared.didUnmap(capacity)
+            munmap(pointer, capacity)
+        } else {
+            free(pointer)
+        }
     }
 
     /// The bytes in use. The pointer is valid only while this object lives: keep a reference
@@ -108,15 +120,26 @@ extension AlignedBuffer {
 
 /// Released large mappings kept for `AlignedBuffer.reusable`, up to a fixed total: reusing one
 /// avoids faulting fresh pages in. A request takes the smallest kept mapping that holds it and
-/// is at most twice its size; what does not fit the total is unmapped.
+/// is at most twice its size.
+///
+/// Kept mappings never raise the process's peak: it counts every mapped buffer, and before
+/// fresh pages are mapped, kept ones are unmapped (oldest first) until live + kept + the new
+/// mapping fit within the peak so far. The peak therefore grows only when live buffers alone
+/// need more.
 final class MappingCache: @unchecked Sendable {
-    static let shared = MappingCache(limit: 128 << 20)
+    static let shared = MappingCache(limit: 1 << 30)
     private let lock = Mutex()
     private var kept: [(pointer: UnsafeMutableRawPointer, size: Int)] = []
     private var total = 0
+    /// Bytes of mapped buffers in use, and the most of live + kept so far.
+    private var live = 0
+    private var peak = 0
     private let limit: Int
 
     init(limit: Int) { self.limit = limit }
+
+    var keptBytes: Int { lock.withLock { total } }
+    var liveBytes: Int { lock.withLock { live } }
 
     func take(_ size: Int) -> (UnsafeMutableRawPointer, Int)? {
         lock.withLock {
@@ -127,15 +150,38 @@ final class MappingCache: @unchecked Sendable {
             guard let i = best else { return nil }
             let m = kept.remove(at: i)
             total -= m.size
+            live += m.size
             return (m.pointer, m.size)
         }
     }
 
-    /// Keeps the mapping if it fits the limit (evicting older ones); false: the caller unmaps it.
+    /// Fresh pages are about to be mapped: unmaps kept ones so they do not add to the peak.
+    func willMap(_ size: Int) {
+        var evicted: [(pointer: UnsafeMutableRawPointer, size: Int)] = []
+        lock.withLock {
+            while live + total + size > peak, !kept.isEmpty {
+                let m = kept.removeFirst()
+                total -= m.size
+                evicted.append(m)
+            }
+            live += size
+            peak = max(peak, live + total)
+        }
+        for m in evicted { munmap(m.pointer, m.size) }
+    }
+
+    /// A mapped buffer was released and is being unmapped (not kept).
+    func didUnmap(_ size: Int) {
+        lock.withLock { live -= size }
+    }
+
+    /// Keeps a released mapping if it fits the limit (evicting older ones); false: the caller
+    /// unmaps it (and reports that with `didUnmap`).
     func give(_ pointer: UnsafeMutableRawPointer, _ size: Int) -> Bool {
         guard size <= limit / 2 else { return false }
         var evicted: [(pointer: UnsafeMutableRawPointer, size: Int)] = []
         lock.withLock {
+            live -= size
             while total + size > limit, !kept.isEmpty {
                 let m = kept.removeFirst()
                 total -= m.size

@@ -40,7 +40,7 @@ public final class DirectFileWriter {
     private var filled = 0
     private var running = false
     /// Set once the file system refused a direct write: everything after goes buffered.
-    private var directRefused = false
+    public private(set) var directRefused = false
 
     /// Opens `path` (already created, e.g. through `AtomicOutput`) a second time for direct
     /// writes; nil when the file system does not take `O_DIRECT` (tmpfs before Linux 6.6, some
@@ -51,7 +51,7 @@ public final class DirectFileWriter {
         self.buffered = buffered
         direct = FileDescriptor(rawValue: fd, path: path)
         windowSize = max(DirectFileWriter.block, stagingSize / DirectFileWriter.block * DirectFileWriter.block)
-        current = AlignedBuffer.reusable(capacity: windowSize)
+        current = AlignedBuffer.reusable(capacity: windowSize, pageAligned: true)
     }
 
     deinit {
@@ -109,7 +109,7 @@ public final class DirectFileWriter {
                                      direct: direct, buffered: buffered, refused: directRefused)
             work.submit(job)
             inFlight = job
-            current = spare ?? AlignedBuffer.reusable(capacity: windowSize)
+            current = spare ?? AlignedBuffer.reusable(capacity: windowSize, pageAligned: true)
             spare = nil
         }
         windowStart += filled

@@ -48,7 +48,8 @@ public final class LoRAMerger: TensorSource {
     /// What `nextChunk` serves: upstream chunks, a buffer, or a buffer a merge is still filling.
     private enum Current {
         case none, upstream, buffer(AlignedBuffer)
-        case streaming(AheadStreamingMerge, narrowed: Bool)
+        /// `held`: the base's buffer when it was held in memory (recycled once merged).
+        case streaming(AheadStreamingMerge, narrowed: Bool, held: AlignedBuffer?)
     }
     private var current = Current.none
     private var position = 0
@@ -149,7 +150,9 @@ public final class LoRAMerger: TensorSource {
     public func nextTensor() throws -> TensorHeader? {
         switch current {
         case .buffer(let b): recycle(b)
-        case .streaming(let ahead, _): ahead.settle()
+        case .streaming(let ahead, _, let held):
+            ahead.settle()
+            if let held { recycle(held) }
         default: break
         }
         current = .none
@@ -172,7 +175,7 @@ public final class LoRAMerger: TensorSource {
                     // Its adapters are all here: merge the base row by row as it streams through.
                     current = .streaming(AheadStreamingMerge(try streamingMerge(base: base, parts: parts, output: output, plan: plan),
                                                              upstream: upstream),
-                                         narrowed: output.dtype != .f32 && output.dtype != .f64)
+                                         narrowed: output.dtype != .f32 && output.dtype != .f64, held: nil)
                     return TensorHeader(output, attributes: t.attributes)
                 }
                 let baseData: (TensorHeader, AlignedBuffer)
@@ -188,7 +191,7 @@ public final class LoRAMerger: TensorSource {
                     let held = HeldTensorChunks(baseData.1)
                     current = .streaming(AheadStreamingMerge(try streamingMerge(base: base, parts: parts, output: output, plan: plan),
                                                              upstream: held),
-                                         narrowed: output.dtype != .f32 && output.dtype != .f64)
+                                         narrowed: output.dtype != .f32 && output.dtype != .f64, held: baseData.1)
                     return TensorHeader(output, attributes: baseData.0.attributes)
                 }
                 current = try merge(base: base, data: baseData.1, parts: parts, output: output, plan: plan)
@@ -278,10 +281,11 @@ public final class LoRAMerger: TensorSource {
         case .upstream: return try upstream.nextChunk()
         case .buffer(let b):
             return b.chunk(from: &position)
-        case .streaming(let ahead, let narrowed):
+        case .streaming(let ahead, let narrowed, let held):
             if let merged = try ahead.next() { return merged }
             summary.mergeSeconds += ahead.merge.seconds
             if narrowed { summary.drift.add(ahead.merge.drift) }
+            if let held { recycle(held) }
             current = .none
             return nil
         }

@@ -8,7 +8,7 @@ import Glibc
 /// independent of model size. Without one, data is spooled to a temporary file in the
 /// output's folder and laid out at the end. Files appear only on success.
 ///
-/// Files of `directThreshold` and more are written with `O_DIRECT` where the file system
+/// Files of `directThreshold` (64 MiB by default) and more are written with `O_DIRECT` where the file system
 /// allows (`DirectFileWriter`): a checkpoint is written once and should not push everything
 /// else out of the page cache; `directIO: false` writes through the cache.
 public final class SafetensorsWriter: FileRegionSink {
@@ -16,7 +16,7 @@ public final class SafetensorsWriter: FileRegionSink {
     public let maxShardSize: Int?
     public let overwrite: Bool
     public let directIO: Bool
-    public static let directThreshold = 64 << 20
+    public let directThreshold: Int
     private let log: (String) -> Void
 
     private struct OutputFile {
@@ -42,11 +42,13 @@ public final class SafetensorsWriter: FileRegionSink {
     private var cursor = (file: 0, offset: 0)
     private var written = 0
 
-    public init(path: String, maxShardSize: Int? = nil, overwrite: Bool, directIO: Bool = true, log: @escaping (String) -> Void) {
+    public init(path: String, maxShardSize: Int? = nil, overwrite: Bool, directIO: Bool = true,
+                directThreshold: Int = 64 << 20, log: @escaping (String) -> Void) {
         self.path = path
         self.maxShardSize = maxShardSize
         self.overwrite = overwrite
         self.directIO = directIO
+        self.directThreshold = directThreshold
         self.log = log
     }
 
@@ -95,7 +97,7 @@ public final class SafetensorsWriter: FileRegionSink {
             let layout = SafetensorsLayout(tensors: group, metadata: shardMetadata)
             let out = try AtomicOutput(path: full, overwrite: overwrite)
             // Spooled data is copied in at the end by the spool, through the page cache.
-            let direct = directIO && spool == nil && layout.fileSize >= SafetensorsWriter.directThreshold
+            let direct = directIO && spool == nil && layout.fileSize >= directThreshold
                 ? DirectFileWriter(path: out.temporaryPath, buffered: out.descriptor) : nil
             files.append(OutputFile(name: name, output: out, layout: layout, direct: direct))
             for (d, offset) in layout.placements { placement[d.name] = (i, offset) }
