@@ -218,3 +218,8 @@ def test_truncated_chunk_is_an_error(tmp_path):
     p = run(["ckpt-read", str(ckpt)])
     err = p.stderr.decode()
     assert p.returncode == EX_DATAERR and "params/layer0/kernel" in err and len(err.strip().splitlines()) == 1, err
+    # The array is decoded as the stream goes, so part of it was already sent: the writer
+    # downstream must fail on the cut stream and leave nothing.
+    out = tmp_path / "out.safetensors"
+    p = shell(f"ckpt-read {ckpt} | ckpt-write {out}")
+    assert p.returncode != 0 and not out.exists() and not list(tmp_path.glob(".out.safetensors*")), p.stderr
