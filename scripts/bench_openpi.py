@@ -116,13 +116,20 @@ def convert(step, out):
         ml = f"llm/layers/mlp{sfx}/"
         s[ml + "gating_einsum"] += np.einsum("lafr,larh->lafh", s.pop(ml + "gating_einsum_lora_a"), s.pop(ml + "gating_einsum_lora_b"))
         s[ml + "linear"] += np.einsum("lhr,lrf->lhf", s.pop(ml + "linear_lora_a"), s.pop(ml + "linear_lora_b"))
-    # Slicing, as convert_jax_model_to_pytorch.py does it (o_proj by the general rule).
+    o = openpi_slice(s)
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in o.items()}, out)
+
+
+def openpi_slice(s, pi05=False):
+    """The slicing of openpi's convert_jax_model_to_pytorch.py (o_proj by the general rule for
+    both Gemmas, as the rule files do), on flat params named without the `PaliGemma/` prefix;
+    sizes come from the arrays. Also the test suite's reference (Tests/interop/test_slice_openpi.py)."""
     o = {}
     V = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
     dv = s["img/embedding/bias"].shape[0]
-    o[V + "embeddings.patch_embedding.weight"] = s.pop("img/embedding/kernel").transpose(3, 2, 0, 1)
-    o[V + "embeddings.patch_embedding.bias"] = s.pop("img/embedding/bias")
-    o[V + "embeddings.position_embedding.weight"] = s.pop("img/pos_embedding").reshape(-1, dv)
+    o[V + "embeddings.patch_embedding.weight"] = s["img/embedding/kernel"].transpose(3, 2, 0, 1)
+    o[V + "embeddings.patch_embedding.bias"] = s["img/embedding/bias"]
+    o[V + "embeddings.position_embedding.weight"] = s["img/pos_embedding"].reshape(-1, dv)
     e = "img/Transformer/encoderblock/"
     for i in range(s[e + "LayerNorm_0/scale"].shape[0]):
         p = V + f"encoder.layers.{i}."
@@ -142,22 +149,33 @@ def convert(step, out):
     for sfx, base in (("", "paligemma_with_expert.paligemma.model.language_model."), ("_1", "paligemma_with_expert.gemma_expert.model.")):
         q, kv = s[f"llm/layers/attn/q_einsum{sfx}/w"], s[f"llm/layers/attn/kv_einsum{sfx}/w"]
         av, g, lin = s[f"llm/layers/attn/attn_vec_einsum{sfx}/w"], s[f"llm/layers/mlp{sfx}/gating_einsum"], s[f"llm/layers/mlp{sfx}/linear"]
+        n, d, h = q.shape[1:]
         for i in range(q.shape[0]):
             p = base + f"layers.{i}."
-            n, d, h = q.shape[1:]
             o[p + "self_attn.q_proj.weight"] = q[i].transpose(0, 2, 1).reshape(n * h, d)
             o[p + "self_attn.k_proj.weight"], o[p + "self_attn.v_proj.weight"] = kv[i, 0, 0].T, kv[i, 1, 0].T
             o[p + "self_attn.o_proj.weight"] = av[i].reshape(n * h, d).T
             o[p + "mlp.gate_proj.weight"], o[p + "mlp.up_proj.weight"] = g[i, 0].T, g[i, 1].T
             o[p + "mlp.down_proj.weight"] = lin[i].T
-            norm = "" if sfx == "" else "_1"
-            o[p + "input_layernorm.weight"] = s[f"llm/layers/pre_attention_norm{norm}/scale"][i]
-            o[p + "post_attention_layernorm.weight"] = s[f"llm/layers/pre_ffw_norm{norm}/scale"][i]
+            if sfx and pi05:  # pi0.5's expert: adaptive norms, a Dense per norm
+                for nm, tn in (("pre_attention_norm_1", "input_layernorm"), ("pre_ffw_norm_1", "post_attention_layernorm")):
+                    o[p + f"{tn}.dense.bias"] = s[f"llm/layers/{nm}/Dense_0/bias"][i]
+                    o[p + f"{tn}.dense.weight"] = s[f"llm/layers/{nm}/Dense_0/kernel"][i].T
+            else:
+                o[p + "input_layernorm.weight"] = s[f"llm/layers/pre_attention_norm{sfx}/scale"][i]
+                o[p + "post_attention_layernorm.weight"] = s[f"llm/layers/pre_ffw_norm{sfx}/scale"][i]
     o["paligemma_with_expert.paligemma.model.language_model.norm.weight"] = s["llm/final_norm/scale"]
-    o["paligemma_with_expert.gemma_expert.model.norm.weight"] = s["llm/final_norm_1/scale"]
-    for k in ("state_proj", "action_in_proj", "action_out_proj", "action_time_mlp_in", "action_time_mlp_out"):
+    E = "paligemma_with_expert.gemma_expert.model."
+    if pi05:
+        o[E + "norm.dense.bias"] = s["llm/final_norm_1/Dense_0/bias"]
+        o[E + "norm.dense.weight"] = s["llm/final_norm_1/Dense_0/kernel"].T
+        heads = ("action_in_proj", "action_out_proj", "time_mlp_in", "time_mlp_out")
+    else:
+        o[E + "norm.weight"] = s["llm/final_norm_1/scale"]
+        heads = ("state_proj", "action_in_proj", "action_out_proj", "action_time_mlp_in", "action_time_mlp_out")
+    for k in heads:
         o[f"{k}.weight"], o[f"{k}.bias"] = s[f"{k}/kernel"].T, s[f"{k}/bias"]
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in o.items()}, out)
+    return o
 
 
 if __name__ == "__main__":

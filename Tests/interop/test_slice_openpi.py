@@ -1,6 +1,7 @@
 """The shipped openpi rules on an openpi-shaped parameter tree at reduced sizes: every output
 equals what openpi's examples/convert_jax_model_to_pytorch.py does to the same arrays (its
-slicing, re-implemented in numpy below, line for line), and the torch-layout weights compute
+slicing, re-implemented in numpy in scripts/bench_openpi.py, which the benchmark's Python
+reference uses too), and the torch-layout weights compute
 what the JAX einsums compute."""
 import os
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from bench_openpi import openpi_slice
 from conftest import ROOT, shell
 
 RNG = np.random.default_rng(3)
@@ -63,71 +65,9 @@ def openpi_tree(pi05):
 
 
 def openpi_script(t, pi05):
-    """The slicing of openpi's convert_jax_model_to_pytorch.py, on the same arrays (o_proj by
-    the general rule for both Gemmas, as the rule files do)."""
-    s = {k.removeprefix("PaliGemma/"): v for k, v in t.items()}
-    out = {}
-    V = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
-    out[V + "embeddings.patch_embedding.weight"] = s["img/embedding/kernel"].transpose(3, 2, 0, 1)
-    out[V + "embeddings.patch_embedding.bias"] = s["img/embedding/bias"]
-    out[V + "embeddings.position_embedding.weight"] = s["img/pos_embedding"].reshape(-1, DV)
-    e = "img/Transformer/encoderblock/"
-    for i in range(LV):
-        p = V + f"encoder.layers.{i}."
-        out[p + "layer_norm1.weight"] = s[e + "LayerNorm_0/scale"][i]
-        out[p + "layer_norm1.bias"] = s[e + "LayerNorm_0/bias"][i]
-        out[p + "layer_norm2.weight"] = s[e + "LayerNorm_1/scale"][i]
-        out[p + "layer_norm2.bias"] = s[e + "LayerNorm_1/bias"][i]
-        out[p + "mlp.fc1.weight"] = s[e + "MlpBlock_0/Dense_0/kernel"][i].transpose()
-        out[p + "mlp.fc1.bias"] = s[e + "MlpBlock_0/Dense_0/bias"][i]
-        out[p + "mlp.fc2.weight"] = s[e + "MlpBlock_0/Dense_1/kernel"][i].transpose()
-        out[p + "mlp.fc2.bias"] = s[e + "MlpBlock_0/Dense_1/bias"][i]
-        for m, tm in (("key", "k"), ("value", "v"), ("query", "q")):
-            out[p + f"self_attn.{tm}_proj.weight"] = s[e + f"MultiHeadDotProductAttention_0/{m}/kernel"][i].reshape(-1, NV * HV).transpose()
-            out[p + f"self_attn.{tm}_proj.bias"] = s[e + f"MultiHeadDotProductAttention_0/{m}/bias"][i].reshape(-1, NV * HV).reshape(-1)
-        out[p + "self_attn.out_proj.weight"] = s[e + "MultiHeadDotProductAttention_0/out/kernel"][i].reshape(-1, DV).transpose()
-        out[p + "self_attn.out_proj.bias"] = s[e + "MultiHeadDotProductAttention_0/out/bias"][i]
-    out[V + "post_layernorm.weight"] = s["img/Transformer/encoder_norm/scale"].transpose()
-    out[V + "post_layernorm.bias"] = s["img/Transformer/encoder_norm/bias"]
-    out["paligemma_with_expert.paligemma.model.multi_modal_projector.linear.weight"] = s["img/head/kernel"].transpose()
-    out["paligemma_with_expert.paligemma.model.multi_modal_projector.linear.bias"] = s["img/head/bias"]
-    out["paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"] = s["llm/embedder/input_embedding"]
-    for sfx, base, n, h, d, layers in (("", "paligemma_with_expert.paligemma.model.language_model.", N, H, D, L),
-                                      ("_1", "paligemma_with_expert.gemma_expert.model.", NE, HE, DE, LE)):
-        q, kv = s[f"llm/layers/attn/q_einsum{sfx}/w"], s[f"llm/layers/attn/kv_einsum{sfx}/w"]
-        o, g, lin = s[f"llm/layers/attn/attn_vec_einsum{sfx}/w"], s[f"llm/layers/mlp{sfx}/gating_einsum"], s[f"llm/layers/mlp{sfx}/linear"]
-        for i in range(layers):
-            p = base + f"layers.{i}."
-            out[p + "self_attn.q_proj.weight"] = q[i].transpose(0, 2, 1).reshape(n * h, d)
-            out[p + "self_attn.k_proj.weight"] = kv[i, 0, 0].transpose()
-            out[p + "self_attn.v_proj.weight"] = kv[i, 1, 0].transpose()
-            out[p + "self_attn.o_proj.weight"] = o[i].reshape(n * h, d).transpose(1, 0)
-            out[p + "mlp.gate_proj.weight"] = g[i, 0].transpose()
-            out[p + "mlp.up_proj.weight"] = g[i, 1].transpose()
-            out[p + "mlp.down_proj.weight"] = lin[i].transpose()
-            if sfx == "":
-                out[p + "input_layernorm.weight"] = s["llm/layers/pre_attention_norm/scale"][i]
-                out[p + "post_attention_layernorm.weight"] = s["llm/layers/pre_ffw_norm/scale"][i]
-            elif pi05:
-                for nm, tn in (("pre_attention_norm_1", "input_layernorm"), ("pre_ffw_norm_1", "post_attention_layernorm")):
-                    out[p + f"{tn}.dense.bias"] = s[f"llm/layers/{nm}/Dense_0/bias"][i]
-                    out[p + f"{tn}.dense.weight"] = s[f"llm/layers/{nm}/Dense_0/kernel"][i].transpose()
-            else:
-                out[p + "input_layernorm.weight"] = s["llm/layers/pre_attention_norm_1/scale"][i]
-                out[p + "post_attention_layernorm.weight"] = s["llm/layers/pre_ffw_norm_1/scale"][i]
-    out["paligemma_with_expert.paligemma.model.language_model.norm.weight"] = s["llm/final_norm/scale"]
-    E = "paligemma_with_expert.gemma_expert.model."
-    if pi05:
-        out[E + "norm.dense.bias"] = s["llm/final_norm_1/Dense_0/bias"]
-        out[E + "norm.dense.weight"] = s["llm/final_norm_1/Dense_0/kernel"].transpose()
-        keys = ["action_in_proj", "action_out_proj", "time_mlp_in", "time_mlp_out"]
-    else:
-        out[E + "norm.weight"] = s["llm/final_norm_1/scale"]
-        keys = ["state_proj", "action_in_proj", "action_out_proj", "action_time_mlp_in", "action_time_mlp_out"]
-    for k in keys:
-        out[f"{k}.weight"] = t[f"{k}/kernel"].T
-        out[f"{k}.bias"] = t[f"{k}/bias"]
-    return out
+    """The slicing of openpi's convert_jax_model_to_pytorch.py, on the same arrays (shared with
+    the benchmark's Python reference, scripts/bench_openpi.py)."""
+    return openpi_slice({k.removeprefix("PaliGemma/"): v for k, v in t.items()}, pi05)
 
 
 @pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
