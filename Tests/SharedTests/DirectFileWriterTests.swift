@@ -1,3 +1,4 @@
+import Foundation
 import Glibc
 import Testing
 @testable import Shared
@@ -68,6 +69,22 @@ private func noise(_ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded
         }
         #expect(files[0] == files[1])
         #expect(files[0].count > 152_019)
+    }
+
+    /// Shards: each shard's direct writer is finished as soon as the shard has its bytes (the
+    /// next shard's tensors keep arriving); every shard equals the buffered one.
+    @Test func shardsAreFinishedOneByOneAndIdentical() throws {
+        let dir = temporaryDirectory()
+        let tensors = (0..<5).map { tensor("t\($0)", .f32, [999 + $0], noise(4 * (999 + $0) + 1).dropFirst($0 % 2).prefix(4 * (999 + $0)).map { $0 }) }
+        for direct in [true, false] {
+            let sink = SafetensorsWriter(path: "\(dir)/\(direct ? "d" : "b")/model.safetensors", maxShardSize: 8000, overwrite: false,
+                                         directIO: direct, directThreshold: 0, log: { _ in })
+            mkdir("\(dir)/\(direct ? "d" : "b")", 0o755)
+            try pump(from: MemorySource(tensors, chunk: 1000), to: sink)
+        }
+        let names = try FileManager.default.contentsOfDirectory(atPath: "\(dir)/b").sorted()
+        #expect(names.filter { $0.hasSuffix("-of-00004.safetensors") }.count == 4 && names.contains("model.safetensors.index.json"), "\(names)")
+        for n in names { #expect(readFile("\(dir)/d/\(n)") == readFile("\(dir)/b/\(n)"), "\(n)") }
     }
 }
 

@@ -119,5 +119,7 @@ private final class CountingProducer: ChunkProducer {
         #expect(throws: StreamError.self) { try pump(from: self.source([10, 2500], short: 1), to: CollectingSink()) }
         #expect(throws: OrbaxError.self) { try pump(from: self.source([2500], failing: 0), to: CollectingSink()) }
         #expect(throws: StreamError.self) { _ = try self.source([2500], short: 0).tensorBytes(at: 0) }
+        // An empty tensor asks for no chunk, but its data must still end where it should.
+        #expect(throws: OrbaxError.self) { try pump(from: self.source([0], failing: 0), to: CollectingSink()) }
     }
 }

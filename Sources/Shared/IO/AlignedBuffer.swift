@@ -24,7 +24,7 @@ public final class AlignedBuffer: @unchecked Sendable {
     public static func reusable(capacity: Int, pageAligned: Bool = false) -> AlignedBuffer {
         guard capacity >= mapThreshold, let (p, size) = MappingCache.shared.take(capacity) else {
             let b = AlignedBuffer(capacity: capacity, mapped: pageAligned)
-            b.cached = b.mapped
+            b.cached = capacity >= mapThreshold  // smaller ones could never be taken back
             return b
         }
         let b = AlignedBuffer(reusing: p, capacity: size)

@@ -21,16 +21,21 @@ import Glibc
 /// written entirely one way or the other, so the two paths never touch the same page. A run
 /// ends when a write does not continue it (`write(_:at:)` with another offset) or on `finish`.
 public final class DirectFileWriter {
-    /// The unit of direct I/O: a page, which also covers the device's logical block size.
-    static let block = 4096
+    /// The unit of direct I/O: a page (at least 4 KiB), which also covers the device's logical
+    /// block size. Edge blocks go through the page cache, so a block must be a whole page for
+    /// the two paths never to share one (arm64 kernels may use 16 or 64 KiB pages).
+    static let block = max(4096, Int(sysconf(Int32(_SC_PAGESIZE))))
     public static let stagingSize = 8 << 20
 
     public let buffered: FileDescriptor
     private let direct: FileDescriptor
     /// Bytes per staging window: a whole number of blocks.
     private let windowSize: Int
-    private var current: AlignedBuffer
+    /// The window being filled, and the other one (mapped when first needed, released by
+    /// `finish`, so a finished file holds no memory).
+    private var current: AlignedBuffer?
     private var spare: AlignedBuffer?
+    private var closed = false
     private var inFlight: DirectWriteJob?
     private let work = OrderedWork<DirectWriteJob>(window: 1)
     /// File offset of `current`'s first byte (block-aligned), and how much of it holds data:
@@ -51,12 +56,11 @@ public final class DirectFileWriter {
         self.buffered = buffered
         direct = FileDescriptor(rawValue: fd, path: path)
         windowSize = max(DirectFileWriter.block, stagingSize / DirectFileWriter.block * DirectFileWriter.block)
-        current = AlignedBuffer.reusable(capacity: windowSize, pageAligned: true)
     }
 
     deinit {
         work.drain()
-        direct.close()
+        if !closed { direct.close() }
     }
 
     /// Appends `bytes` at file offset `offset`, continuing the current run or starting a new one.
@@ -68,20 +72,31 @@ public final class DirectFileWriter {
             filled = lead
             running = true
         }
+        precondition(!closed, "DirectFileWriter written after finish")
         var done = 0
         while done < bytes.count {
+            if current == nil {
+                current = spare ?? AlignedBuffer.reusable(capacity: windowSize, pageAligned: true)
+                spare = nil
+            }
             let n = min(bytes.count - done, windowSize - filled)
-            (current.pointer + filled).copyMemory(from: bytes.baseAddress! + done, byteCount: n)
+            (current!.pointer + filled).copyMemory(from: bytes.baseAddress! + done, byteCount: n)
             filled += n
             done += n
             if filled == windowSize { try submitWindow(final: false) }
         }
     }
 
-    /// Writes what the current run still holds and waits until every byte is in the file.
+    /// Writes what the current run still holds, waits until every byte is in the file, and
+    /// releases the staging windows and the direct descriptor.
     public func finish() throws {
+        guard !closed else { return }
         if running { try endRun() }
         try settle()
+        current = nil
+        spare = nil
+        closed = true
+        direct.close()
     }
 
     private func endRun() throws {
@@ -93,7 +108,8 @@ public final class DirectFileWriter {
     /// ordinary descriptor. A window that is not final is full, so it ends on a block boundary.
     private func submitWindow(final: Bool) throws {
         let block = DirectFileWriter.block
-        let window = UnsafeRawBufferPointer(start: current.pointer, count: filled)
+        guard let buffer = current else { return }  // a run that wrote nothing
+        let window = UnsafeRawBufferPointer(start: buffer.pointer, count: filled)
         var headEnd = 0
         if lead > 0 {
             headEnd = min(block, filled)
@@ -105,12 +121,11 @@ public final class DirectFileWriter {
         }
         if directEnd > headEnd {
             try settle()
-            let job = DirectWriteJob(buffer: current, range: headEnd..<directEnd, fileOffset: windowStart,
+            let job = DirectWriteJob(buffer: buffer, range: headEnd..<directEnd, fileOffset: windowStart,
                                      direct: direct, buffered: buffered, refused: directRefused)
             work.submit(job)
             inFlight = job
-            current = spare ?? AlignedBuffer.reusable(capacity: windowSize, pageAligned: true)
-            spare = nil
+            current = nil  // the next write takes the spare (or maps one)
         }
         windowStart += filled
         lead = 0

@@ -131,8 +131,9 @@ public final class PlannedSource: FileBackedSource {
             }
             materialized = buffer
         case .streamed(let make):
-            streamed = StreamedTensor(producer: try make(), length: currentLength, chunkSize: chunkSize, pool: chunkPool,
-                                      name: t.descriptor.name, source: header.sourceFormat)
+            streamed = try StreamedTensor(producer: try make(), length: currentLength, chunkSize: chunkSize, pool: chunkPool,
+                                          name: t.descriptor.name, source: header.sourceFormat)
+            scheduleAhead(after: index, holding: 0)  // a tensor to be made whole after this one
         }
         return t
     }
@@ -230,13 +231,14 @@ private final class StreamedTensor {
     /// The chunk last handed out: valid until the next call.
     private var handedOut: AlignedBuffer?
 
-    init(producer: ChunkProducer, length: Int, chunkSize: Int, pool: BufferPool, name: String, source: String) {
+    init(producer: ChunkProducer, length: Int, chunkSize: Int, pool: BufferPool, name: String, source: String) throws {
         self.producer = producer
         self.length = length
         self.chunkSize = chunkSize
         self.pool = pool
         self.name = name
         self.source = source
+        if length == 0 { try producer.finish() }  // no chunk will ask: the data must be empty
         start()
     }
 

@@ -333,7 +333,12 @@ final class ZarrStreamedChunk: ChunkProducer {
     }
 
     func produce(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
-        do { return try decoder.read(into: buffer) } catch { throw ZarrArray.fail(name, "chunk does not decompress: \(error)", file: file) }
+        let n: Int
+        do { n = try decoder.read(into: buffer) } catch { throw ZarrArray.fail(name, "chunk does not decompress: \(error)", file: file) }
+        if n < buffer.count {
+            throw ZarrArray.fail(name, "chunk does not decompress: the data ends after \(decoder.produced) of \(decoder.expected) bytes", file: file)
+        }
+        return n
     }
 
     func finish() throws {

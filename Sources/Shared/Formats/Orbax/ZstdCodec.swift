@@ -72,9 +72,16 @@ public enum ZstdCodec {
         public func read(into output: UnsafeMutableRawBufferPointer) throws(Failure) -> Int {
             var out = ZSTD_outBuffer(dst: output.baseAddress, size: min(output.count, expected - produced), pos: 0)
             while out.pos < out.size {
-                if input.pos == input.size && !nextPiece() { break }
+                let inputLeft = input.pos < input.size || nextPiece()
+                // With no input left zstd may still hold output: it must be asked again as long as
+                // it fills the buffer (zstd.h); it is done when a call moves nothing.
+                let before = (input.pos, out.pos)
                 last = ZSTD_decompressStream(dctx, &out, &input)
                 if ZSTD_isError(last) != 0 { throw Failure(description: String(cString: ZSTD_getErrorName(last))) }
+                if (input.pos, out.pos) == before {
+                    if !inputLeft { break }
+                    throw Failure(description: "zstd decoder made no progress")
+                }
             }
             produced += out.pos
             return out.pos

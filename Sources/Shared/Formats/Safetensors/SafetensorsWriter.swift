@@ -23,8 +23,10 @@ public final class SafetensorsWriter: FileRegionSink {
         var name: String
         var output: AtomicOutput
         var layout: SafetensorsLayout
-        /// Data writes when this file bypasses the page cache.
+        /// Data writes when this file bypasses the page cache; finished and released as soon
+        /// as the file has all its bytes (`dataLeft`), so shards do not hold staging memory.
         var direct: DirectFileWriter?
+        var dataLeft: Int
     }
     private var files: [OutputFile] = []
     /// `<name>.index.json`, when the tensors were sharded.
@@ -99,7 +101,8 @@ public final class SafetensorsWriter: FileRegionSink {
             // Spooled data is copied in at the end by the spool, through the page cache.
             let direct = directIO && spool == nil && layout.fileSize >= directThreshold
                 ? DirectFileWriter(path: out.temporaryPath, buffered: out.descriptor) : nil
-            files.append(OutputFile(name: name, output: out, layout: layout, direct: direct))
+            files.append(OutputFile(name: name, output: out, layout: layout, direct: direct,
+                                    dataLeft: layout.fileSize - layout.headerBytes.count))
             for (d, offset) in layout.placements { placement[d.name] = (i, offset) }
             try layout.headerBytes.withUnsafeBytes { try out.descriptor.pwriteAll($0, at: 0) }
             if ftruncate(out.descriptor.rawValue, off_t(layout.fileSize)) != 0 {
@@ -129,6 +132,11 @@ public final class SafetensorsWriter: FileRegionSink {
         }
         if spool == nil, let direct = files[cursor.file].direct {
             try direct.write(chunk, at: cursor.offset + written)
+            files[cursor.file].dataLeft -= chunk.count
+            if files[cursor.file].dataLeft == 0 {
+                try direct.finish()
+                files[cursor.file].direct = nil
+            }
         } else {
             let fd = spool?.output.descriptor ?? files[cursor.file].output.descriptor
             try fd.pwriteAll(chunk, at: cursor.offset + written)
