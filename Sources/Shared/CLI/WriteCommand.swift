@@ -42,7 +42,7 @@ public struct WriteCommand: ParsableCommand {
     @Option(help: ArgumentHelp("orbax: cut arrays larger than this into chunks along axis 0 (default 2GiB).", valueName: "size"))
     public var orbaxChunk: String?
 
-    @Flag(help: ArgumentHelp("safetensors: write through the page cache. By default files of 64 MiB and more bypass it (O_DIRECT) where the file system allows."))
+    @Flag(help: ArgumentHelp("safetensors, orbax: write through the page cache. By default files of 64 MiB and more bypass it (O_DIRECT) where the file system allows."))
     public var bufferedIO = false
 
     @Flag(help: "Replace existing output files.")
@@ -97,7 +97,8 @@ public struct WriteCommand: ParsableCommand {
             case .npy, .npz:
                 sink = NumPyWriter(path: path, single: fmt == .npy, overwrite: force)
             case .orbax:
-                sink = OrbaxWriter(path: out, separator: sep, maxChunkBytes: orbaxChunk.flatMap(parseByteSize) ?? (2 << 30), overwrite: force)
+                sink = OrbaxWriter(path: out, separator: sep, maxChunkBytes: orbaxChunk.flatMap(parseByteSize) ?? (2 << 30), overwrite: force,
+                                   directIO: !bufferedIO)
             case .msgpack:
                 sink = FlaxMsgpackWriter(path: path, separator: sep, maxChunkSize: msgpackChunk.flatMap(parseByteSize) ?? FlaxMsgpack.maxChunkSize,
                                          overwrite: force, log: { if !quiet { Tool.note("ckpt-write", $0) } })

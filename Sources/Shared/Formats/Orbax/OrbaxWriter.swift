@@ -10,17 +10,41 @@ import Glibc
 /// Arrays up to 2 GiB are one chunk; larger ones are cut along the first axis (as orbax keeps
 /// chunks under 2 GiB), each chunk a contiguous slice of the stream, so every tensor streams
 /// straight to its files. The folder is built under a temporary name and renamed into place.
+/// Chunk files of `directThreshold` and more bypass the page cache (`DirectFileWriter`, as
+/// safetensors output does).
 public final class OrbaxWriter: TensorSink {
     public let path: String
     public let separator: String
     public let overwrite: Bool
     /// Arrays larger than this are cut into chunks along axis 0 (orbax keeps chunks under 2 GiB).
     public let maxChunkBytes: Int
+    public let directIO: Bool
+    public let directThreshold: Int
 
     private var temporary: String?
     private var leaves: [(keys: [String], param: String, shape: [Int])] = []
     private var params = Set<String>()
-    private var current: (fd: FileDescriptor?, chunk: Int, written: Int, chunkBytes: Int, dir: String, key: (Int) -> String)?
+    /// The chunk file being written.
+    private struct ChunkFile {
+        var fd: FileDescriptor?
+        var direct: DirectFileWriter?
+        var chunk: Int
+        var written: Int
+        let chunkBytes: Int
+        let dir: String
+        let key: (Int) -> String
+
+        /// Flushes a direct writer, then closes the file.
+        mutating func close() throws {
+            defer {
+                direct = nil
+                fd?.close()
+                fd = nil
+            }
+            try direct?.finish()
+        }
+    }
+    private var current: ChunkFile?
     private var tensorWritten = 0
     private var descriptor: TensorDescriptor?
     /// Everything created under the temporary folder, registered so a signal removes it too.
@@ -36,11 +60,14 @@ public final class OrbaxWriter: TensorSink {
         registered = []
     }
 
-    public init(path: String, separator: String = "/", maxChunkBytes: Int = 2 << 30, overwrite: Bool) {
+    public init(path: String, separator: String = "/", maxChunkBytes: Int = 2 << 30, overwrite: Bool,
+                directIO: Bool = true, directThreshold: Int = 64 << 20) {
         self.path = path
         self.separator = separator
         self.maxChunkBytes = maxChunkBytes
         self.overwrite = overwrite
+        self.directIO = directIO
+        self.directThreshold = directThreshold
     }
 
     static let dtypes: [DType: String] = [
@@ -96,15 +123,18 @@ public final class OrbaxWriter: TensorSink {
         try writeFile(dir + "/.zarray", JSONWriter.compact(.object(zarray)))
         let rank = d.shape.count
         let key: (Int) -> String = { i in rank == 0 ? "0" : ([String(i)] + Array(repeating: "0", count: rank - 1)).joined(separator: ".") }
-        current = (nil, 0, 0, chunkBytes, dir, key)
+        current = ChunkFile(fd: nil, direct: nil, chunk: 0, written: 0, chunkBytes: chunkBytes, dir: dir, key: key)
         if d.byteCount > 0 { try openChunk() }
     }
 
     private func openChunk() throws {
         guard var c = current else { return }
-        c.fd?.close()
-        c.fd = try FileDescriptor.createExclusive(c.dir + "/" + c.key(c.chunk))
-        created(c.dir + "/" + c.key(c.chunk))
+        try c.close()
+        let file = c.dir + "/" + c.key(c.chunk)
+        let fd = try FileDescriptor.createExclusive(file)
+        created(file)
+        c.fd = fd
+        c.direct = directIO && c.chunkBytes >= directThreshold ? DirectFileWriter(path: file, buffered: fd) : nil
         c.written = 0
         current = c
     }
@@ -120,7 +150,12 @@ public final class OrbaxWriter: TensorSink {
                 try openChunk()
             }
             let n = min(chunk.count - done, current!.chunkBytes - current!.written)
-            try current!.fd!.writeAll(UnsafeRawBufferPointer(rebasing: chunk[done..<done + n]))
+            let piece = UnsafeRawBufferPointer(rebasing: chunk[done..<done + n])
+            if let direct = current!.direct {
+                try direct.write(piece, at: current!.written)
+            } else {
+                try current!.fd!.writeAll(piece)
+            }
             current!.written += n
             done += n
         }
@@ -128,13 +163,14 @@ public final class OrbaxWriter: TensorSink {
     }
 
     public func endTensor() throws {
-        guard let c = current, let d = descriptor else { return }
+        guard var c = current, let d = descriptor else { return }
+        current = nil
+        defer { try? c.close() }
+        try c.direct?.finish()
         // zarr edge chunks are full-size: pad the last one with zeros.
         if d.byteCount > 0 && c.written < c.chunkBytes {
             if ftruncate(c.fd!.rawValue, off_t(c.chunkBytes)) != 0 { throw IOError(.write, path: c.dir, errno: errno) }
         }
-        c.fd?.close()
-        current = nil
     }
 
     public func finish() throws {
@@ -167,7 +203,8 @@ public final class OrbaxWriter: TensorSink {
     }
 
     public func abort() {
-        current?.fd?.close()
+        try? current?.close()  // waits for a direct write in flight before the files go
+        current = nil
         if let tmp = temporary { try? removeTree(tmp) }
         forgetRegistered()
         temporary = nil
