@@ -82,6 +82,13 @@ def test_only_and_exclude_select_tensors(minilm, tmp_path):
     assert sorted(got) == sorted(expected) and len(expected) == 8
     for k in expected:
         assert np.array_equal(got[k], ref[k])
+    # A selection that keeps nothing (a mistyped pattern) is a usage error, not an empty file.
+    empty = tmp_path / "empty.safetensors"
+    p = shell(f"ckpt-read --only 'encoder.layer.0*' --exclude 'encoder*' {minilm} | ckpt-write {empty}")
+    err = p.stderr.decode()
+    assert p.returncode != 0 and not empty.exists(), err
+    assert "selects no tensor" in err and "--only 'encoder.layer.0*'" in err, err
+    assert run(["ckpt-read", "--list", "--only", "nothing*", minilm]).returncode == 64
 
 
 def test_sharded_write_follows_hugging_face(minilm, tmp_path):
