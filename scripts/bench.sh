@@ -149,6 +149,12 @@ ckpt_case() {
     run "$name" "$(T 1) $BIN/ckpt-read $* '$src' | $(T 2) $BIN/ckpt-write '$OUT'"
     if [ "$check" = 1 ] && ! cmp -s "$IN" "$OUT"; then echo "$name: output differs from $IN" >&2; exit 1; fi
 }
+# openpi_case NAME [ckpt-write options]: the stages of scripts/openpi-to-pytorch.sh, each measured.
+openpi_case() {
+    local name="$1"
+    shift
+    run "$name" "$(T 1) $BIN/ckpt-read --root params '$OPENPI/params' | $(T 2) $BIN/lora-merge -q --scheme openpi --config '*_1/*=gemma_300m_lora' --config gemma_2b_lora --dtype F32 | $(T 3) $BIN/ckpt-slice --rules rules/openpi-pi0-jax-to-pytorch.rules --cast F32 | $(T 4) $BIN/ckpt-write $* '$OUT'"
+}
 
 for rep in $(seq "$REPS"); do
     echo "repetition $rep/$REPS" >&2
@@ -157,11 +163,11 @@ for rep in $(seq "$REPS"); do
         cat) run cat "$(T 1) cat '$IN' > '$OUT'" ;;
         ckpt) ckpt_case ckpt "$IN" 1 ;;
         ckpt-zlib1) ckpt_case ckpt-zlib1 "$IN" 1 --compress zlib:1 ;;
-        ckpt-openpi)  # the stages of scripts/openpi-to-pytorch.sh, each measured
-            run ckpt-openpi "$(T 1) $BIN/ckpt-read --root params '$OPENPI/params' | $(T 2) $BIN/lora-merge -q --scheme openpi --config '*_1/*=gemma_300m_lora' --config gemma_2b_lora --dtype F32 | $(T 3) $BIN/ckpt-slice --rules rules/openpi-pi0-jax-to-pytorch.rules --cast F32 | $(T 4) $BIN/ckpt-write '$OUT'"
+        ckpt-openpi)
+            openpi_case ckpt-openpi
             cp "$OUT" "$WORK/openpi-ours.safetensors" ;;
         ckpt-openpi-cached)  # the same, writing through the page cache as Python does
-            run ckpt-openpi-cached "$(T 1) $BIN/ckpt-read --root params '$OPENPI/params' | $(T 2) $BIN/lora-merge -q --scheme openpi --config '*_1/*=gemma_300m_lora' --config gemma_2b_lora --dtype F32 | $(T 3) $BIN/ckpt-slice --rules rules/openpi-pi0-jax-to-pytorch.rules --cast F32 | $(T 4) $BIN/ckpt-write --buffered-io '$OUT'" ;;
+            openpi_case ckpt-openpi-cached --buffered-io ;;
         python-openpi)
             run python-openpi "$(T 1) $PY scripts/bench_openpi.py convert '$OPENPI' '$OUT'"
             cp "$OUT" "$WORK/openpi-python.safetensors" ;;

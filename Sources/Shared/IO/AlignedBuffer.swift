@@ -157,17 +157,25 @@ final class MappingCache: @unchecked Sendable {
 
     /// Fresh pages are about to be mapped: unmaps kept ones so they do not add to the peak.
     func willMap(_ size: Int) {
-        var evicted: [(pointer: UnsafeMutableRawPointer, size: Int)] = []
-        lock.withLock {
-            while live + total + size > peak, !kept.isEmpty {
-                let m = kept.removeFirst()
-                total -= m.size
-                evicted.append(m)
-            }
+        let evicted = lock.withLock {
+            let evicted = evictOldest(while: { live + total + size > peak })
             live += size
             peak = max(peak, live + total)
+            return evicted
         }
         for m in evicted { munmap(m.pointer, m.size) }
+    }
+
+    /// Removes the oldest kept mappings while `condition` holds (call with the lock held);
+    /// the caller unmaps them once the lock is released.
+    private func evictOldest(while condition: () -> Bool) -> [(pointer: UnsafeMutableRawPointer, size: Int)] {
+        var evicted: [(pointer: UnsafeMutableRawPointer, size: Int)] = []
+        while condition(), !kept.isEmpty {
+            let m = kept.removeFirst()
+            total -= m.size
+            evicted.append(m)
+        }
+        return evicted
     }
 
     /// A mapped buffer was released and is being unmapped (not kept).
@@ -179,16 +187,12 @@ final class MappingCache: @unchecked Sendable {
     /// unmaps it (and reports that with `didUnmap`).
     func give(_ pointer: UnsafeMutableRawPointer, _ size: Int) -> Bool {
         guard size <= limit / 2 else { return false }
-        var evicted: [(pointer: UnsafeMutableRawPointer, size: Int)] = []
-        lock.withLock {
+        let evicted = lock.withLock {
             live -= size
-            while total + size > limit, !kept.isEmpty {
-                let m = kept.removeFirst()
-                total -= m.size
-                evicted.append(m)
-            }
+            let evicted = evictOldest(while: { total + size > limit })
             kept.append((pointer, size))
             total += size
+            return evicted
         }
         for m in evicted { munmap(m.pointer, m.size) }
         return true

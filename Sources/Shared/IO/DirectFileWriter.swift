@@ -26,6 +26,9 @@ public final class DirectFileWriter {
     /// the two paths never to share one (arm64 kernels may use 16 or 64 KiB pages).
     static let block = max(4096, Int(sysconf(Int32(_SC_PAGESIZE))))
     public static let stagingSize = 8 << 20
+    /// Files smaller than this are written through the page cache: not worth a second
+    /// descriptor and 16 MiB of staging, and likely to be read back soon.
+    public static let defaultThreshold = 64 << 20
 
     public let buffered: FileDescriptor
     private let direct: FileDescriptor
@@ -56,6 +59,13 @@ public final class DirectFileWriter {
         self.buffered = buffered
         direct = FileDescriptor(rawValue: fd, path: path)
         windowSize = max(DirectFileWriter.block, stagingSize / DirectFileWriter.block * DirectFileWriter.block)
+    }
+
+    /// A writer for an output file of `size` bytes when direct output is `enabled` and the file
+    /// is at least `threshold`; nil means: write through `buffered`.
+    public static func forOutput(path: String, buffered: FileDescriptor, size: Int, enabled: Bool,
+                                 threshold: Int = DirectFileWriter.defaultThreshold) -> DirectFileWriter? {
+        enabled && size >= threshold ? DirectFileWriter(path: path, buffered: buffered) : nil
     }
 
     deinit {

@@ -61,7 +61,7 @@ public final class OrbaxWriter: TensorSink {
     }
 
     public init(path: String, separator: String = "/", maxChunkBytes: Int = 2 << 30, overwrite: Bool,
-                directIO: Bool = true, directThreshold: Int = 64 << 20) {
+                directIO: Bool = true, directThreshold: Int = DirectFileWriter.defaultThreshold) {
         self.path = path
         self.separator = separator
         self.maxChunkBytes = maxChunkBytes
@@ -134,7 +134,7 @@ public final class OrbaxWriter: TensorSink {
         let fd = try FileDescriptor.createExclusive(file)
         created(file)
         c.fd = fd
-        c.direct = directIO && c.chunkBytes >= directThreshold ? DirectFileWriter(path: file, buffered: fd) : nil
+        c.direct = DirectFileWriter.forOutput(path: file, buffered: fd, size: c.chunkBytes, enabled: directIO, threshold: directThreshold)
         c.written = 0
         current = c
     }

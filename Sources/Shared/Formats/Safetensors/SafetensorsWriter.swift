@@ -45,7 +45,7 @@ public final class SafetensorsWriter: FileRegionSink {
     private var written = 0
 
     public init(path: String, maxShardSize: Int? = nil, overwrite: Bool, directIO: Bool = true,
-                directThreshold: Int = 64 << 20, log: @escaping (String) -> Void) {
+                directThreshold: Int = DirectFileWriter.defaultThreshold, log: @escaping (String) -> Void) {
         self.path = path
         self.maxShardSize = maxShardSize
         self.overwrite = overwrite
@@ -99,8 +99,8 @@ public final class SafetensorsWriter: FileRegionSink {
             let layout = SafetensorsLayout(tensors: group, metadata: shardMetadata)
             let out = try AtomicOutput(path: full, overwrite: overwrite)
             // Spooled data is copied in at the end by the spool, through the page cache.
-            let direct = directIO && spool == nil && layout.fileSize >= directThreshold
-                ? DirectFileWriter(path: out.temporaryPath, buffered: out.descriptor) : nil
+            let direct = DirectFileWriter.forOutput(path: out.temporaryPath, buffered: out.descriptor, size: layout.fileSize,
+                                                    enabled: directIO && spool == nil, threshold: directThreshold)
             files.append(OutputFile(name: name, output: out, layout: layout, direct: direct,
                                     dataLeft: layout.fileSize - layout.headerBytes.count))
             for (d, offset) in layout.placements { placement[d.name] = (i, offset) }
