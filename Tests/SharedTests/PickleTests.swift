@@ -75,6 +75,153 @@ import Testing
         #expect(throws: PickleError.self) { try TorchRebuild.tensor(storage, dtype: .f32, .int(-1), .tuple([.int(1)]), .tuple([.int(1)]), bad) }
         #expect((try? TorchRebuild.tensor(storage, dtype: .f32, .int(0), .tuple([.int(2), .int(2)]), .tuple([.int(1), .int(2)]), bad)) != nil)
     }
+
+    @Test func expandedViewsAreBoundedByTheirSize() {
+        let storage = StorageRef(key: "0", dtype: .f32, numel: 16, rootNumel: 16)
+        let bad = { (m: String) in PickleError(reason: .badValue(m), file: "f", offset: 0) }
+        // torch.arange(16.).expand(4, 16): small, rebuilt.
+        #expect((try? TorchRebuild.tensor(storage, dtype: .f32, .int(0), .tuple([.int(4), .int(16)]), .tuple([.int(0), .int(1)]), bad)) != nil)
+        // [2**20, 2**20] over 16 floats by stride 0: 4 TiB, refused before anything is allocated.
+        do {
+            _ = try TorchRebuild.tensor(storage, dtype: .f32, .int(0), .tuple([.int(1 << 20), .int(1 << 20)]), .tuple([.int(0), .int(0)]), bad)
+            Issue.record("a 4 TiB broadcast view was accepted")
+        } catch let e as PickleError {
+            guard case .badValue(let m) = e.reason else { Issue.record("wrong reason \(e.reason)"); return }
+            #expect(m.contains("expands") && m.contains("1024 MiB"))
+        } catch { Issue.record("unexpected \(error)") }
+    }
+
+    // MARK: older protocols and Python 2
+
+    @Test func decimalLongsEqualTheirBinaryForm() {
+        // torch's magic number, as protocol 0 writes it and as LONG1 carries it.
+        guard case .bigInt(let b) = Unpickler.decimalLong("119547037146038801333356") else { Issue.record("not a big integer"); return }
+        #expect(b == TorchReader.legacyMagic)
+        #expect(Unpickler.decimalLong("0")?.intValue == 0)
+        #expect(Unpickler.decimalLong("-1")?.intValue == -1)
+        #expect(Unpickler.decimalLong("9223372036854775807")?.intValue == Int.max)
+        #expect(Unpickler.decimalLong("-9223372036854775808")?.intValue == Int.min)
+        if case .bigInt(let b) = Unpickler.decimalLong("-9223372036854775809") { #expect(b == [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F, 0xFF]) } else {
+            Issue.record("-2**63-1 must be a big integer")
+        }
+        #expect(Unpickler.decimalLong("12a") == nil)
+        #expect(Unpickler.decimalLong("") == nil)
+    }
+
+    @Test func legacyMagicIsRecognisedAtEveryProtocol() {
+        let magic10 = TorchReader.legacyMagic
+        let p0 = Array("L119547037146038801333356L\n.".utf8)
+        let p2 = [0x80, 0x02, 0x8A, 0x0A] + magic10 + [0x2E]
+        let p4 = [0x80, 0x04, 0x95, 0x0D, 0, 0, 0, 0, 0, 0, 0, 0x8A, 0x0A] + magic10 + [0x2E]
+        for p in [p0, p2, p4] { #expect(p.withUnsafeBytes { TorchReader.startsWithLegacyMagic($0) }) }
+        let other = Array("L119547037146038801333357L\n.".utf8)
+        #expect(!other.withUnsafeBytes { TorchReader.startsWithLegacyMagic($0) })
+        let msgpackMap: [UInt8] = [0x81, 0xA1, 0x61, 0x01]
+        #expect(!msgpackMap.withUnsafeBytes { TorchReader.startsWithLegacyMagic($0) })
+    }
+
+    @Test func protocol0TextArguments() throws {
+        func esc(_ s: String) -> String? { Array(s.utf8).withUnsafeBytes { Unpickler.rawUnicodeEscape($0) } }
+        #expect(esc("a.weight") == "a.weight")
+        #expect(esc(#"caf\u00e9 \u005c"#) == "café \\")
+        #expect(esc(#"\U0001F600"#) == "\u{1F600}")
+        #expect(esc(#"\u12"#) == nil)
+        #expect([UInt8]([0x61, 0xE9]).withUnsafeBytes { Unpickler.rawUnicodeEscape($0) } == "aé")  // Latin-1 bytes
+        func quoted(_ s: String) -> [UInt8]? { Array(s.utf8).withUnsafeBytes { Unpickler.quotedString($0) } }
+        #expect(quoted("'ab'") == [0x61, 0x62])
+        #expect(quoted("'\\x00\\n\\'\\\\'") == [0x00, 0x0A, 0x27, 0x5C])
+        #expect(quoted("'\\101\\q'") == [0x41, 0x5C, 0x71])
+        #expect(quoted("'ab") == nil)
+        // A protocol 0 dict: (dp0\nVa\np1\nI1\ns.
+        guard case .dict(let d) = try load(Array("(dp0\nVa\np1\nI1\ns.".utf8)) else { Issue.record("not a dict"); return }
+        #expect(d.entries.count == 1 && d.entries[0].value.intValue == 1)
+        #expect(try load(Array("F0.5\n.".utf8)).floatValue == 0.5)
+        #expect(try load([0x47, 0x3F, 0xE0, 0, 0, 0, 0, 0, 0, 0x2E]).floatValue == 0.5)  // BINFLOAT is big-endian
+    }
+
+    @Test func protocol0PersistentIDsAreParsedNotEvaluated() throws {
+        func parse(_ s: String) -> PickleValue? { PersistentIDText.parse(s) }
+        let v = parse("('storage', <class 'torch.FloatStorage'>, '0', 'cuda:1', 12)")
+        guard case .tuple(let t)? = v, t.count == 5, case .global(let g) = t[1] else { Issue.record("not parsed"); return }
+        #expect(g == PickleGlobal(module: "torch", name: "FloatStorage"))
+        #expect(t[4].intValue == 12)
+        guard case .tuple(let legacy)? = parse("('storage', <class 'torch.cuda.HalfStorage'>, '94', 'cuda:0', 6, ('95', 2, 4))"),
+              legacy.count == 6, case .tuple(let view) = legacy[5] else { Issue.record("legacy view not parsed"); return }
+        #expect(view.count == 3 && view[1].intValue == 2)
+        #expect(parse("('storage', <class 'os.system'>, '0', 'cpu', 1)") == nil)  // names still go through the allowlist
+        #expect(parse("('storage', <class 'torch.FloatStorage'>, '0', 'cpu', 1) junk") == nil)
+        #expect(parse("__import__('os').system('x')") == nil)
+        #expect(parse("((((((('a',),),),),),),)") == nil)  // deeper than any id
+        // Through the reader's storage resolution: the same StorageRef as the binary form.
+        let ref = try TorchReader.storageRef(.string("('storage', <class 'torch.FloatStorage'>, '7', 'cuda:0', 12, None)"), legacy: true, file: "f", at: 0)
+        guard case .storage(let s) = ref else { Issue.record("not a storage"); return }
+        #expect(s == StorageRef(key: "7", dtype: .f32, numel: 12, rootNumel: 12))
+    }
+
+    @Test func python2Reductions() throws {
+        // OrderedDict([['a', 1], ('b', 2)]) with __builtin__.set, as Python 2 pickled them.
+        let p: [UInt8] = [0x80, 0x02] + Self.g("collections\nOrderedDict\n") + [0x5D, 0x28, 0x5D, 0x28, 0x55, 0x01, 0x61, 0x4B, 0x01, 0x65,
+            0x55, 0x01, 0x62, 0x4B, 0x02, 0x86, 0x65, 0x85, 0x52] + Self.g("__builtin__\nset\n") + [0x5D, 0x85, 0x52, 0x86, 0x2E]
+        guard case .tuple(let t) = try load(p), case .dict(let d) = t[0] else { Issue.record("not (dict, set)"); return }
+        #expect(d.entries.count == 2)
+        #expect(TorchReader.key(d.entries[0].key) == "a" && d.entries[0].value.intValue == 1)
+        #expect(TorchReader.key(d.entries[1].key) == "b" && d.entries[1].value.intValue == 2)
+        #expect(reason([0x80, 0x02] + Self.g("__builtin__\neval\n") + [0x2E]) == .forbiddenGlobal("builtins.eval"))
+    }
+
+    // MARK: hostile nesting
+
+    @Test func deepNestingIsRefusedNotACrash() {
+        let n = 50_000
+        // EMPTY_LIST pushed n times, then APPEND n-1 times: a list nested n deep without MARK.
+        #expect(reason([0x80, 0x02] + [UInt8](repeating: 0x5D, count: n) + [UInt8](repeating: 0x61, count: n - 1) + [0x2E])
+                == .tooDeep(limit: Unpickler.maxDepth))
+        // TUPLE1 applied n times: one byte per level.
+        #expect(reason([0x80, 0x02, 0x4E] + [UInt8](repeating: 0x85, count: n) + [0x2E]) == .tooDeep(limit: Unpickler.maxDepth))
+        // MARK ... LIST n deep.
+        #expect(reason([UInt8](repeating: 0x28, count: n) + [UInt8](repeating: 0x6C, count: n) + [0x2E]) == .tooDeep(limit: Unpickler.maxDepth))
+        // Dicts: EMPTY_DICT, key, EMPTY_DICT, key, ... then SETITEM all the way up.
+        var dicts: [UInt8] = [0x80, 0x02]
+        for _ in 0..<n { dicts += [0x7D, 0x4B, 0x00] }
+        dicts += [0x7D] + [UInt8](repeating: 0x73, count: n) + [0x2E]
+        #expect(reason(dicts) == .tooDeep(limit: Unpickler.maxDepth))
+        // Just under the limit is fine.
+        let ok = [0x80, 0x02, 0x4E] + [UInt8](repeating: 0x85, count: Unpickler.maxDepth) + [0x2E]
+        #expect(reason(ok) == nil)
+    }
+
+    @Test func staleDepthsAndSelfReferenceAreCaughtAtTheEnd() {
+        // Lists L0..Ln memoized, then each appended into the one before *after* that one was
+        // itself nested: every recorded depth stays 2, the real depth is n.
+        let n = 1_000
+        var p: [UInt8] = [0x80, 0x02]
+        for i in 0..<n { p += [0x5D, 0x72] + withUnsafeBytes(of: UInt32(i).littleEndian, Array.init) + [0x30] }  // EMPTY_LIST LONG_BINPUT i POP
+        for i in 0..<(n - 1) {
+            p += [0x6A] + withUnsafeBytes(of: UInt32(i).littleEndian, Array.init)       // LONG_BINGET i
+            p += [0x6A] + withUnsafeBytes(of: UInt32(i + 1).littleEndian, Array.init)   // LONG_BINGET i+1
+            p += [0x61, 0x30]                                                           // APPEND POP
+        }
+        p += [0x6A, 0, 0, 0, 0, 0x2E]
+        #expect(reason(p) == .tooDeep(limit: Unpickler.maxDepth))
+        // A list that contains itself: ] q0 h0 a .
+        #expect(reason([0x80, 0x02, 0x5D, 0x71, 0x00, 0x68, 0x00, 0x61, 0x2E]) == .tooDeep(limit: Unpickler.maxDepth))
+    }
+
+    @Test func sharedReferencesCannotExpandWithoutBound() {
+        // L_i = [L_{i-1}, L_{i-1}] for 60 levels: 2**59 paths from a few hundred bytes.
+        var p: [UInt8] = [0x80, 0x02, 0x5D, 0x71, 0x00]  // EMPTY_LIST BINPUT 0
+        for i in 1..<60 {
+            // EMPTY_LIST BINPUT i MARK BINGET i-1 BINGET i-1 APPENDS
+            p += [0x5D, 0x71, UInt8(i), 0x28, 0x68, UInt8(i - 1), 0x68, UInt8(i - 1), 0x65]
+        }
+        p += [0x2E]
+        guard case .tooLarge(let m)? = reason(p) else { Issue.record("a 2**59-path object was accepted"); return }
+        #expect(m.contains("shared references"))
+    }
+}
+
+extension PickleValue {
+    var floatValue: Double? { if case .float(let f) = self { return f } else { return nil } }
 }
 
 extension PickleValue {

@@ -46,29 +46,72 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
             let idx = try SafetensorsIndex.parse(try readWholeFile(path, limit: 1 << 30), file: path)
             return idx.weightMap.allSatisfy({ $0.file.hasSuffix(".safetensors") }) ? .safetensors : .torch
         }
+        return try detectFile(path)
+    }
+
+    /// A file's format from its structure, each test one that no other format can pass (a
+    /// first byte alone can: 0x80 opens a msgpack map and a protocol-2+ pickle; a safetensors
+    /// length can start with any byte).
+    static func detectFile(_ path: String) throws -> CheckpointFormat {
         let fd = try FileDescriptor.openForReading(path)
         defer { fd.close() }
-        var head = [UInt8](repeating: 0, count: 16)
-        let n = try head.withUnsafeMutableBytes { try fd.readFully(into: $0) }
-        if n >= 8 && Array(head[0..<8]) == StreamFormat.magic { return .ckpts }
-        if n >= 6 && Array(head[0..<6]) == NpyHeader.magic { return .npy }
-        if n >= 14 && Array(head[0..<14]) == TorchReader.legacyMagic { return .torch }
-        if n >= 4 && head[0..<4] == [0x50, 0x4B, 0x03, 0x04] {
+        guard let size = try fd.regularFileSize() else { throw FormatDetectionError(file: path, reason: .notARegularFile) }
+        guard size > 0 else { throw FormatDetectionError(file: path, reason: .empty) }
+        let file = try MappedFile(try FileDescriptor.openForReading(path), size: size)
+        let head = file.bytes(at: 0, count: min(size, TorchReader.legacyMagicPrefix))
+        if head.starts(with: StreamFormat.magic) { return .ckpts }
+        if head.starts(with: NpyHeader.magic) { return .npy }
+        if head.starts(with: [0x50, 0x4B, 0x03, 0x04]) || head.starts(with: [0x50, 0x4B, 0x05, 0x06]) {
             // torch.save archives hold <prefix>/data.pkl; numpy's hold *.npy members.
-            let size = try fd.regularFileSize() ?? 0
-            let zip = try ZipArchive(try MappedFile(try FileDescriptor.openForReading(path), size: size))
-            return zip.entries.contains(where: { $0.name.hasSuffix("/data.pkl") }) ? .torch : .npz
+            let zip = try ZipArchive(file)
+            if zip.entries.contains(where: { $0.name.hasSuffix("/data.pkl") }) { return .torch }
+            if zip.entries.allSatisfy({ $0.name.hasSuffix(".npy") }) { return .npz }
+            throw FormatDetectionError(file: path, reason: .unknownZip)
         }
-        // safetensors: a u64 header length, then JSON starting with "{". A msgpack map starts
-        // with 0x80-0x8F, 0xDE or 0xDF, which can also be a safetensors length's first byte.
-        if n >= 9 {
+        if TorchReader.startsWithLegacyMagic(head) { return .torch }
+        if size > 262, file.bytes(at: 257, count: 5).elementsEqual(Array("ustar".utf8)) { return .torch }  // tar-era torch, refused by its reader
+        // safetensors: a u64 header length, then that many bytes of a JSON object (padded with spaces).
+        if size >= 10 {
             var length: UInt64 = 0
             for i in (0..<8).reversed() { length = length << 8 | UInt64(head[i]) }
-            let size = try fd.regularFileSize() ?? 0
-            if length <= UInt64(max(size - 8, 0)) && head[8] == UInt8(ascii: "{") { return .safetensors }
+            if length >= 2, length <= UInt64(size - 8), head[8] == UInt8(ascii: "{") {
+                let last = file.bytes(at: 8 + Int(length) - 1, count: 1)[0]
+                if last == UInt8(ascii: "}") || last == UInt8(ascii: " ") { return .safetensors }
+            }
         }
-        if n >= 1 && ((0x80...0x8F).contains(head[0]) || head[0] == 0xDE || head[0] == 0xDF) { return .msgpack }
-        return .safetensors
+        // Flax msgpack: one map that ends exactly where the file does.
+        if (0x80...0x8F).contains(head[0]) || head[0] == 0xDE || head[0] == 0xDF {
+            var cursor = MsgpackCursor(file.bytes(at: 0, count: size), file: path)
+            if (try? cursor.skip()) != nil, cursor.position == size { return .msgpack }
+        }
+        throw FormatDetectionError(file: path, reason: .unrecognised)
+    }
+}
+
+/// An input whose format could not be told.
+public struct FormatDetectionError: CkptError, Equatable {
+    public enum Reason: Equatable, Sendable {
+        case notARegularFile
+        case empty
+        /// A zip archive that is neither a torch.save archive nor an `.npz`.
+        case unknownZip
+        /// No format's structure matched.
+        case unrecognised
+    }
+    public var file: String
+    public var reason: Reason
+    public var exitStatus: SysExit { .dataError }
+
+    /// What detection tries, in order, for the message.
+    static let tried = "ckpt stream, NumPy .npy, zip (torch.save or .npz), legacy torch pickle, safetensors, Flax msgpack"
+
+    public var description: String {
+        switch reason {
+        case .notARegularFile: return "\(file): not a regular file or folder"
+        case .empty: return "\(file): the file is empty"
+        case .unknownZip: return "\(file): a zip archive with no data.pkl (torch.save) and not only .npy members (.npz)"
+        case .unrecognised: return "\(file): not a checkpoint format ckpt reads (tried: \(FormatDetectionError.tried))"
+        }
     }
 }
 

@@ -6,13 +6,22 @@ enum TorchRebuild {
         func bad(_ why: String) -> PickleError { PickleError(reason: .badValue("\(g)(): \(why)"), file: file, offset: at) }
         switch (g.module, g.name) {
         case ("collections", "OrderedDict"):
+            // Python 3 reduces to OrderedDict() and SETITEMS; Python 2 (torch <= 1.4 era files)
+            // passes the items as a list of [key, value] lists.
             let d = PickleDict()
-            if let first = args.first {
-                guard case .list(let l) = first else { throw bad("expected a list of pairs") }
+            switch args.first {
+            case nil: break
+            case .list(let l)?:
                 for item in l.items {
-                    guard case .tuple(let kv) = item, kv.count == 2 else { throw bad("expected (key, value) pairs") }
-                    d.entries.append((kv[0], kv[1]))
+                    switch item {
+                    case .tuple(let kv) where kv.count == 2: d.entries.append((kv[0], kv[1]))
+                    case .list(let kv) where kv.items.count == 2: d.entries.append((kv.items[0], kv.items[1]))
+                    default: throw bad("expected [key, value] pairs, got a \(item.typeName)")
+                    }
                 }
+            case .dict(let other)?: d.entries = other.entries
+            case .tuple(let items)? where items.isEmpty: break
+            case let other?: throw bad("expected a list of [key, value] pairs, got a \(other.typeName)")
             }
             return .dict(d)
         case ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"):
@@ -92,6 +101,10 @@ enum TorchRebuild {
         }
     }
 
+    /// The largest expanded view rebuilt in memory (torch.load returns such views as they are;
+    /// written out they take their full size).
+    static let maxExpandedView = 1 << 30
+
     /// Checks a strided view against its storage: non-negative sizes and strides, no overflow,
     /// and every element it addresses inside the storage.
     static func tensor(_ storage: StorageRef, dtype: DType, _ offset: PickleValue, _ size: PickleValue, _ stride: PickleValue,
@@ -112,6 +125,14 @@ enum TorchRebuild {
             }
             guard last < storage.numel else {
                 throw bad("view reaches element \(last) of a storage of \(storage.numel) (offset \(off), size \(shape), stride \(strides))")
+            }
+            // A view with more elements than its storage reads some of them more than once
+            // (broadcast by stride 0, or overlapping): it is expanded when read, so its size is
+            // bounded here rather than by the file.
+            let count = shape.reduce(1) { $0.multipliedReportingOverflow(by: $1).partialValue }
+            if count > storage.numel, count * dtype.size > maxExpandedView {
+                throw bad("view of \(storage.numel) stored elements expands to \(shape) by stride \(strides) (\(count * dtype.size) bytes): "
+                          + "expanded (broadcast or overlapping) views over \(maxExpandedView >> 20) MiB are refused; save tensor.contiguous()")
             }
         }
         return TensorRef(storage: storage, dtype: dtype, storageOffset: off, shape: shape, stride: strides)

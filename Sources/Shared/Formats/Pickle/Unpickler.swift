@@ -44,11 +44,15 @@ public indirect enum PickleValue {
 
 public final class PickleList {
     public var items: [PickleValue] = []
+    /// Nesting depth as last recorded (1 + the deepest item when it was added); the unpickler
+    /// checks the true depth once the pickle is complete.
+    var depth = 1
     init(_ items: [PickleValue] = []) { self.items = items }
 }
 
 public final class PickleDict {
     public var entries: [(key: PickleValue, value: PickleValue)] = []
+    var depth = 1
 }
 
 /// A storage referenced by a persistent id: torch's `('storage', type, key, location, numel)`.
@@ -135,6 +139,7 @@ public struct PickleError: CkptError, Equatable {
         case badValue(String)
         case tooLarge(String)
         case unsupportedProtocol(Int)
+        case tooDeep(limit: Int)
     }
     public var reason: Reason
     public var file: String
@@ -153,6 +158,8 @@ public struct PickleError: CkptError, Equatable {
         case .badValue(let why): return "\(at): \(why)"
         case .tooLarge(let why): return "\(at): \(why)"
         case .unsupportedProtocol(let p): return "\(at): pickle protocol \(p) is not supported"
+        case .tooDeep(let limit):
+            return "\(at): objects nested deeper than \(limit) levels (or containing themselves): not a checkpoint"
         }
     }
 }
@@ -161,20 +168,45 @@ public struct PickleError: CkptError, Equatable {
 public typealias PersistentLoad = (PickleValue, Int) throws -> PickleValue
 
 public struct Unpickler {
+    /// Deepest nesting of containers accepted, as the JSON and msgpack parsers (a state dict
+    /// nests a handful of levels; deeper pickles would only exhaust the stack of the walks).
+    public static let maxDepth = 256
+    /// Nodes a finished object may expand to through shared (memoized) references: a pickle of
+    /// a few KB can otherwise describe 2**64 paths.
+    public static let maxNodes = 10_000_000
+
+    /// A value on the stack or in the memo, with its nesting depth (containers: 1 + deepest item).
+    private struct Entry {
+        var value: PickleValue
+        var depth: Int
+    }
+
     private let bytes: UnsafeRawBufferPointer
     private let file: String
     private var pos: Int
-    private var stack: [PickleValue] = []
+    private var stack: [Entry] = []
     private var marks: [Int] = []
-    private var memo: [Int: PickleValue] = [:]
+    private var memo: [Int: Entry] = [:]
+    /// Every list and dict made, so a rejected object can be taken apart without recursion
+    /// (a deep or self-containing structure would otherwise overflow the stack when freed).
+    private var lists: [PickleList] = []
+    private var dicts: [PickleDict] = []
     private let persistentLoad: PersistentLoad
 
     /// Unpickles one pickle starting at `offset`; returns the value and the offset after STOP.
     public static func load(_ bytes: UnsafeRawBufferPointer, at offset: Int = 0, file: String,
                             persistentLoad: @escaping PersistentLoad) throws -> (PickleValue, Int) {
         var u = Unpickler(bytes: bytes, file: file, pos: offset, persistentLoad: persistentLoad)
-        let v = try u.run()
-        return (v, u.pos)
+        do {
+            let v = try u.run()
+            try u.checkShape(v, at: offset)
+            u.lists.removeAll()
+            u.dicts.removeAll()
+            return (v, u.pos)
+        } catch {
+            u.dismantle()
+            throw error
+        }
     }
 
     private init(bytes: UnsafeRawBufferPointer, file: String, pos: Int, persistentLoad: @escaping PersistentLoad) {
@@ -212,12 +244,15 @@ public struct Unpickler {
         return Int(v)
     }
 
-    private mutating func line() throws -> String {
-        guard let nl = bytes[pos...].firstIndex(of: 0x0A) else { throw fail(.truncated) }
-        let s = String(decoding: UnsafeRawBufferPointer(rebasing: bytes[pos..<nl]), as: UTF8.self)
-        pos = nl + 1
-        return s
+    /// The bytes up to the next newline (protocol 0's text arguments).
+    private mutating func lineBytes() throws -> UnsafeRawBufferPointer {
+        guard pos < bytes.count, let nl = bytes[pos...].firstIndex(of: 0x0A) else { throw fail(.truncated) }
+        defer { pos = nl + 1 }
+        return UnsafeRawBufferPointer(rebasing: bytes[pos..<nl])
     }
+
+    /// A text argument: ASCII in every pickle Python writes (module names, numbers, keys).
+    private mutating func line() throws -> String { String(decoding: try lineBytes(), as: UTF8.self) }
 
     private mutating func utf8(_ n: Int) throws -> String {
         let at = pos
@@ -227,12 +262,14 @@ public struct Unpickler {
 
     // MARK: stack
 
-    private mutating func pop(_ op: String) throws -> PickleValue {
-        guard let v = stack.popLast() else { throw fail(.stackUnderflow(op)) }
-        return v
+    private mutating func popEntry(_ op: String) throws -> Entry {
+        guard let e = stack.popLast() else { throw fail(.stackUnderflow(op)) }
+        return e
     }
 
-    private mutating func popMark(_ op: String) throws -> [PickleValue] {
+    private mutating func pop(_ op: String) throws -> PickleValue { try popEntry(op).value }
+
+    private mutating func popMark(_ op: String) throws -> [Entry] {
         guard let m = marks.popLast(), m <= stack.count else { throw fail(.stackUnderflow(op)) }
         let items = Array(stack[m...])
         stack.removeSubrange(m...)
@@ -240,23 +277,105 @@ public struct Unpickler {
     }
 
     private mutating func top(_ op: String) throws -> PickleValue {
-        guard let v = stack.last else { throw fail(.stackUnderflow(op)) }
-        return v
+        guard let e = stack.last else { throw fail(.stackUnderflow(op)) }
+        return e.value
     }
 
-    private mutating func push(_ v: PickleValue) throws {
+    /// The depth a value has now (a list or dict may have grown since it was pushed).
+    private static func depth(_ e: Entry) -> Int {
+        switch e.value {
+        case .list(let l): return l.depth
+        case .dict(let d): return d.depth
+        default: return e.depth
+        }
+    }
+
+    private mutating func push(_ v: PickleValue, depth: Int = 0) throws {
         guard stack.count < 10_000_000 else { throw fail(.tooLarge("stack deeper than 10 million values")) }
-        stack.append(v)
+        guard depth <= Unpickler.maxDepth else { throw fail(.tooDeep(limit: Unpickler.maxDepth)) }
+        stack.append(Entry(value: v, depth: depth))
+    }
+
+    /// A container holding `items`: one level deeper than the deepest of them.
+    private mutating func pushContainer(_ v: PickleValue, _ items: [Entry]) throws {
+        try push(v, depth: 1 + (items.map(Unpickler.depth).max() ?? 0))
+    }
+
+    private mutating func newList(_ items: [Entry] = []) throws {
+        let l = PickleList(items.map(\.value))
+        l.depth = 1 + (items.map(Unpickler.depth).max() ?? 0)
+        lists.append(l)
+        try push(.list(l), depth: l.depth)
+    }
+
+    private mutating func newDict(_ items: [Entry] = []) throws {
+        let d = PickleDict()
+        dicts.append(d)
+        try push(.dict(d), depth: 1)
+        try addPairs(items, to: d, op: "DICT")
+    }
+
+    private mutating func append(_ items: [Entry], to l: PickleList) throws {
+        let deepest = items.map(Unpickler.depth).max() ?? 0
+        guard deepest < Unpickler.maxDepth else { throw fail(.tooDeep(limit: Unpickler.maxDepth)) }
+        l.depth = max(l.depth, deepest + 1)
+        l.items.append(contentsOf: items.map(\.value))
+    }
+
+    private mutating func addPairs(_ items: [Entry], to d: PickleDict, op: String) throws {
+        guard items.count % 2 == 0 else { throw fail(.badValue("\(op) with an odd number of items")) }
+        let deepest = items.map(Unpickler.depth).max() ?? 0
+        guard deepest < Unpickler.maxDepth else { throw fail(.tooDeep(limit: Unpickler.maxDepth)) }
+        d.depth = max(d.depth, deepest + 1)
+        for i in stride(from: 0, to: items.count, by: 2) { d.entries.append((items[i].value, items[i + 1].value)) }
     }
 
     private mutating func memoize(_ key: Int) throws {
         guard memo.count < 50_000_000 else { throw fail(.tooLarge("memo larger than 50 million entries")) }
-        memo[key] = try top("PUT")
+        guard let e = stack.last else { throw fail(.stackUnderflow("PUT")) }
+        memo[key] = e
     }
 
     private mutating func get(_ key: Int) throws {
-        guard let v = memo[key] else { throw fail(.badValue("memo key \(key) was never stored")) }
-        try push(v)
+        guard let e = memo[key] else { throw fail(.badValue("memo key \(key) was never stored")) }
+        try push(e.value, depth: Unpickler.depth(e))
+    }
+
+    // MARK: the finished object
+
+    /// The depths recorded while building can be stale (a list grown after it was put into
+    /// another), so the finished object is walked once, without recursion: nesting at most
+    /// `maxDepth` (which also rules out a container holding itself) and at most `maxNodes`
+    /// nodes counted along every path. Every later recursive walk relies on this.
+    private func checkShape(_ root: PickleValue, at: Int) throws {
+        var pending: [(PickleValue, Int)] = [(root, 0)]
+        var nodes = 0
+        while let (v, depth) = pending.popLast() {
+            nodes += 1
+            guard nodes <= Unpickler.maxNodes else {
+                throw fail(.tooLarge("object expands to more than \(Unpickler.maxNodes) values through shared references"), at: at)
+            }
+            let children: [PickleValue]
+            switch v {
+            case .tuple(let items): children = items
+            case .list(let l): children = l.items
+            case .dict(let d): children = d.entries.flatMap { [$0.key, $0.value] }
+            default: continue
+            }
+            guard depth < Unpickler.maxDepth else { throw fail(.tooDeep(limit: Unpickler.maxDepth), at: at) }
+            for c in children { pending.append((c, depth + 1)) }
+        }
+    }
+
+    /// Empties every list and dict made, so freeing a rejected object never recurses deeper
+    /// than the tuples nested directly in one another (bounded when they were built).
+    private mutating func dismantle() {
+        stack.removeAll()
+        memo.removeAll()
+        for l in lists { l.items.removeAll() }
+        for d in dicts { d.entries.removeAll() }
+        lists.removeAll()
+        dicts.removeAll()
     }
 
     // MARK: the loop
@@ -271,12 +390,14 @@ public struct Unpickler {
                 guard p <= 5 else { throw fail(.unsupportedProtocol(p), at: at) }
             case 0x95: _ = try take(8) // FRAME: framing is transparent to a reader with the whole pickle
             case 0x2E: // STOP
-                guard let v = stack.popLast() else { throw fail(.stackUnderflow("STOP")) }
-                return v
+                guard let e = stack.popLast() else { throw fail(.stackUnderflow("STOP")) }
+                return e.value
             case 0x28: marks.append(stack.count) // MARK
             case 0x30: _ = try pop("POP")
             case 0x31: _ = try popMark("POP_MARK")
-            case 0x32: try push(try top("DUP"))
+            case 0x32: // DUP
+                guard let e = stack.last else { throw fail(.stackUnderflow("DUP")) }
+                try push(e.value, depth: Unpickler.depth(e))
             // Integers
             case 0x4A: try push(.int(Int(Int32(bitPattern: UInt32(try uint(4))))))  // BININT
             case 0x4B: try push(.int(try u8()))  // BININT1
@@ -290,16 +411,16 @@ public struct Unpickler {
                     guard let v = Int(s) else { throw fail(.badValue("invalid INT \(s)"), at: at) }
                     try push(.int(v))
                 }
-            case 0x4C: // LONG (text, trailing L)
+            case 0x4C: // LONG (text, trailing L): protocol 0 writes torch's magic number this way
                 var s = try line()
                 if s.hasSuffix("L") { s.removeLast() }
-                guard let v = Int(s) else { throw fail(.badValue("LONG \(s) out of range"), at: at) }
-                try push(.int(v))
+                guard let v = Unpickler.decimalLong(s) else { throw fail(.badValue("invalid LONG \(s)"), at: at) }
+                try push(v)
             case 0x88: try push(.bool(true))
             case 0x89: try push(.bool(false))
             case 0x4E: try push(.none)
             // Floats
-            case 0x47: try push(.float(Double(bitPattern: try (0..<8).reduce(UInt64(0)) { a, _ in a << 8 | UInt64(try u8()) })))
+            case 0x47: try push(.float(Double(bitPattern: try uint(8).byteSwapped)))  // BINFLOAT, big-endian
             case 0x46:
                 let s = try line()
                 guard let v = Double(s) else { throw fail(.badValue("invalid FLOAT \(s)"), at: at) }
@@ -308,59 +429,55 @@ public struct Unpickler {
             case 0x58: try push(.string(try utf8(try length(4))))  // BINUNICODE
             case 0x8C: try push(.string(try utf8(try u8())))  // SHORT_BINUNICODE
             case 0x8D: try push(.string(try utf8(try length(8))))  // BINUNICODE8
-            case 0x56: try push(.string(try line()))  // UNICODE (raw-unicode-escape; ASCII in practice)
+            case 0x56: // UNICODE: raw-unicode-escape
+                guard let s = Unpickler.rawUnicodeEscape(try lineBytes()) else { throw fail(.badValue("invalid UNICODE escape"), at: at) }
+                try push(.string(s))
             case 0x54: try push(.bytes(Array(try take(try length(4)))))  // BINSTRING (py2 str)
             case 0x55: try push(.bytes(Array(try take(try u8()))))  // SHORT_BINSTRING
             case 0x53: // STRING: a quoted Python 2 literal
-                var s = try line()
-                if s.count >= 2, let q = s.first, q == "'" || q == "\"", s.last == q { s = String(s.dropFirst().dropLast()) }
-                try push(.bytes(Array(s.utf8)))
+                guard let b = Unpickler.quotedString(try lineBytes()) else { throw fail(.badValue("invalid STRING literal"), at: at) }
+                try push(.bytes(b))
             case 0x42: try push(.bytes(Array(try take(try length(4)))))  // BINBYTES
             case 0x43: try push(.bytes(Array(try take(try u8()))))  // SHORT_BINBYTES
             case 0x8E: try push(.bytes(Array(try take(try length(8)))))  // BINBYTES8
             case 0x96: try push(.bytes(Array(try take(try length(8)))))  // BYTEARRAY8
             // Containers
-            case 0x29: try push(.tuple([]))
-            case 0x74: try push(.tuple(try popMark("TUPLE")))
-            case 0x85: try push(.tuple([try pop("TUPLE1")]))
-            case 0x86:
-                let b = try pop("TUPLE2"), a = try pop("TUPLE2")
-                try push(.tuple([a, b]))
-            case 0x87:
-                let c = try pop("TUPLE3"), b = try pop("TUPLE3"), a = try pop("TUPLE3")
-                try push(.tuple([a, b, c]))
-            case 0x5D: try push(.list(PickleList()))
-            case 0x6C: try push(.list(PickleList(try popMark("LIST"))))
+            case 0x29: try push(.tuple([]), depth: 1)
+            case 0x74: // TUPLE
+                let items = try popMark("TUPLE")
+                try pushContainer(.tuple(items.map(\.value)), items)
+            case 0x85, 0x86, 0x87: // TUPLE1, TUPLE2, TUPLE3
+                let n = Int(op) - 0x84
+                guard stack.count >= n else { throw fail(.stackUnderflow("TUPLE\(n)")) }
+                let items = Array(stack.suffix(n))
+                stack.removeLast(n)
+                try pushContainer(.tuple(items.map(\.value)), items)
+            case 0x5D: try newList()  // EMPTY_LIST
+            case 0x6C: try newList(try popMark("LIST"))
             case 0x61: // APPEND
-                let v = try pop("APPEND")
+                let v = try popEntry("APPEND")
                 guard case .list(let l) = try top("APPEND") else { throw fail(.badValue("APPEND to a non-list"), at: at) }
-                l.items.append(v)
+                try append([v], to: l)
             case 0x65: // APPENDS
                 let items = try popMark("APPENDS")
                 guard case .list(let l) = try top("APPENDS") else { throw fail(.badValue("APPENDS to a non-list"), at: at) }
-                l.items.append(contentsOf: items)
-            case 0x7D: try push(.dict(PickleDict()))
-            case 0x64: // DICT
-                let items = try popMark("DICT")
-                guard items.count % 2 == 0 else { throw fail(.badValue("DICT with an odd number of items"), at: at) }
-                let d = PickleDict()
-                for i in stride(from: 0, to: items.count, by: 2) { d.entries.append((items[i], items[i + 1])) }
-                try push(.dict(d))
+                try append(items, to: l)
+            case 0x7D: try newDict()  // EMPTY_DICT
+            case 0x64: try newDict(try popMark("DICT"))
             case 0x73: // SETITEM
-                let v = try pop("SETITEM"), k = try pop("SETITEM")
+                let v = try popEntry("SETITEM"), k = try popEntry("SETITEM")
                 guard case .dict(let d) = try top("SETITEM") else { throw fail(.badValue("SETITEM on a non-dict"), at: at) }
-                d.entries.append((k, v))
+                try addPairs([k, v], to: d, op: "SETITEM")
             case 0x75: // SETITEMS
                 let items = try popMark("SETITEMS")
-                guard items.count % 2 == 0 else { throw fail(.badValue("SETITEMS with an odd number of items"), at: at) }
                 guard case .dict(let d) = try top("SETITEMS") else { throw fail(.badValue("SETITEMS on a non-dict"), at: at) }
-                for i in stride(from: 0, to: items.count, by: 2) { d.entries.append((items[i], items[i + 1])) }
-            case 0x8F: try push(.list(PickleList()))  // EMPTY_SET, kept as a list
+                try addPairs(items, to: d, op: "SETITEMS")
+            case 0x8F: try newList()  // EMPTY_SET, kept as a list
             case 0x90: // ADDITEMS
                 let items = try popMark("ADDITEMS")
                 guard case .list(let l) = try top("ADDITEMS") else { throw fail(.badValue("ADDITEMS to a non-set"), at: at) }
-                l.items.append(contentsOf: items)
-            case 0x91: try push(.list(PickleList(try popMark("FROZENSET"))))
+                try append(items, to: l)
+            case 0x91: try newList(try popMark("FROZENSET"))
             // Memo
             case 0x70: // PUT (text)
                 guard let k = Int(try line()) else { throw fail(.badValue("invalid PUT key"), at: at) }
@@ -386,18 +503,18 @@ public struct Unpickler {
             case 0x51: // BINPERSID
                 let pid = try pop("BINPERSID")
                 try push(try persistentLoad(pid, at))
-            case 0x50: // PERSID (text)
+            case 0x50: // PERSID (text: protocol 0 writes the id's str())
                 try push(try persistentLoad(.string(try line()), at))
             case 0x52: // REDUCE
                 let args = try pop("REDUCE"), callable = try pop("REDUCE")
                 guard case .global(let g) = callable, case .tuple(let a) = args else {
                     throw fail(.badValue("REDUCE needs an allowed global and an argument tuple (got \(callable.typeName))"), at: at)
                 }
-                try push(try TorchRebuild.call(g, a, file: file, at: at))
+                try pushResult(try TorchRebuild.call(g, a, file: file, at: at))
             case 0x81: // NEWOBJ: cls.__new__(cls, *args)
                 let args = try pop("NEWOBJ"), cls = try pop("NEWOBJ")
                 guard case .global(let g) = cls, case .tuple(let a) = args else { throw fail(.badValue("malformed NEWOBJ"), at: at) }
-                try push(try TorchRebuild.call(g, a, file: file, at: at))
+                try pushResult(try TorchRebuild.call(g, a, file: file, at: at))
             case 0x62: // BUILD: set state; only plain state on dicts and tensors is accepted, and ignored
                 let state = try pop("BUILD")
                 let target = try top("BUILD")
@@ -412,8 +529,25 @@ public struct Unpickler {
         }
     }
 
+    /// What an allowed call returned: containers it made are registered like any other.
+    private mutating func pushResult(_ v: PickleValue) throws {
+        switch v {
+        case .list(let l):
+            lists.append(l)
+            try push(v, depth: l.depth)
+        case .dict(let d):
+            dicts.append(d)
+            try push(v, depth: d.depth)
+        case .tuple: try push(v, depth: 1)
+        default: try push(v)
+        }
+    }
+
+    /// Python 2 module names, as Python 3's unpickler maps them (`_compat_pickle`).
+    static let python2Modules = ["__builtin__": "builtins", "copy_reg": "copyreg"]
+
     private func resolve(_ module: String, _ name: String, at: Int) throws -> PickleGlobal {
-        let g = PickleGlobal(module: module, name: name)
+        let g = PickleGlobal(module: Unpickler.python2Modules[module] ?? module, name: name)
         guard PickleGlobal.allowed.contains(g) else { throw fail(.forbiddenGlobal(g.description), at: at) }
         return g
     }
@@ -430,5 +564,102 @@ public struct Unpickler {
         for (i, byte) in b.prefix(8).enumerated() { v |= UInt64(byte) << (8 * UInt64(i)) }
         if b.count < 8 && b.last! & 0x80 != 0 { v |= ~UInt64(0) << (8 * UInt64(b.count)) }
         return .int(Int(Int64(bitPattern: v)))
+    }
+
+    /// A decimal LONG argument as `long` would hold it: minimal little-endian two's complement
+    /// (what LONG1 carries for the same number), so both spellings compare equal.
+    static func decimalLong(_ s: String) -> PickleValue? {
+        var digits = Substring(s)
+        let negative = digits.first == "-"
+        if negative || digits.first == "+" { digits = digits.dropFirst() }
+        guard !digits.isEmpty, digits.count <= 4096, digits.allSatisfy({ $0.isASCII && $0.isNumber }) else { return nil }
+        var magnitude: [UInt8] = []  // little-endian
+        for c in digits.utf8 {
+            var carry = Int(c - 48)
+            for i in magnitude.indices {
+                let v = Int(magnitude[i]) * 10 + carry
+                magnitude[i] = UInt8(v & 0xFF)
+                carry = v >> 8
+            }
+            while carry > 0 { magnitude.append(UInt8(carry & 0xFF)); carry >>= 8 }
+        }
+        if magnitude.isEmpty { return .int(0) }
+        var b = magnitude
+        if b.last! & 0x80 != 0 { b.append(0) }
+        if negative {  // two's complement of the magnitude
+            var carry = 1
+            for i in b.indices {
+                let v = Int(~b[i]) + carry
+                b[i] = UInt8(v & 0xFF)
+                carry = v >> 8
+            }
+            // Drop sign bytes a shorter encoding does not need.
+            while b.count > 1, b[b.count - 1] == 0xFF, b[b.count - 2] & 0x80 != 0 { b.removeLast() }
+        }
+        return long(b)
+    }
+
+    /// UNICODE's raw-unicode-escape: bytes are Latin-1 characters except `\uXXXX` and
+    /// `\UXXXXXXXX` (how pickle writes backslashes, newlines and characters beyond Latin-1).
+    static func rawUnicodeEscape(_ b: UnsafeRawBufferPointer) -> String? {
+        var out = String.UnicodeScalarView()
+        var i = 0
+        while i < b.count {
+            if b[i] == 0x5C, i + 1 < b.count, b[i + 1] == UInt8(ascii: "u") || b[i + 1] == UInt8(ascii: "U") {
+                let n = b[i + 1] == UInt8(ascii: "u") ? 4 : 8
+                guard i + 2 + n <= b.count, let v = UInt32(String(decoding: UnsafeRawBufferPointer(rebasing: b[(i + 2)..<(i + 2 + n)]), as: UTF8.self), radix: 16),
+                      let scalar = Unicode.Scalar(v) else { return nil }
+                out.append(scalar)
+                i += 2 + n
+            } else {
+                out.append(Unicode.Scalar(b[i]))
+                i += 1
+            }
+        }
+        return String(out)
+    }
+
+    /// STRING's argument: a Python 2 `repr` of a byte string, quotes included.
+    static func quotedString(_ b: UnsafeRawBufferPointer) -> [UInt8]? {
+        guard b.count >= 2, let q = b.first, q == UInt8(ascii: "'") || q == UInt8(ascii: "\""), b[b.count - 1] == q else { return nil }
+        var out: [UInt8] = []
+        var i = 1
+        let end = b.count - 1
+        func hex(_ c: UInt8) -> UInt8? {
+            switch c {
+            case 48...57: return c - 48
+            case 97...102: return c - 87
+            case 65...70: return c - 55
+            default: return nil
+            }
+        }
+        while i < end {
+            let c = b[i]
+            guard c == 0x5C else { out.append(c); i += 1; continue }
+            guard i + 1 < end else { return nil }
+            let e = b[i + 1]
+            i += 2
+            switch e {
+            case UInt8(ascii: "n"): out.append(0x0A)
+            case UInt8(ascii: "t"): out.append(0x09)
+            case UInt8(ascii: "r"): out.append(0x0D)
+            case UInt8(ascii: "a"): out.append(0x07)
+            case UInt8(ascii: "b"): out.append(0x08)
+            case UInt8(ascii: "f"): out.append(0x0C)
+            case UInt8(ascii: "v"): out.append(0x0B)
+            case UInt8(ascii: "x"):
+                guard i + 1 < end, let h = hex(b[i]), let l = hex(b[i + 1]) else { return nil }
+                out.append(h << 4 | l)
+                i += 2
+            case 48...55:  // up to three octal digits
+                var v = Int(e - 48)
+                var k = 0
+                while k < 2, i < end, (48...55).contains(b[i]) { v = v * 8 + Int(b[i] - 48); i += 1; k += 1 }
+                out.append(UInt8(v & 0xFF))
+            case 0x5C, 0x27, 0x22: out.append(e)  // \\ \' \"
+            default: out.append(contentsOf: [0x5C, e])  // Python keeps unknown escapes as they are
+            }
+        }
+        return out
     }
 }

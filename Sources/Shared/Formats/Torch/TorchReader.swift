@@ -17,8 +17,21 @@ public struct TorchError: CkptError, Equatable {
 }
 
 public enum TorchReader {
-    /// The first bytes of the legacy format: pickle protocol 2, LONG1 of the magic number.
-    static let legacyMagic: [UInt8] = [0x80, 0x02, 0x8A, 0x0A, 0x6C, 0xFC, 0x9C, 0x46, 0xF9, 0x20, 0x6A, 0xA8, 0x50, 0x19]
+    /// torch's `MAGIC_NUMBER` 0x1950a86a20f9469cfc6c as the unpickler holds it (`.bigInt`), whatever the
+    /// protocol spelled it as (LONG1 from protocol 2 on, a decimal LONG at protocols 0 and 1).
+    static let legacyMagic: [UInt8] = [0x6C, 0xFC, 0x9C, 0x46, 0xF9, 0x20, 0x6A, 0xA8, 0x50, 0x19]
+
+    /// Whether `head` (a file's first bytes) starts with the legacy format's first pickle, the
+    /// magic number: the one test that tells a legacy torch file from anything else.
+    public static func startsWithLegacyMagic(_ head: UnsafeRawBufferPointer) -> Bool {
+        guard let (v, _) = try? Unpickler.load(head, file: "", persistentLoad: { _, at in
+            throw PickleError(reason: .badValue("persistent id"), file: "", offset: at)
+        }), case .bigInt(let b) = v else { return false }
+        return b == legacyMagic
+    }
+
+    /// Bytes enough to hold the magic-number pickle at any protocol (24 at protocol 4, 28 at 0).
+    static let legacyMagicPrefix = 64
 
     public struct Options: Sendable {
         /// Emit only the sub-tree under this dotted path (e.g. `model`, `state_dict`).
@@ -36,11 +49,11 @@ public enum TorchReader {
         let fd = try FileDescriptor.openForReading(path)
         guard let size = try fd.regularFileSize() else { throw TorchError(message: "not a regular file", file: path) }
         let file = try MappedFile(fd, size: size)
-        let head = file.bytes(at: 0, count: min(size, 14))
+        let head = file.bytes(at: 0, count: min(size, legacyMagicPrefix))
         if head.starts(with: [0x50, 0x4B, 0x03, 0x04]) {
             return try openZip(file, path: path, selection: selection, options: options, producer: producer)
         }
-        if Array(head) == legacyMagic {
+        if startsWithLegacyMagic(head) {
             return try openLegacy(file, path: path, selection: selection, options: options, producer: producer)
         }
         if size > 262, file.bytes(at: 257, count: 5).elementsEqual(Array("ustar".utf8)) {
@@ -131,7 +144,9 @@ public enum TorchReader {
             throw PickleError(reason: .badValue("unexpected persistent id in a header pickle"), file: path, offset: at)
         }
         var (magic, pos) = try Unpickler.load(all, at: 0, file: path, persistentLoad: noStorage)
-        guard case .bigInt = magic else { throw TorchError(message: "legacy magic number is wrong", file: path) }
+        guard case .bigInt(let b) = magic, b == legacyMagic else {
+            throw TorchError(message: "legacy magic number is wrong", file: path)
+        }
         let protocolVersion: PickleValue
         (protocolVersion, pos) = try Unpickler.load(all, at: pos, file: path, persistentLoad: noStorage)
         guard case .int(1001) = protocolVersion else { throw TorchError(message: "legacy protocol version is not 1001", file: path) }
@@ -209,6 +224,12 @@ public enum TorchReader {
             case .bytes(let b): return String(decoding: b, as: UTF8.self)
             default: return nil
             }
+        }
+        var pid = pid
+        if case .string(let repr) = pid {
+            // Protocol 0 writes the id as its str(): "('storage', <class 'torch.FloatStorage'>, '0', 'cpu', 12)".
+            guard let parsed = PersistentIDText.parse(repr) else { throw bad("text id \(repr.prefix(120)) is not a storage tuple") }
+            pid = parsed
         }
         guard case .tuple(let t) = pid, t.count >= 5, text(t[0]) == "storage" else { throw bad("expected ('storage', type, key, location, numel)") }
         guard case .global(let type) = t[1] else { throw bad("storage type is not a class") }
