@@ -84,6 +84,9 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
             var cursor = MsgpackCursor(file.bytes(at: 0, count: size), file: path)
             if (try? cursor.skip()) != nil, cursor.position == size { return .msgpack }
         }
+        // Nothing matched: a file named for a format goes to that format's reader, whose error
+        // says what is wrong with it (a safetensors header too large, say).
+        if let named = forOutput(path) { return named }
         throw FormatDetectionError(file: path, reason: .unrecognised)
     }
 }

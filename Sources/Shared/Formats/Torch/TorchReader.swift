@@ -173,7 +173,8 @@ public enum TorchReader {
         // The storages follow in key-list order: i64 element count, then the raw elements.
         var dataOffset: [String: Int] = [:]
         for k in keyList.items {
-            guard case .string(let key) = k else { throw TorchError(message: "legacy storage key is not a string", file: path) }
+            // Python 2 wrote the keys as byte strings (SHORT_BINSTRING).
+            guard let key = storageKey(k) else { throw TorchError(message: "legacy storage key is not a string", file: path) }
             guard pos + 8 <= file.size else { throw TorchError(message: "file ends before storage \(key)", file: path) }
             let countBytes = file.bytes(at: pos, count: 8)
             let count = Int(Int64(littleEndian: countBytes.loadUnaligned(as: Int64.self)))
@@ -218,20 +219,13 @@ public enum TorchReader {
     /// `(..., view_metadata)` with a sixth element in legacy files.
     static func storageRef(_ pid: PickleValue, legacy: Bool, file: String, at: Int) throws -> PickleValue {
         func bad(_ why: String) -> PickleError { PickleError(reason: .badValue("persistent id: \(why)"), file: file, offset: at) }
-        func text(_ v: PickleValue) -> String? {
-            switch v {
-            case .string(let s): return s
-            case .bytes(let b): return String(decoding: b, as: UTF8.self)
-            default: return nil
-            }
-        }
         var pid = pid
         if case .string(let repr) = pid {
             // Protocol 0 writes the id as its str(): "('storage', <class 'torch.FloatStorage'>, '0', 'cpu', 12)".
             guard let parsed = PersistentIDText.parse(repr) else { throw bad("text id \(repr.prefix(120)) is not a storage tuple") }
             pid = parsed
         }
-        guard case .tuple(let t) = pid, t.count >= 5, text(t[0]) == "storage" else { throw bad("expected ('storage', type, key, location, numel)") }
+        guard case .tuple(let t) = pid, t.count >= 5, storageKey(t[0]) == "storage" else { throw bad("expected ('storage', type, key, location, numel)") }
         guard case .global(let type) = t[1] else { throw bad("storage type is not a class") }
         let dtype: DType
         if type == PickleGlobal(module: "torch.storage", name: "UntypedStorage") {
@@ -241,7 +235,7 @@ public enum TorchReader {
         } else {
             throw bad("\(type) is not a storage type")
         }
-        guard let key = text(t[2]), case .int(let numel) = t[4], numel >= 0 else { throw bad("malformed key or size") }
+        guard let key = storageKey(t[2]), case .int(let numel) = t[4], numel >= 0 else { throw bad("malformed key or size") }
         var ref = StorageRef(key: key, dtype: dtype, numel: numel, rootNumel: numel)
         // Legacy views (torch < 0.4): (view key, offset, size) into the root storage `key`.
         if legacy, t.count >= 6, case .tuple(let view) = t[5], view.count == 3, case .int(let off) = view[1], case .int(let n) = view[2] {
@@ -264,6 +258,15 @@ public enum TorchReader {
             node = v
         }
         return node
+    }
+
+    /// A storage key: text, or a Python 2 byte string.
+    static func storageKey(_ v: PickleValue) -> String? {
+        switch v {
+        case .string(let s): return s
+        case .bytes(let b): return String(decoding: b, as: UTF8.self)
+        default: return nil
+        }
     }
 
     static func key(_ v: PickleValue) -> String? {
