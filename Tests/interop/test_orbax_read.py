@@ -172,6 +172,23 @@ def test_forged_chunk_shape_is_refused_without_allocating(tmp_path):
     refuse(ckpt, tmp_path, "params/emb", "declares 12 bytes")
 
 
+@pytest.mark.parametrize("chunks", [[2, 3], [1, 1]])
+def test_forged_chunk_grid_is_refused_at_once(tmp_path, chunks):
+    # 10**11 declared chunks over one stored chunk: refused from the count of stored chunks,
+    # without walking the grid (this used to spin for minutes, or abort under a memory limit).
+    ckpt = copy("c_no_ocdbt", tmp_path)
+    z = ckpt / "params.emb" / ".zarray"
+    meta = json.loads(z.read_text())
+    meta["shape"] = [1 << 20, 1 << 20]
+    meta["chunks"] = chunks
+    z.write_text(json.dumps(meta))
+    p = shell(f"ulimit -v 2000000; timeout 60 ckpt-read --list {ckpt}")
+    err = p.stderr.decode()
+    assert p.returncode == EX_DATAERR, err
+    assert "params/emb" in err and "chunks, the store holds 1" in err, err
+    refuse(ckpt, tmp_path, "chunks, the store holds 1")
+
+
 def test_unknown_codec_is_named(tmp_path):
     ckpt = copy("c_no_ocdbt", tmp_path)
     z = ckpt / "params.emb" / ".zarray"

@@ -89,6 +89,28 @@ public enum OrbaxReader {
             return .file(f, offset: 0, count: f.size)
         }
 
+        // How many chunks each array has in the store, counted from what exists (OCDBT keys in
+        // order, files), so a declared chunk grid is checked against it before it is walked.
+        let sortedKeys = useOCDBT ? kv.keys.sorted() : []
+        func storedChunks(_ a: ZarrArray, _ param: String) -> Int {
+            let limit = a.chunkCount ?? Int.max
+            let prefix = param + "/"
+            guard useOCDBT else {
+                return countFiles(dir + "/" + param, atMost: limit, maxDepth: a.shape.count + 1, matching: { a.isChunkKey($0) })
+            }
+            var lo = 0, hi = sortedKeys.count
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if sortedKeys[mid] < prefix { lo = mid + 1 } else { hi = mid }
+            }
+            var n = 0
+            while lo < sortedKeys.count, n < limit, sortedKeys[lo].hasPrefix(prefix) {
+                if a.isChunkKey(sortedKeys[lo].dropFirst(prefix.count)) { n += 1 }
+                lo += 1
+            }
+            return n
+        }
+
         var strings: JSONObject?
         var arrays: [(keys: [String], param: String)] = []
         var metadata = JSONObject()
@@ -107,6 +129,7 @@ public enum OrbaxReader {
             case "scalar":
                 // A Python int/float: a rank-0 zarr array. Not a weight: it goes to the metadata.
                 let a = try zarr(param, get: get, file: dir)
+                try a.checkGrid(stored: storedChunks(a, param), file: dir)
                 let bytes = try a.assemble(file: dir, get: { try get(param + "/" + $0) })
                 let raw = bytes.copyBytes()
                 let v: JSONValue
@@ -148,6 +171,7 @@ public enum OrbaxReader {
             var a = try zarr(param, get: get, file: dir)
             a.name = name
             let d = try a.descriptor
+            try a.checkGrid(stored: storedChunks(a, param), file: dir)
             try a.validate(file: dir, get: { try get(param + "/" + $0) })
             let array = a
             // A single chunk that fills the array (orbax's usual layout) is its row-major bytes:

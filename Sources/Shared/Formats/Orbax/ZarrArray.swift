@@ -54,7 +54,9 @@ public struct ZarrArray: Sendable {
             if let sep = o["dimension_separator"]?.stringValue, sep != "." { throw fail("dimension_separator \(sep) is not supported") }
             let shape = try ints("shape", o), chunks = try ints("chunks", o)
             guard shape.count == chunks.count, !chunks.contains(0) || shape.contains(0) else { throw fail("chunks do not fit the shape") }
-            return ZarrArray(name: name, dtype: dtype, shape: shape, chunks: chunks, codec: codec, zarrFormat: 2, innerChunks: nil)
+            let a = ZarrArray(name: name, dtype: dtype, shape: shape, chunks: chunks, codec: codec, zarrFormat: 2, innerChunks: nil)
+            try a.checkChunkSizes(fail)
+            return a
         case 3:
             guard let dt = o["data_type"]?.stringValue, let dtype = dtype3[dt] else { throw fail("data_type \(o["data_type"].map { "\($0)" } ?? "?") is not supported") }
             let shape = try ints("shape", o)
@@ -90,6 +92,8 @@ public struct ZarrArray: Sendable {
                 }
             }
             guard shape.count == chunks.count else { throw fail("chunk shape does not fit the shape") }
+            if let inner = a.innerChunks, inner.count != shape.count || inner.contains(0) { throw fail("inner chunk shape \(inner) does not fit the shape") }
+            try a.checkChunkSizes(fail)
             return a
         default:
             throw fail("zarr_format \(format) is not supported")
@@ -127,19 +131,73 @@ public struct ZarrArray: Sendable {
     /// The chunk grid's size along each axis.
     var grid: [Int] { zip(shape, chunks).map { $0.1 == 0 ? 0 : ($0.0 + $0.1 - 1) / $0.1 } }
 
+    /// Whether `key` (relative to the array) names one of its chunks: `i.j.k` in v2, `c/i/j/k` in v3.
+    func isChunkKey<S: StringProtocol>(_ key: S) -> Bool {
+        let rank = shape.count
+        func indices(_ parts: [S.SubSequence]) -> Bool {
+            parts.count == rank && parts.allSatisfy { !$0.isEmpty && $0.allSatisfy { $0.isASCII && $0.isNumber } }
+        }
+        if zarrFormat == 2 { return rank == 0 ? key == "0" : indices(key.split(separator: ".", omittingEmptySubsequences: false)) }
+        if rank == 0 { return key == "c" }
+        let parts = key.split(separator: "/", omittingEmptySubsequences: false)
+        return parts.first == "c" && indices(Array(parts.dropFirst()))
+    }
+
     /// The store key of the chunk at grid index `index`.
     func chunkKey(_ index: [Int]) -> String {
         if zarrFormat == 2 { return index.isEmpty ? "0" : index.map(String.init).joined(separator: ".") }
         return index.isEmpty ? "c" : "c/" + index.map(String.init).joined(separator: "/")
     }
 
-    /// Every chunk index in C order.
-    var chunkIndices: [[Int]] {
+    /// The product of `xs`, nil when it overflows.
+    static func product(_ xs: [Int]) -> Int? {
+        var n = 1
+        for x in xs {
+            let (m, overflow) = n.multipliedReportingOverflow(by: x)
+            if overflow { return nil }
+            n = m
+        }
+        return n
+    }
+
+    /// A chunk's (and inner chunk's) size in bytes must be a number before anything is sized from it.
+    func checkChunkSizes(_ fail: (String) -> OrbaxError) throws {
+        for c in [chunks] + (innerChunks.map { [$0] } ?? []) {
+            guard let n = ZarrArray.product(c), !n.multipliedReportingOverflow(by: dtype.size).overflow else {
+                throw fail("chunk shape \(c) of \(dtype.rawValue) is too large to address")
+            }
+        }
+    }
+
+    /// How many chunks the declared grid holds; nil when that overflows.
+    var chunkCount: Int? { ZarrArray.product(grid) }
+
+    /// Checks the declared grid against the chunks the store holds before anything walks it:
+    /// metadata of a few bytes can declare 10^11 chunks, and orbax never leaves one out, so a
+    /// grid larger than the stored chunks is refused here, in time proportional to what exists.
+    func checkGrid(stored: Int, file: String) throws {
+        guard let n = chunkCount else { throw ZarrArray.fail(name, "chunk grid \(grid) has more chunks than can be counted", file: file) }
+        guard n <= stored else {
+            throw ZarrArray.fail(name, "shape \(shape) in chunks of \(chunks) makes \(n) chunks, the store holds \(stored) (orbax never leaves chunks out)", file: file)
+        }
+    }
+
+    /// Every chunk index in C order, generated as it goes (call `checkGrid` first).
+    func forEachChunkIndex(_ body: ([Int]) throws -> Void) rethrows {
         let g = grid
-        guard !g.contains(0) else { return [] }
-        var out: [[Int]] = [[]]
-        for n in g { out = out.flatMap { prefix in (0..<n).map { prefix + [$0] } } }
-        return out
+        guard !g.contains(0) else { return }
+        var index = [Int](repeating: 0, count: g.count)
+        while true {
+            try body(index)
+            var d = g.count - 1
+            while d >= 0 {
+                index[d] += 1
+                if index[d] < g[d] { break }
+                index[d] = 0
+                d -= 1
+            }
+            if d < 0 { return }
+        }
     }
 
     /// Decompresses a stored value (streaming zstd straight from the mapped file when it can).
@@ -186,11 +244,11 @@ public struct ZarrArray: Sendable {
     func validate(file: String, get: (String) throws -> KVValue?) throws {
         let chunkBytes = (innerChunks == nil ? chunks.reduce(1, *) : 1) * dtype.size
         var stored = 0
-        for index in chunkIndices {
+        try forEachChunkIndex { index in
             let key = chunkKey(index)
             guard let v = try get(key) else { throw ZarrArray.fail(name, "chunk \(key) is missing (orbax never leaves chunks out)", file: file) }
             stored += v.count
-            guard innerChunks == nil else { continue }
+            guard innerChunks == nil else { return }
             switch codec {
             case nil:
                 guard v.count == chunkBytes else { throw ZarrArray.fail(name, "chunk \(key) holds \(v.count) bytes, the chunk shape needs \(chunkBytes)", file: file) }
@@ -199,6 +257,10 @@ public struct ZarrArray: Sendable {
                 if let declared, declared != chunkBytes {
                     throw ZarrArray.fail(name, "zstd chunk \(key) declares \(declared) bytes, the chunk shape needs \(chunkBytes)", file: file)
                 }
+                // tensorstore always records the size; a frame without it gets deflate's bound.
+                guard declared != nil || v.count * 1032 + 1024 >= chunkBytes else {
+                    throw ZarrArray.fail(name, "zstd chunk \(key) (\(v.count) bytes, no size recorded) cannot hold the \(chunkBytes) its shape declares", file: file)
+                }
             case .zlib, .gzip:
                 guard v.count * 1032 + 1024 >= chunkBytes else {
                     throw ZarrArray.fail(name, "chunk \(key) (\(v.count) bytes) cannot inflate to the \(chunkBytes) its shape declares", file: file)
@@ -206,7 +268,7 @@ public struct ZarrArray: Sendable {
             }
         }
         let d = try descriptor
-        guard stored * 1032 + 1024 * max(1, chunkIndices.count) >= d.byteCount else {
+        guard stored * 1032 + 1024 * max(1, chunkCount ?? 1) >= d.byteCount else {
             throw ZarrArray.fail(name, "\(stored) stored bytes cannot hold \(dtype.rawValue)\(shape) (\(d.byteCount) bytes)", file: file)
         }
     }
@@ -229,7 +291,7 @@ public struct ZarrArray: Sendable {
         // decoded on all cores, each into its own region of `out`. Memory: the array plus one
         // chunk per core.
         var work: [(key: String, origin: [Int], value: KVValue)] = []
-        for index in chunkIndices {
+        try forEachChunkIndex { index in
             let key = chunkKey(index)
             guard let stored = try get(key) else {
                 throw ZarrArray.fail(name, "chunk \(key) is missing (orbax never leaves chunks out)", file: file)
@@ -266,8 +328,15 @@ public struct ZarrArray: Sendable {
 
     /// A v3 shard: inner chunks, then (offset u64, nbytes u64) per inner chunk and a crc32c.
     private func copyShard(_ shard: UnsafeRawBufferPointer, origin: [Int], inner: [Int], into out: AlignedBuffer, file: String, key: String) throws {
-        let perAxis = zip(chunks, inner).map { ($0 + $1 - 1) / $1 }
-        let n = perAxis.reduce(1, *)
+        let perAxis = zip(chunks, inner).map { $1 == 0 ? 0 : ($0 + $1 - 1) / $1 }
+        // The index has 16 bytes per inner chunk: a shard shorter than that cannot be what the
+        // metadata says (checked without overflow before anything is sized from it).
+        var n = 1
+        for a in perAxis {
+            let (m, overflow) = n.multipliedReportingOverflow(by: a)
+            guard !overflow, m <= shard.count / 16 else { throw ZarrArray.fail(name, "shard \(key) is shorter than its index", file: file) }
+            n = m
+        }
         let indexBytes = 16 * n + 4
         guard shard.count >= indexBytes else { throw ZarrArray.fail(name, "shard \(key) is shorter than its index", file: file) }
         let index = UnsafeRawBufferPointer(rebasing: shard[(shard.count - indexBytes)..<(shard.count - 4)])

@@ -68,27 +68,3 @@ public enum SafetensorsReader {
     }
 }
 
-/// Names in a folder, sorted, without `.` and `..`.
-public func listDirectory(_ path: String) throws -> [String] {
-    guard let d = opendir(path) else { throw IOError(.open, path: path, errno: errno) }
-    defer { closedir(d) }
-    var names: [String] = []
-    while let ent = readdir(d) {
-        let name = withUnsafePointer(to: ent.pointee.d_name) {
-            $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
-        }
-        if name != "." && name != ".." { names.append(name) }
-    }
-    return names.sorted()
-}
-
-/// A small file's bytes (indexes, configs); refuses files over `limit`.
-public func readWholeFile(_ path: String, limit: Int) throws -> [UInt8] {
-    let fd = try FileDescriptor.openForReading(path)
-    defer { fd.close() }
-    let size = try fd.regularFileSize() ?? 0
-    guard size <= limit else { throw IOError(.read, path: path, errno: EFBIG, detail: "\(size) bytes, limit \(limit)") }
-    var bytes = [UInt8](repeating: 0, count: size)
-    try bytes.withUnsafeMutableBytes { try fd.pread(into: $0, at: 0) }
-    return bytes
-}
