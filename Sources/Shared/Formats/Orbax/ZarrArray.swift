@@ -129,7 +129,7 @@ public struct ZarrArray: Sendable {
     }
 
     /// The chunk grid's size along each axis.
-    var grid: [Int] { zip(shape, chunks).map { $0.1 == 0 ? 0 : ($0.0 + $0.1 - 1) / $0.1 } }
+    var grid: [Int] { zip(shape, chunks).map { $0.1 == 0 ? 0 : $0.0 / $0.1 + ($0.0 % $0.1 == 0 ? 0 : 1) } }  // no overflow near Int.max
 
     /// Whether `key` (relative to the array) names one of its chunks: `i.j.k` in v2, `c/i/j/k` in v3.
     func isChunkKey<S: StringProtocol>(_ key: S) -> Bool {
@@ -328,7 +328,7 @@ public struct ZarrArray: Sendable {
 
     /// A v3 shard: inner chunks, then (offset u64, nbytes u64) per inner chunk and a crc32c.
     private func copyShard(_ shard: UnsafeRawBufferPointer, origin: [Int], inner: [Int], into out: AlignedBuffer, file: String, key: String) throws {
-        let perAxis = zip(chunks, inner).map { $1 == 0 ? 0 : ($0 + $1 - 1) / $1 }
+        let perAxis = zip(chunks, inner).map { $1 == 0 ? 0 : $0 / $1 + ($0 % $1 == 0 ? 0 : 1) }
         // The index has 16 bytes per inner chunk: a shard shorter than that cannot be what the
         // metadata says (checked without overflow before anything is sized from it).
         var n = 1
