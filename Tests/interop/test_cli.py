@@ -119,6 +119,28 @@ def test_bad_magic(tmp_path):
     assert_one_line_error(p, EX_DATAERR, "bad magic")
 
 
+def test_empty_input_says_so(small, tmp_path):
+    # The stage before failed without writing a byte: say that, not "bad magic".
+    out = tmp_path / "o.safetensors"
+    p = shell(f"ckpt-read {tmp_path}/missing.safetensors | ckpt-write {out}")
+    err = p.stderr.decode().strip().splitlines()
+    assert p.returncode == EX_DATAERR and len(err) == 2, err  # ckpt-read's error, then ckpt-write's
+    assert "missing.safetensors" in err[0] and "<stdin>: byte 0: the input is empty" in err[1], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("how", [["x.ckpts"], ["--format", "ckpts", "x.stream"]])
+def test_ckpt_write_saves_a_stream(small, tmp_path, how):
+    saved = tmp_path / how[-1]
+    p = run(["ckpt-write", *how[:-1], str(saved)], input=stream_of(small))
+    assert p.returncode == 0, p.stderr.decode()
+    # The saved stream reads back to the same checkpoint, byte for byte.
+    out = tmp_path / "back.safetensors"
+    assert shell(f"ckpt-read {saved} | ckpt-write {out}").returncode == 0
+    assert out.read_bytes() == small.read_bytes()
+    assert run(["ckpt-read", "--list", str(saved)], check=True).stdout.decode().splitlines()[-1].startswith("2 tensors")
+
+
 def test_existing_output_needs_force(small, tmp_path):
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"precious")
@@ -136,7 +158,7 @@ def test_missing_input_and_usage_errors(tmp_path):
     p = run(["ckpt-write", str(tmp_path / "out.xyz")], input=b"")
     assert_one_line_error(p, EX_USAGE, "--format")
     p = run(["ckpt-write", str(tmp_path / "out.bin")], input=b"")
-    assert_one_line_error(p, EX_DATAERR, "bad magic")
+    assert_one_line_error(p, EX_DATAERR, "the input is empty")
     assert not (tmp_path / "out.bin").exists()
     assert run(["ckpt-write", "--max-shard-size", "lots", str(tmp_path / "o.safetensors")], input=b"").returncode == EX_USAGE
 

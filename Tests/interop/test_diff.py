@@ -111,3 +111,30 @@ def test_across_layouts_with_rules(tmp_path, minilm):
     p = run(["ckpt-diff", "--rules", rules, minilm, str(flax)])
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.endswith(b"103 in both: 103 equal, 0 not; 0 only in A, 0 only in B: equal\n")
+
+
+def duplicate_stream(path):
+    """A stream without a manifest in which "w" appears twice (what a hand-written filter can emit)."""
+    import ckpt_stream as cs
+    with open(path, "wb") as f:
+        w = cs.StreamWriter(f, {"producer": "t", "source_format": "t"})
+        w.write(cs.Tensor("w", "F32", (2,), np.ones(2, np.float32).tobytes()))
+        w.write(cs.Tensor("w", "F32", (2,), np.ones(2, np.float32).tobytes()))
+        w.close()
+
+
+def test_a_name_twice_in_one_input_is_trouble(tmp_path):
+    dup = tmp_path / "dup.ckpts"
+    duplicate_stream(dup)
+    other = tmp_path / "w.safetensors"
+    save_file({"w": np.ones(2, np.float32)}, str(other))
+    for args, side in (([str(dup), str(other)], str(dup)), ([str(other), "-"], "<stdin>")):
+        p = run(["ckpt-diff", *args], input=dup.read_bytes() if "-" in args else None)
+        err = p.stderr.decode()
+        assert p.returncode == 2, (p.returncode, p.stdout, err)
+        assert f"{side}: tensor w: tensor name appears twice in the stream" in err, err
+        assert b"only in" not in p.stdout
+    # ckpt-write without a manifest: the same error, not blamed on a manifest.
+    p = run(["ckpt-write", str(tmp_path / "o.safetensors")], input=dup.read_bytes())
+    err = p.stderr.decode()
+    assert p.returncode == 65 and "tensor name appears twice in the stream" in err and "manifest" not in err, err

@@ -73,6 +73,6 @@ public struct DiffCommand: ParsableCommand {
             sourceA = try SliceSource(upstream: sourceA, rules: all, keepUnmatched: false)
         }
         let sourceB = try openSource(b, options: ReadOptions(), producer: "ckpt-diff")
-        return try DiffReport.build(a: sourceA, b: sourceB, rtol: rtol, atol: atol)
+        return try DiffReport.build(a: sourceA, b: sourceB, rtol: rtol, atol: atol, nameA: a == "-" ? "<stdin>" : a, nameB: b == "-" ? "<stdin>" : b)
     }
 }

@@ -86,7 +86,11 @@ public struct StreamOutputOptions: ParsableArguments {
 
     /// A stream writer on stdout or on an atomically created file.
     public func makeWriter(producer: String) throws -> StreamWriter {
-        let compression = ChunkCompression(argument: compress)!
+        try StreamOutputOptions.makeWriter(output: output, compression: ChunkCompression(argument: compress)!, force: force, producer: producer)
+    }
+
+    /// The same for a caller without these options parsed (`ckpt-write x.ckpts`).
+    public static func makeWriter(output: String, compression: ChunkCompression, force: Bool, producer: String) throws -> StreamWriter {
         if output == "-" {
             if FileDescriptor.standardOutput.isTerminal {
                 throw UsageError("refusing to write a binary stream to a terminal: redirect stdout or pipe it into another stage")

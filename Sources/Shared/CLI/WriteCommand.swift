@@ -103,10 +103,9 @@ public struct WriteCommand: ParsableCommand {
                 sink = FlaxMsgpackWriter(path: path, separator: sep, maxChunkSize: msgpackChunk.flatMap(parseByteSize) ?? FlaxMsgpack.maxChunkSize,
                                          overwrite: force, log: { if !quiet { Tool.note("ckpt-write", $0) } })
             case .ckpts:
-                var options = StreamOutputOptions()
-                options.output = path
-                options.force = force
-                sink = try options.makeWriter(producer: source.header.producer)
+                // (Not through a StreamOutputOptions made here: property wrappers of an
+                // unparsed ParsableArguments cannot be read.)
+                sink = try StreamOutputOptions.makeWriter(output: path, compression: .none, force: force, producer: source.header.producer)
             }
             try pump(from: source, to: sink, progress: progressOptions.makeProgress(label: "ckpt-write"))
         }

@@ -13,8 +13,15 @@ public struct DiffReport {
 
     public var equal: Bool { onlyInA.isEmpty && onlyInB.isEmpty && diffs.allSatisfy { $0.status == .equal } }
 
-    public static func build(a: TensorSource, b: TensorSource, rtol: Double, atol: Double) throws -> DiffReport {
+    /// A name twice in one input makes "equal" and "only in A" ambiguous: that is trouble
+    /// (a `StreamError.duplicateTensor` naming the input), not a difference.
+    public static func build(a: TensorSource, b: TensorSource, rtol: Double, atol: Double,
+                             nameA: String = "A", nameB: String = "B") throws -> DiffReport {
         var r = DiffReport()
+        var seenA = Set<String>(), seenB = Set<String>()
+        func once(_ name: String, in seen: inout Set<String>, _ source: String) throws {
+            guard seen.insert(name).inserted else { throw StreamError(.duplicateTensor, source: source, tensor: name) }
+        }
         let bNames = b.manifest.map { Set($0.map(\.name)) }
         var bByName: [String: Int] = [:]
         if let planned = b as? PlannedSource {
@@ -33,6 +40,7 @@ public struct DiffReport {
             if let bNames, !bNames.contains(name) { return nil }
             while !bDone {
                 guard let t = try b.nextTensor() else { bDone = true; break }
+                try once(t.descriptor.name, in: &seenB, nameB)
                 let buffer = AlignedBuffer(capacity: max(t.descriptor.byteCount, 1))
                 try b.readTensor(t.descriptor, into: buffer, stage: "ckpt-diff")
                 r.countB += 1
@@ -45,6 +53,7 @@ public struct DiffReport {
         while let t = try a.nextTensor() {
             r.countA += 1
             let da = t.descriptor
+            try once(da.name, in: &seenA, nameA)
             let bufferA = AlignedBuffer(capacity: max(da.byteCount, 1))
             try a.readTensor(da, into: bufferA, stage: "ckpt-diff")
             guard let (db, bufferB) = try fromB(da.name) else {
@@ -64,6 +73,7 @@ public struct DiffReport {
         } else {
             r.onlyInB = bHeld.keys.sorted()
             while !bDone, let t = try b.nextTensor() {
+                try once(t.descriptor.name, in: &seenB, nameB)
                 r.countB += 1
                 r.onlyInB.append(t.descriptor.name)
                 while try b.nextChunk() != nil {}

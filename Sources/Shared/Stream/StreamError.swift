@@ -2,6 +2,8 @@
 /// the stream's name, the byte offset of the frame at fault and the tensor it belongs to.
 public struct StreamError: CkptError, Equatable {
     public enum Reason: Equatable, Sendable {
+        /// Not one byte arrived (the stage before failed before it wrote anything).
+        case empty
         case badMagic
         case unsupportedVersion(major: UInt16, minor: UInt16)
         case nonZeroReserved(String)
@@ -23,6 +25,8 @@ public struct StreamError: CkptError, Equatable {
         case tensorCRCMismatch(expected: UInt32, actual: UInt32)
         case tensorLengthMismatch(declared: UInt64, received: UInt64)
         case manifestMismatch(String)
+        /// Two tensors of one stream have the same name (a stream without a manifest can).
+        case duplicateTensor
         case endMismatch(String)
         case trailingData
     }
@@ -50,6 +54,7 @@ public struct StreamError: CkptError, Equatable {
 
     private var reasonText: String {
         switch reason {
+        case .empty: return "the input is empty: no stream arrived (did the stage before this one fail?)"
         case .badMagic: return "not a ckpt stream (bad magic)"
         case .unsupportedVersion(let major, let minor):
             return "ckpt stream version \(major).\(minor) is not supported (this build reads 1.x)"
@@ -75,6 +80,7 @@ public struct StreamError: CkptError, Equatable {
             return "crc32 mismatch: tensor-end frame says \(hex(e)), data gives \(hex(a))"
         case .tensorLengthMismatch(let d, let r): return "tensor declares \(d) bytes but \(r) arrived"
         case .manifestMismatch(let s): return "stream contradicts its manifest: \(s)"
+        case .duplicateTensor: return "tensor name appears twice in the stream"
         case .endMismatch(let s): return "end frame does not match the stream: \(s)"
         case .trailingData: return "data after the end frame"
         }

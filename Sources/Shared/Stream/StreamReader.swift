@@ -64,6 +64,7 @@ public final class StreamReader: DirectChunkSource {
 
         let pre = try input.read(StreamFormat.preambleSize)
         if pre.count < StreamFormat.preambleSize {
+            if pre.isEmpty { throw StreamError(.empty, source: source, offset: 0) }
             if pre.count >= 8 && Array(pre[0..<8]) == StreamFormat.magic {
                 throw StreamError(.truncated(inside: "the preamble"), source: source, offset: pre.count)
             }
