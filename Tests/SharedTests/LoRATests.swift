@@ -139,7 +139,7 @@ private func bytes(_ a: [Float]) -> [UInt8] { a.withUnsafeBytes { [UInt8]($0) } 
         #expect(worst < 1e-5, "max error \(worst)")
         // And streamed through in uneven chunks, the same bits.
         if m.inOrder {
-            let s = StreamingMerge(m, left: left, right: right, baseType: .f32, outputType: .f32, name: "w")
+            let s = try StreamingMerge(m, left: left, right: right, baseType: .f32, outputType: .f32, name: "w")
             var streamed: [UInt8] = []
             let raw = bytes(w)
             var at = 0, step = 1

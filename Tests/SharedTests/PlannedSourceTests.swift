@@ -18,7 +18,7 @@ private final class MakeLog: @unchecked Sendable {
         usleep(20_000)  // long enough that a tensor made ahead overlaps this one
         lock.withLock { running -= 1 }
         if fail { throw OrbaxError("made to fail", file: "test", tensor: "t\(i)") }
-        let b = AlignedBuffer(capacity: bytes)
+        let b = try AlignedBuffer(capacity: bytes)
         b.count = bytes
         for k in 0..<bytes { b.pointer.storeBytes(of: UInt8(truncatingIfNeeded: i &* 31 &+ k), toByteOffset: k, as: UInt8.self) }
         return b

@@ -7,6 +7,7 @@ public enum SysExit: Int32, Sendable {
     case noInput = 66      // EX_NOINPUT: an input file is missing or unreadable
     case unavailable = 69  // EX_UNAVAILABLE: the feature is not available (yet)
     case software = 70     // EX_SOFTWARE: an internal invariant failed
+    case osError = 71      // EX_OSERR: the system refused a resource (memory)
     case cantCreate = 73   // EX_CANTCREAT: an output cannot be created
     case ioError = 74      // EX_IOERR: reading or writing failed
 }

@@ -25,6 +25,10 @@ public enum Tool {
     /// process quietly by SIGPIPE, as `cat` does, after partial outputs are removed.
     public static func run(_ name: String, _ body: () throws -> Void) throws {
         signal(SIGPIPE, SIG_IGN)
+        // Past a file-size limit (ulimit -f, quotas, schedulers) a write fails with EFBIG,
+        // reported like a full disk, instead of SIGXFSZ killing the process before it can
+        // remove its temporary files.
+        signal(SIGXFSZ, SIG_IGN)
         do {
             try body()
         } catch let e as IOError where e.errno == EPIPE && e.path == FileDescriptor.standardOutput.path {

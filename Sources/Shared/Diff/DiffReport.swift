@@ -41,7 +41,7 @@ public struct DiffReport {
             while !bDone {
                 guard let t = try b.nextTensor() else { bDone = true; break }
                 try once(t.descriptor.name, in: &seenB, nameB)
-                let buffer = AlignedBuffer(capacity: max(t.descriptor.byteCount, 1))
+                let buffer = try AlignedBuffer(capacity: max(t.descriptor.byteCount, 1))
                 try b.readTensor(t.descriptor, into: buffer, stage: "ckpt-diff")
                 r.countB += 1
                 if t.descriptor.name == name { return (t.descriptor, buffer) }
@@ -54,7 +54,7 @@ public struct DiffReport {
             r.countA += 1
             let da = t.descriptor
             try once(da.name, in: &seenA, nameA)
-            let bufferA = AlignedBuffer(capacity: max(da.byteCount, 1))
+            let bufferA = try AlignedBuffer(capacity: max(da.byteCount, 1))
             try a.readTensor(da, into: bufferA, stage: "ckpt-diff")
             guard let (db, bufferB) = try fromB(da.name) else {
                 r.onlyInA.append(da.name)

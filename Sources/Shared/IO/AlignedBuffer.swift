@@ -21,9 +21,9 @@ public final class AlignedBuffer: @unchecked Sendable {
     /// undefined): large ones come from recently released mappings of a similar size when there
     /// are some, since a fresh page costs a fault and zeroing (and on a VM far more).
     /// `pageAligned`: mapped even when small (direct I/O needs page-aligned memory).
-    public static func reusable(capacity: Int, pageAligned: Bool = false) -> AlignedBuffer {
+    public static func reusable(capacity: Int, pageAligned: Bool = false) throws -> AlignedBuffer {
         guard capacity >= mapThreshold, let (p, size) = MappingCache.shared.take(capacity) else {
-            let b = AlignedBuffer(capacity: capacity, mapped: pageAligned)
+            let b = try AlignedBuffer(capacity: capacity, mapped: pageAligned)
             b.cached = capacity >= mapThreshold  // smaller ones could never be taken back
             return b
         }
@@ -39,22 +39,29 @@ public final class AlignedBuffer: @unchecked Sendable {
     }
 
     /// `mapped`: page-aligned mapping whatever the size (large buffers always are).
-    public init(capacity: Int, mapped map: Bool = false) {
+    /// Throws `AllocationError` when the system refuses the memory (exit 71): a size that
+    /// came from a file must never end the process in a trap.
+    public init(capacity: Int, mapped map: Bool = false) throws {
+        guard capacity >= 0 else { throw AllocationError(bytes: capacity, errno: EINVAL) }
         self.capacity = capacity
         if capacity >= AlignedBuffer.mapThreshold || map {
             MappingCache.shared.willMap(capacity)
             let p = mmap(nil, capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-            precondition(p != nil && p != MAP_FAILED, "out of memory mapping \(capacity) bytes")
+            guard let p, p != MAP_FAILED else {
+                let e = errno
+                MappingCache.shared.didUnmap(capacity)
+                throw AllocationError(bytes: capacity, errno: e)
+            }
             // Transparent huge pages where the system offers them on request: a 2 MiB fault
             // instead of 512 small ones (on a VM each costs a trip to the hypervisor).
             if capacity >= AlignedBuffer.hugePageThreshold { _ = madvise(p, capacity, MADV_HUGEPAGE) }
-            pointer = p!
+            pointer = p
             mapped = true
         } else {
             var p: UnsafeMutableRawPointer?
             let rc = posix_memalign(&p, 64, max(capacity, 64))
-            precondition(rc == 0 && p != nil, "out of memory allocating \(capacity) bytes")
-            pointer = p!
+            guard rc == 0, let p else { throw AllocationError(bytes: capacity, errno: rc) }
+            pointer = p
             mapped = false
         }
     }
@@ -93,12 +100,12 @@ public final class BufferPool: @unchecked Sendable {
     }
 
     /// A buffer of at least `minimum` bytes (the pool's size unless more is asked for).
-    public func take(minimum: Int = 0) -> AlignedBuffer {
+    public func take(minimum: Int = 0) throws -> AlignedBuffer {
         if minimum <= bufferSize, let b = lock.withLock({ free.popLast() }) {
             b.count = 0
             return b
         }
-        return AlignedBuffer(capacity: max(bufferSize, minimum))
+        return try AlignedBuffer(capacity: max(bufferSize, minimum))
     }
 
     public func give(_ b: AlignedBuffer) {
@@ -196,5 +203,24 @@ final class MappingCache: @unchecked Sendable {
         }
         for m in evicted { munmap(m.pointer, m.size) }
         return true
+    }
+}
+
+/// Memory the system would not give (mmap or posix_memalign failed): EX_OSERR, one line.
+public struct AllocationError: CkptError, Equatable {
+    public var bytes: Int
+    public var errno: Int32
+    /// The tensor the memory was for, where the caller knows it.
+    public var tensor: String?
+
+    public init(bytes: Int, errno: Int32, tensor: String? = nil) {
+        self.bytes = bytes
+        self.errno = errno
+        self.tensor = tensor
+    }
+
+    public var exitStatus: SysExit { .osError }
+    public var description: String {
+        (tensor.map { "tensor \($0): " } ?? "") + "cannot allocate \(bytes) bytes: \(String(cString: strerror(errno)))"
     }
 }

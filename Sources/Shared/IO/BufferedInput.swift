@@ -10,9 +10,9 @@ public final class BufferedInput {
     /// Bytes consumed so far, i.e. the offset of the next byte.
     public private(set) var offset = 0
 
-    public init(_ descriptor: FileDescriptor, bufferSize: Int = 1 << 16) {
+    public init(_ descriptor: FileDescriptor, bufferSize: Int = 1 << 16) throws {
         self.descriptor = descriptor
-        buffer = AlignedBuffer(capacity: bufferSize)
+        buffer = try AlignedBuffer(capacity: bufferSize)
         descriptor.enlargePipeBuffer()
     }
 

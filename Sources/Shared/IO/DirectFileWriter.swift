@@ -86,7 +86,7 @@ public final class DirectFileWriter {
         var done = 0
         while done < bytes.count {
             if current == nil {
-                current = spare ?? AlignedBuffer.reusable(capacity: windowSize, pageAligned: true)
+                current = try spare ?? AlignedBuffer.reusable(capacity: windowSize, pageAligned: true)
                 spare = nil
             }
             let n = min(bytes.count - done, windowSize - filled)

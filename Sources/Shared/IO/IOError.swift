@@ -26,7 +26,8 @@ public struct IOError: CkptError, Equatable {
     }
 
     public var description: String {
-        let reason = String(cString: strerror(errno))
+        var reason = String(cString: strerror(errno))
+        if errno == EFBIG { reason += " (past a file-size limit such as ulimit -f, or the file system's largest file)" }
         if let detail { return "\(path): \(operation.rawValue) failed: \(reason) (\(detail))" }
         return "\(path): \(operation.rawValue) failed: \(reason)"
     }

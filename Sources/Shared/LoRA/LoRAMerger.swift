@@ -128,12 +128,12 @@ public final class LoRAMerger: TensorSource {
         adapters[d.name] = (d, bytes)
     }
 
-    private func takeBuffer(_ size: Int) -> AlignedBuffer {
+    private func takeBuffer(_ size: Int) throws -> AlignedBuffer {
         if let s = spare, s.capacity >= size {
             spare = nil
             return s
         }
-        return AlignedBuffer(capacity: max(size, 1))
+        return try AlignedBuffer(capacity: max(size, 1))
     }
 
     private func recycle(_ b: AlignedBuffer) {
@@ -142,7 +142,7 @@ public final class LoRAMerger: TensorSource {
 
     /// The whole current upstream tensor, in a recycled buffer.
     private func readWhole(_ d: TensorDescriptor) throws -> AlignedBuffer {
-        let buffer = takeBuffer(d.byteCount)
+        let buffer = try takeBuffer(d.byteCount)
         try upstream.readTensor(d, into: buffer, stage: "lora-merge")
         return buffer
     }
@@ -211,7 +211,7 @@ public final class LoRAMerger: TensorSource {
             }
             for a in left.adapters {
                 let (d, bytes) = adapters[a.name]!
-                let buffer = AlignedBuffer(capacity: max(bytes.count, 1))
+                let buffer = try AlignedBuffer(capacity: max(bytes.count, 1))
                 bytes.withUnsafeBytes { buffer.pointer.copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
                 buffer.count = bytes.count
                 rest.append((TensorHeader(d), buffer))
@@ -252,7 +252,7 @@ public final class LoRAMerger: TensorSource {
                                 plan: LoRAModulePlan) throws -> StreamingMerge {
         let (left, right) = factors(parts, plan: plan)
         account(parts, output: output, plan: plan)
-        return StreamingMerge(plan.merge, left: left, right: right, baseType: base.dtype, outputType: output.dtype, name: base.name)
+        return try StreamingMerge(plan.merge, left: left, right: right, baseType: base.dtype, outputType: output.dtype, name: base.name)
     }
 
     /// Merges one module whole (DoRA, or a weight whose axes are not in batch-rows-columns
@@ -260,7 +260,7 @@ public final class LoRAMerger: TensorSource {
     private func merge(base: TensorDescriptor, data: AlignedBuffer, parts: [LoRAPart: TensorDescriptor],
                        output: TensorDescriptor, plan: LoRAModulePlan) throws -> Current {
         let (left, right) = factors(parts, plan: plan)
-        let out = output.dtype == base.dtype ? data : takeBuffer(output.byteCount)
+        let out = output.dtype == base.dtype ? data : try takeBuffer(output.byteCount)
         out.count = output.byteCount
         let magnitude = parts[.magnitude].map { (floats($0.name), plan.magnitudeAxis!) }
         let started = DispatchTime.now()

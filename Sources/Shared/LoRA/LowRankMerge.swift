@@ -311,7 +311,7 @@ public final class StreamingMerge {
     public private(set) var drift = MergeDrift()
     public private(set) var seconds: Double = 0
 
-    public init(_ merge: LowRankMerge, left: [Float], right: [Float], baseType: DType, outputType: DType, name: String) {
+    public init(_ merge: LowRankMerge, left: [Float], right: [Float], baseType: DType, outputType: DType, name: String) throws {
         precondition(merge.inOrder, "streaming needs W in [batch][rows][cols] order")
         self.merge = merge
         self.left = left
@@ -321,9 +321,9 @@ public final class StreamingMerge {
         self.name = name
         rowIn = merge.cols * baseType.size
         rowOut = merge.cols * outputType.size
-        staging = AlignedBuffer(capacity: max(1, StreamFormat.defaultChunkSize + rowIn))
+        staging = try AlignedBuffer(capacity: max(1, StreamFormat.defaultChunkSize + rowIn))
         let outBytes = max(1, (StreamFormat.defaultChunkSize / max(rowIn, 1) + 1) * rowOut)
-        outputs = [AlignedBuffer(capacity: outBytes), AlignedBuffer(capacity: outBytes)]
+        outputs = [try AlignedBuffer(capacity: outBytes), try AlignedBuffer(capacity: outBytes)]
         workers = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
     }
 
@@ -331,9 +331,9 @@ public final class StreamingMerge {
 
     /// Takes the next chunk of the base; returns the merged rows it completed (possibly none),
     /// valid until the call after the next.
-    public func take(_ chunk: UnsafeRawBufferPointer) throws(LoRAError) -> UnsafeRawBufferPointer {
+    public func take(_ chunk: UnsafeRawBufferPointer) throws -> UnsafeRawBufferPointer {
         if staged + chunk.count > staging.capacity {
-            let bigger = AlignedBuffer(capacity: staged + chunk.count)
+            let bigger = try AlignedBuffer(capacity: staged + chunk.count)
             bigger.pointer.copyMemory(from: staging.pointer, byteCount: staged)
             staging = bigger
         }
@@ -342,7 +342,7 @@ public final class StreamingMerge {
         let rows = rowIn == 0 ? 0 : staged / rowIn
         guard rows > 0 else { return UnsafeRawBufferPointer(start: outputs[flip].pointer, count: 0) }
         flip ^= 1
-        if rows * rowOut > outputs[flip].capacity { outputs[flip] = AlignedBuffer(capacity: rows * rowOut) }
+        if rows * rowOut > outputs[flip].capacity { outputs[flip] = try AlignedBuffer(capacity: rows * rowOut) }
         let output = outputs[flip]
         let started = DispatchTime.now()
         try mergeRows(rows, into: output)

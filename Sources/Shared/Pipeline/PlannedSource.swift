@@ -124,7 +124,11 @@ public final class PlannedSource: FileBackedSource {
             // Start the next ones first, so they are made while this one is.
             let job = ahead.removeValue(forKey: index)
             scheduleAhead(after: index, holding: currentLength)
-            let buffer = try job?.wait() ?? make()
+            let buffer: AlignedBuffer
+            do { buffer = try job?.wait() ?? make() } catch var e as AllocationError {
+                e.tensor = t.descriptor.name  // which tensor asked for the memory
+                throw e
+            }
             guard buffer.count == currentLength else {
                 throw StreamError(.tensorLengthMismatch(declared: UInt64(currentLength), received: UInt64(buffer.count)),
                                   source: header.sourceFormat, tensor: t.descriptor.name)
@@ -145,13 +149,13 @@ public final class PlannedSource: FileBackedSource {
         let n = t.descriptor.byteCount
         switch data {
         case .mapped(let f, let offset):
-            let out = AlignedBuffer(capacity: max(n, 1))
+            let out = try AlignedBuffer(capacity: max(n, 1))
             out.pointer.copyMemory(from: f.bytes(at: offset, count: n).baseAddress ?? UnsafeRawPointer(out.pointer), byteCount: n)
             f.drop(offset: offset, count: n)
             out.count = n
             return out
         case .segments(let f, let pieces):
-            let out = AlignedBuffer(capacity: max(n, 1))
+            let out = try AlignedBuffer(capacity: max(n, 1))
             var at = 0
             for (offset, count) in pieces {
                 if count > 0 { (out.pointer + at).copyMemory(from: f.bytes(at: offset, count: count).baseAddress!, byteCount: count) }
@@ -161,7 +165,7 @@ public final class PlannedSource: FileBackedSource {
             out.count = at
             return out
         case .streamed(let make):
-            let out = AlignedBuffer(capacity: max(n, 1))
+            let out = try AlignedBuffer(capacity: max(n, 1))
             let producer = try make()
             out.count = try producer.produce(into: UnsafeMutableRawBufferPointer(start: out.pointer, count: n))
             guard out.count == n else {
@@ -239,7 +243,7 @@ private final class StreamedTensor {
         self.name = name
         self.source = source
         if length == 0 { try producer.finish() }  // no chunk will ask: the data must be empty
-        start()
+        try start()
     }
 
     deinit {
@@ -247,11 +251,11 @@ private final class StreamedTensor {
         if let handedOut { pool.give(handedOut) }
     }
 
-    private func start() {
+    private func start() throws {
         guard requested < length else { return }
         let n = min(chunkSize, length - requested)
+        let job = ProduceJob(producer: producer, buffer: try pool.take(minimum: n), count: n, last: requested + n == length)
         requested += n
-        let job = ProduceJob(producer: producer, buffer: pool.take(minimum: n), count: n, last: requested == length)
         pending = job
         queue.async { job.execute() }
     }
@@ -267,7 +271,7 @@ private final class StreamedTensor {
                               source: source, tensor: name)
         }
         handedOut = job.buffer
-        start()
+        try start()
         return UnsafeRawBufferPointer(start: job.buffer.pointer, count: job.count)
     }
 }

@@ -37,7 +37,7 @@ public final class Spool {
     /// Copies a spooled tensor's bytes to places in other files, in order.
     public func copy(_ index: Int, to places: [(descriptor: FileDescriptor, offset: Int, count: Int)]) throws {
         let (d, from) = tensors[index]
-        let buffer = AlignedBuffer(capacity: min(max(d.byteCount, 1), 8 << 20))
+        let buffer = try AlignedBuffer(capacity: min(max(d.byteCount, 1), 8 << 20))
         defer { withExtendedLifetime(buffer) {} }
         var src = from
         for place in places {

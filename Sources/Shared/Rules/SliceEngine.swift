@@ -49,7 +49,7 @@ public final class SliceSource: TensorSource {
     private var position = 0
     /// Bytes of an element split across upstream chunks, and the converted chunk.
     private var carry: [UInt8] = []
-    private var converted = AlignedBuffer(capacity: 1)
+    private var converted: AlignedBuffer?
 
     /// With `cast`, every float output is cast to it at the end (`ckpt-slice --cast`).
     private let cast: DType?
@@ -154,7 +154,7 @@ public final class SliceSource: TensorSource {
     }
 
     private func readWhole(_ d: TensorDescriptor) throws -> AlignedBuffer {
-        let buffer = AlignedBuffer.reusable(capacity: max(d.byteCount, 1))
+        let buffer = try AlignedBuffer.reusable(capacity: max(d.byteCount, 1))
         try upstream.readTensor(d, into: buffer, stage: "ckpt-slice")
         return buffer
     }
@@ -170,7 +170,7 @@ public final class SliceSource: TensorSource {
             data = held.removeValue(forKey: g.inputs[0].name)!
         } else {
             let part = g.inputs[0].byteCount
-            data = AlignedBuffer.reusable(capacity: max(part * g.inputs.count, 1))
+            data = try AlignedBuffer.reusable(capacity: max(part * g.inputs.count, 1))
             data.count = part * g.inputs.count
             for (i, d) in g.inputs.enumerated() {
                 let b = held.removeValue(forKey: d.name)!
@@ -183,14 +183,14 @@ public final class SliceSource: TensorSource {
             case .rearrange(let r):
                 let b: Rearrange.Bound
                 do { b = try r.bind(shape) } catch { throw fail(error.description) }
-                data = SliceSource.gather(data, dtype.size, offset: 0, shape: b.axes.map(\.size), strides: b.axes.map(\.stride))
+                data = try SliceSource.gather(data, dtype.size, offset: 0, shape: b.axes.map(\.size), strides: b.axes.map(\.stride))
                 shape = b.outputShape
             case .index(let items):
                 let v = try IndexView(items, shape: shape)
-                data = SliceSource.gather(data, dtype.size, offset: v.offset, shape: v.shape, strides: v.strides)
+                data = try SliceSource.gather(data, dtype.size, offset: v.offset, shape: v.shape, strides: v.strides)
                 shape = v.shape
             case .cast, .castFloats, .scale, .add:
-                (data, dtype) = SliceSource.elementwise(op, data, dtype, count: count)
+                (data, dtype) = try SliceSource.elementwise(op, data, dtype, count: count)
             case .where: break
             case .mul:
                 guard let operand = g.operands[k] else { continue }  // mul? without its operand
@@ -207,13 +207,13 @@ public final class SliceSource: TensorSource {
             queue.append((TensorHeader(g.outputs[0]), data))
             return
         }
-        for (out, b) in zip(g.outputs, SliceSource.unstack(data, dtype.size, shape: shape, axes: g.unstackAxes)) {
+        for (out, b) in zip(g.outputs, try SliceSource.unstack(data, dtype.size, shape: shape, axes: g.unstackAxes)) {
             queue.append((TensorHeader(out), b))
         }
     }
 
     /// One tensor per index of the `axes` (positions in `shape`), in row-major order over them.
-    static func unstack(_ data: AlignedBuffer, _ elementSize: Int, shape: [Int], axes: [Int]) -> [AlignedBuffer] {
+    static func unstack(_ data: AlignedBuffer, _ elementSize: Int, shape: [Int], axes: [Int]) throws -> [AlignedBuffer] {
         guard !axes.isEmpty else { return [data] }
         guard axes.allSatisfy({ shape[$0] > 0 }) else { return [] }
         var strides = [Int](repeating: 1, count: shape.count)
@@ -222,7 +222,7 @@ public final class SliceSource: TensorSource {
         var out: [AlignedBuffer] = []
         var cursor = StridedCursor(shape: axes.map { shape[$0] }, step: axes.map { strides[$0] })
         repeat {
-            out.append(gather(data, elementSize, offset: cursor.offset, shape: keptAxes.map { shape[$0] }, strides: keptAxes.map { strides[$0] }))
+            out.append(try gather(data, elementSize, offset: cursor.offset, shape: keptAxes.map { shape[$0] }, strides: keptAxes.map { strides[$0] }))
         } while cursor.advance(axes: axes.count)
         return out
     }
@@ -233,7 +233,7 @@ public final class SliceSource: TensorSource {
         let g = st.group
         func fail(_ m: String) -> RuleError { RuleError(m, file: g.rule.file, line: g.rule.line) }
         let need = st.sliceBytes
-        let slice = AlignedBuffer.reusable(capacity: max(need, 1))
+        let slice = try AlignedBuffer.reusable(capacity: max(need, 1))
         var have = min(st.leftover.count, need)
         st.leftover.withUnsafeBytes { if have > 0 { slice.pointer.copyMemory(from: $0.baseAddress!, byteCount: have) } }
         st.leftover.removeFirst(have)
@@ -250,23 +250,23 @@ public final class SliceSource: TensorSource {
         slice.count = need
         let b: Rearrange.Bound
         do { b = try st.per.bind(st.sliceShape) } catch { throw fail(error.description) }
-        var data = SliceSource.gather(slice, st.dtype.size, offset: 0, shape: b.axes.map(\.size), strides: b.axes.map(\.stride))
+        var data = try SliceSource.gather(slice, st.dtype.size, offset: 0, shape: b.axes.map(\.size), strides: b.axes.map(\.stride))
         var dtype = st.dtype
         let count = b.outputShape.reduce(1, *)
         for op in g.ops {
-            (data, dtype) = SliceSource.elementwise(op, data, dtype, count: count)  // the rearrange was done above
+            (data, dtype) = try SliceSource.elementwise(op, data, dtype, count: count)  // the rearrange was done above
         }
-        return SliceSource.unstack(data, dtype.size, shape: b.outputShape, axes: g.unstackAxes.dropFirst().map { $0 - 1 })
+        return try SliceSource.unstack(data, dtype.size, shape: b.outputShape, axes: g.unstackAxes.dropFirst().map { $0 - 1 })
     }
 
     /// Applies an element-wise op (cast, scale, add; others pass): the new data and type.
-    static func elementwise(_ op: SliceOp, _ data: AlignedBuffer, _ dtype: DType, count: Int) -> (AlignedBuffer, DType) {
+    static func elementwise(_ op: SliceOp, _ data: AlignedBuffer, _ dtype: DType, count: Int) throws -> (AlignedBuffer, DType) {
         switch op {
         case .castFloats(let to):
             guard SliceCast.supported(from: dtype), dtype != to else { break }
-            return elementwise(.cast(to), data, dtype, count: count)
+            return try elementwise(.cast(to), data, dtype, count: count)
         case .cast(let to):
-            let out = AlignedBuffer.reusable(capacity: max(count * to.size, 1))
+            let out = try AlignedBuffer.reusable(capacity: max(count * to.size, 1))
             out.count = count * to.size
             SliceCast.convert(data.pointer, from: dtype, count: count, into: out.pointer, to: to)
             return (out, to)
@@ -278,9 +278,9 @@ public final class SliceSource: TensorSource {
     }
 
     /// A strided view of `source` (element strides) made contiguous.
-    static func gather(_ source: AlignedBuffer, _ elementSize: Int, offset: Int, shape: [Int], strides: [Int]) -> AlignedBuffer {
+    static func gather(_ source: AlignedBuffer, _ elementSize: Int, offset: Int, shape: [Int], strides: [Int]) throws -> AlignedBuffer {
         let count = shape.reduce(1, *)
-        let out = AlignedBuffer.reusable(capacity: max(count * elementSize, 1))
+        let out = try AlignedBuffer.reusable(capacity: max(count * elementSize, 1))
         out.count = count * elementSize
         withExtendedLifetime(source) {
             StridedCopy.gather(from: UnsafeRawPointer(source.pointer), elementSize: elementSize, offset: offset, shape: shape, stride: strides, into: out.pointer)
@@ -309,17 +309,17 @@ public final class SliceSource: TensorSource {
                     continue
                 }
                 // The carried bytes, then the chunk up to the last whole element: one copy.
-                var data = AlignedBuffer.reusable(capacity: n * from.size)
+                var data = try AlignedBuffer.reusable(capacity: n * from.size)
                 data.count = n * from.size
                 carry.withUnsafeBytes { if !$0.isEmpty { data.pointer.copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
                 let used = n * from.size - carry.count
                 (data.pointer + carry.count).copyMemory(from: chunk.baseAddress!, byteCount: used)
                 carry = Array(chunk[used...])
                 var dtype = from
-                for op in ops { (data, dtype) = SliceSource.elementwise(op, data, dtype, count: n) }
+                for op in ops { (data, dtype) = try SliceSource.elementwise(op, data, dtype, count: n) }
                 precondition(dtype == to)
-                converted = data
-                return UnsafeRawBufferPointer(start: converted.pointer, count: n * to.size)
+                converted = data  // kept until the next chunk is asked for
+                return UnsafeRawBufferPointer(start: data.pointer, count: n * to.size)
             }
             guard carry.isEmpty else {
                 throw StreamError(.tensorLengthMismatch(declared: 0, received: UInt64(carry.count)), source: "ckpt-slice")

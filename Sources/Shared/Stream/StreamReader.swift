@@ -55,7 +55,7 @@ public final class StreamReader: DirectChunkSource {
     private let verifications = OrderedWork<RegionCRCJob>(window: 2)
 
     public init(_ descriptor: FileDescriptor) throws {
-        input = BufferedInput(descriptor)
+        input = try BufferedInput(descriptor)
         source = descriptor.path
         decoder = FrameDecoder(source: descriptor.path)
         lookahead = OrderedWork<ChunkJob>.cores + 1
@@ -125,7 +125,7 @@ public final class StreamReader: DirectChunkSource {
             heldChunk = job
             return job.result.bytes
         case .rawChunk(let ch, let bodyLength, let at):
-            let buffer = rawPool.take(minimum: Int(ch.rawLength))
+            let buffer = try rawPool.take(minimum: Int(ch.rawLength))
             try readRawData(ch, bodyLength: bodyLength, at: at, tensor: tensor.name,
                             into: UnsafeMutableRawBufferPointer(start: buffer.pointer, count: Int(ch.rawLength)))
             buffer.count = Int(ch.rawLength)
@@ -189,7 +189,7 @@ public final class StreamReader: DirectChunkSource {
             } catch let e as IOError where e.errno == EINVAL {
                 // This file system does not take splice: copy through memory from now on.
                 canSplice = false
-                let rest = rawPool.take(minimum: n)
+                let rest = try rawPool.take(minimum: n)
                 defer { rawPool.give(rest) }
                 moved = try input.read(into: UnsafeMutableRawBufferPointer(start: rest.pointer, count: n - buffered.count))
                 try fd.pwriteAll(UnsafeRawBufferPointer(start: rest.pointer, count: moved), at: offset + buffered.count)
@@ -424,7 +424,7 @@ public final class StreamReader: DirectChunkSource {
             rawChunkPending = true
             return .rawChunk(ch, bodyLength: fh.bodyLength, offset: at)
         }
-        let packed = packedPool.take(minimum: ch.storedLength)
+        let packed = try packedPool.take(minimum: ch.storedLength)
         let got = try input.read(into: UnsafeMutableRawBufferPointer(start: packed.pointer, count: ch.storedLength))
         guard got == ch.storedLength else {
             packedPool.give(packed)
@@ -432,7 +432,7 @@ public final class StreamReader: DirectChunkSource {
         }
         packed.count = got
         try StreamReader.skipPadding(input, decoder, after: StreamFormat.frameHeaderSize + Int(fh.bodyLength), at: at, kind: "chunk")
-        let job = ChunkJob(codec: ch.codec, packed: packed, output: rawPool.take(minimum: Int(ch.rawLength)), rawLength: Int(ch.rawLength),
+        let job = ChunkJob(codec: ch.codec, packed: packed, output: try rawPool.take(minimum: Int(ch.rawLength)), rawLength: Int(ch.rawLength),
                            storedCRC: ch.crc, tensorOffset: ch.offset, frameOffset: at, tensor: tensor.name, source: source,
                            shuffleWidth: ch.shuffleWidth)
         work.submit(job)
@@ -503,7 +503,7 @@ final class ChunkJob: Job, @unchecked Sendable {
         if shuffleWidth > 1 {
             // The compressed bytes are no longer needed: unshuffle into their buffer when it is
             // large enough (it is for our own writers' chunks), so no third buffer is held.
-            let target = packed.capacity >= rawLength ? packed : AlignedBuffer(capacity: rawLength)
+            let target = packed.capacity >= rawLength ? packed : try AlignedBuffer(capacity: rawLength)
             ByteShuffle.unshuffle(output.bytes, into: target.whole, width: shuffleWidth)
             target.count = rawLength
             result = target

@@ -99,14 +99,14 @@ public final class StreamWriter: SpliceAwareSink {
                 // copying saves a buffer per job. The CRC is of the bytes as they are.
                 let crc = CRC32.checksum(piece)
                 let width = ByteShuffle.width(for: d.dtype)
-                let raw = rawPool.take()
+                let raw = try rawPool.take()
                 if width > 1 {
                     ByteShuffle.shuffle(piece, into: raw.whole, width: width)
                 } else {
                     raw.pointer.copyMemory(from: piece.baseAddress!, byteCount: n)
                 }
                 raw.count = n
-                work.submit(CompressJob(offset: tensorOffset, raw: raw, packed: packedPool.take(), level: level,
+                work.submit(CompressJob(offset: tensorOffset, raw: raw, packed: try packedPool.take(), level: level,
                                         shuffleWidth: width > 1 ? width : 0, crc: crc))
             }
             tensorOffset += n

@@ -226,7 +226,7 @@ public enum NumPyReader {
                     }
                     plan.append((TensorHeader(d), .materialized {
                         let member = try zip.read(e)
-                        return withExtendedLifetime(member) { convert(UnsafeRawBufferPointer(rebasing: member.bytes[h.dataOffset...]), h, d) }
+                        return try withExtendedLifetime(member) { try convert(UnsafeRawBufferPointer(rebasing: member.bytes[h.dataOffset...]), h, d) }
                     }))
                 }
             }
@@ -244,12 +244,12 @@ public enum NumPyReader {
             throw NumPyError(message: "\(available - d.byteCount) bytes after the array's data", file: file, tensor: name)
         }
         if !h.fortranOrder && !h.bigEndian { return (TensorHeader(d), .mapped(mapped.0, offset: mapped.1)) }
-        return (TensorHeader(d), .materialized { convert(data(), h, d) })
+        return (TensorHeader(d), .materialized { try convert(data(), h, d) })
     }
 
     /// Fortran order → C order (a strided gather), big-endian → little-endian.
-    static func convert(_ data: UnsafeRawBufferPointer, _ h: NpyHeader, _ d: TensorDescriptor) -> AlignedBuffer {
-        let out = AlignedBuffer(capacity: max(d.byteCount, 1))
+    static func convert(_ data: UnsafeRawBufferPointer, _ h: NpyHeader, _ d: TensorDescriptor) throws -> AlignedBuffer {
+        let out = try AlignedBuffer(capacity: max(d.byteCount, 1))
         out.count = d.byteCount
         guard d.byteCount > 0 else { return out }
         if h.fortranOrder {

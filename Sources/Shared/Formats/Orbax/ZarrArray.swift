@@ -203,7 +203,7 @@ public struct ZarrArray: Sendable {
     /// Decompresses a stored value (streaming zstd straight from the mapped file when it can).
     func decode(_ value: KVValue, count: Int, file: String) throws -> AlignedBuffer {
         if codec == .zstd, case .file(let f, let o, let n) = value {
-            let out = AlignedBuffer.reusable(capacity: max(count, 1))  // decompression fills all of it
+            let out = try AlignedBuffer.reusable(capacity: max(count, 1))  // decompression fills all of it
             out.count = count
             do {
                 try ZstdCodec.decompress(f, offset: o, count: n, into: UnsafeMutableRawBufferPointer(start: out.pointer, count: count))
@@ -215,7 +215,7 @@ public struct ZarrArray: Sendable {
 
     /// Decompresses a stored value that holds `count` raw bytes.
     func decode(_ stored: UnsafeRawBufferPointer, count: Int, file: String) throws -> AlignedBuffer {
-        let out = AlignedBuffer.reusable(capacity: max(count, 1))  // every codec fills all `count` bytes or fails
+        let out = try AlignedBuffer.reusable(capacity: max(count, 1))  // every codec fills all `count` bytes or fails
         out.count = count
         let target = UnsafeMutableRawBufferPointer(start: out.pointer, count: count)
         do {
@@ -284,7 +284,7 @@ public struct ZarrArray: Sendable {
         }
         // Chunks cover every element of a plain array; a shard's empty inner chunks are left as
         // the fill value (zeros), so sharded arrays need fresh (zeroed) pages.
-        let out = innerChunks == nil ? AlignedBuffer.reusable(capacity: max(d.byteCount, 1)) : AlignedBuffer(capacity: max(d.byteCount, 1))
+        let out = innerChunks == nil ? try AlignedBuffer.reusable(capacity: max(d.byteCount, 1)) : try AlignedBuffer(capacity: max(d.byteCount, 1))
         out.count = d.byteCount
         let chunkElements = chunks.reduce(1, *)
         // Values are looked up first (a missing chunk fails before any work); chunks are then

@@ -106,9 +106,9 @@ public enum TorchReader {
                 // Deflated records (torch never writes them, other tools may), strided views and
                 // big-endian data are rebuilt one tensor at a time.
                 plan.append((TensorHeader(descriptor), .materialized {
-                    if record.method == 0 { return materialize(zip.storedBytes(record), t, descriptor, bigEndian: bigEndian) }
+                    if record.method == 0 { return try materialize(zip.storedBytes(record), t, descriptor, bigEndian: bigEndian) }
                     let inflated = try zip.read(record)
-                    return withExtendedLifetime(inflated) { materialize(inflated.bytes, t, descriptor, bigEndian: bigEndian) }
+                    return try withExtendedLifetime(inflated) { try materialize(inflated.bytes, t, descriptor, bigEndian: bigEndian) }
                 }))
             }
         }
@@ -125,8 +125,8 @@ public enum TorchReader {
         return (try kept.map { ($0.0, $0.1, try TensorDescriptor(name: $0.0, dtype: $0.1.dtype, shape: $0.1.shape)) }, metadata)
     }
 
-    static func materialize(_ storage: UnsafeRawBufferPointer, _ t: TensorRef, _ d: TensorDescriptor, bigEndian: Bool) -> AlignedBuffer {
-        let out = AlignedBuffer(capacity: max(d.byteCount, 1))
+    static func materialize(_ storage: UnsafeRawBufferPointer, _ t: TensorRef, _ d: TensorDescriptor, bigEndian: Bool) throws -> AlignedBuffer {
+        let out = try AlignedBuffer(capacity: max(d.byteCount, 1))
         out.count = d.byteCount
         if d.byteCount > 0 {
             StridedCopy.gather(from: storage.baseAddress!, elementSize: t.dtype.size, offset: t.storageOffset,
@@ -206,7 +206,7 @@ public enum TorchReader {
             } else {
                 // The closure holds `file`, so the mapping outlives the plan.
                 plan.append((TensorHeader(descriptor), .materialized {
-                    materialize(file.bytes(at: base + viewOffset * t.dtype.size, count: t.storage.numel * t.dtype.size), t, descriptor, bigEndian: false)
+                    try materialize(file.bytes(at: base + viewOffset * t.dtype.size, count: t.storage.numel * t.dtype.size), t, descriptor, bigEndian: false)
                 }))
             }
         }

@@ -89,7 +89,7 @@ public final class ZipArchive {
     /// A member's whole content: copied if stored, inflated if deflated (sizes checked).
     public func read(_ e: Entry, limit: Int = Int.max) throws -> AlignedBuffer {
         guard e.size <= limit else { throw ZipError(.sizeMismatch(declared: e.size, actual: limit), file: path, member: e.name) }
-        let out = AlignedBuffer(capacity: max(e.size, 1))
+        let out = try AlignedBuffer(capacity: max(e.size, 1))
         out.count = e.size
         switch e.method {
         case 0:
