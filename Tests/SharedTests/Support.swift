@@ -61,8 +61,18 @@ func tensor(_ name: String, _ dtype: DType, _ shape: [Int], _ bytes: [UInt8], at
 func pattern(_ n: Int, seed: Int) -> [UInt8] { (0..<n).map { UInt8((($0 * 37) + seed) % 256) } }
 
 /// A fresh temporary folder for one test.
-func temporaryDirectory() -> String {
+/// One folder per test process holds every test's temporary folder, and is removed when the
+/// process exits (a run used to leave about a thousand folders in /tmp).
+let testRoot: String = {
     var template = Array("/tmp/ckpt-test-XXXXXX".utf8CString)
+    let root = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)) }
+    atexit { try? FileManager.default.removeItem(atPath: testRoot) }
+    return root
+}()
+
+/// A new empty folder under `testRoot`.
+func temporaryDirectory() -> String {
+    var template = Array((testRoot + "/t-XXXXXX").utf8CString)
     return template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)) }
 }
 
