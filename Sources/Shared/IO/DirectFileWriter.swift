@@ -49,6 +49,9 @@ public final class DirectFileWriter {
     private var running = false
     /// Set once the file system refused a direct write: everything after goes buffered.
     public private(set) var directRefused = false
+    /// Bytes that reached the file through the direct descriptor (what tests check to know the
+    /// direct path really ran).
+    public private(set) var bytesWrittenDirectly = 0
 
     /// Opens `path` (already created, e.g. through `AtomicOutput`) a second time for direct
     /// writes; nil when the file system does not take `O_DIRECT` (tmpfs before Linux 6.6, some
@@ -59,6 +62,17 @@ public final class DirectFileWriter {
         self.buffered = buffered
         direct = FileDescriptor(rawValue: fd, path: path)
         windowSize = max(DirectFileWriter.block, stagingSize / DirectFileWriter.block * DirectFileWriter.block)
+    }
+
+    /// Whether the file system holding `folder` takes `O_DIRECT` (a probe file is made and
+    /// removed): tests of the direct path skip, saying why, where it does not.
+    public static func supported(in folder: String) -> Bool {
+        let probe = folder + "/.ckpt-direct-probe-\(getpid())"
+        let fd = open(probe, O_WRONLY | O_CREAT | O_EXCL | ckpt_o_direct() | O_CLOEXEC, 0o600)
+        defer { unlink(probe) }
+        guard fd >= 0 else { return false }
+        close(fd)
+        return true
     }
 
     /// A writer for an output file of `size` bytes when direct output is `enabled` and the file
@@ -147,6 +161,7 @@ public final class DirectFileWriter {
         guard let job = inFlight else { return }
         inFlight = nil
         _ = try work.next()
+        bytesWrittenDirectly += job.directBytes
         if job.refused { directRefused = true }
         spare = job.buffer
     }
@@ -161,6 +176,7 @@ final class DirectWriteJob: Job, @unchecked Sendable {
     let direct: FileDescriptor
     let buffered: FileDescriptor
     private(set) var refused: Bool
+    private(set) var directBytes = 0
 
     init(buffer: AlignedBuffer, range: Range<Int>, fileOffset: Int, direct: FileDescriptor, buffered: FileDescriptor, refused: Bool) {
         self.buffer = buffer
@@ -185,6 +201,7 @@ final class DirectWriteJob: Job, @unchecked Sendable {
                 throw IOError(.write, path: direct.path, errno: EIO, detail: "direct write at offset \(fileOffset + done) wrote nothing")
             } else {
                 done += n
+                directBytes += n
                 // A short direct write that ends mid-block cannot be continued directly.
                 if done % DirectFileWriter.block != 0 { refused = true }
             }

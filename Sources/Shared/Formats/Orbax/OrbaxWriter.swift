@@ -34,17 +34,20 @@ public final class OrbaxWriter: TensorSink {
         let dir: String
         let key: (Int) -> String
 
-        /// Flushes a direct writer, then closes the file.
-        mutating func close() throws {
+        /// Flushes a direct writer, then closes the file; returns the bytes written directly.
+        mutating func close() throws -> Int {
             defer {
                 direct = nil
                 fd?.close()
                 fd = nil
             }
             try direct?.finish()
+            return direct?.bytesWrittenDirectly ?? 0
         }
     }
     private var current: ChunkFile?
+    /// Bytes written around the page cache (O_DIRECT), summed over closed chunk files.
+    public private(set) var bytesWrittenDirectly = 0
     private var tensorWritten = 0
     private var descriptor: TensorDescriptor?
     /// Everything created under the temporary folder, registered so a signal removes it too.
@@ -129,7 +132,7 @@ public final class OrbaxWriter: TensorSink {
 
     private func openChunk() throws {
         guard var c = current else { return }
-        try c.close()
+        bytesWrittenDirectly += try c.close()
         let file = c.dir + "/" + c.key(c.chunk)
         let fd = try FileDescriptor.createExclusive(file)
         created(file)
@@ -165,8 +168,9 @@ public final class OrbaxWriter: TensorSink {
     public func endTensor() throws {
         guard var c = current, let d = descriptor else { return }
         current = nil
-        defer { try? c.close() }
+        defer { _ = try? c.close() }
         try c.direct?.finish()
+        bytesWrittenDirectly += c.direct?.bytesWrittenDirectly ?? 0
         // zarr edge chunks are full-size: pad the last one with zeros.
         if d.byteCount > 0 && c.written < c.chunkBytes {
             if ftruncate(c.fd!.rawValue, off_t(c.chunkBytes)) != 0 { throw IOError(.write, path: c.dir, errno: errno) }
@@ -203,7 +207,7 @@ public final class OrbaxWriter: TensorSink {
     }
 
     public func abort() {
-        try? current?.close()  // waits for a direct write in flight before the files go
+        _ = try? current?.close()  // waits for a direct write in flight before the files go
         current = nil
         if let tmp = temporary { try? removeTree(tmp) }
         forgetRegistered()

@@ -43,6 +43,8 @@ public final class SafetensorsWriter: FileRegionSink {
     private var current: TensorDescriptor?
     private var cursor = (file: 0, offset: 0)
     private var written = 0
+    /// Bytes written around the page cache (O_DIRECT), summed over finished files.
+    public private(set) var bytesWrittenDirectly = 0
 
     public init(path: String, maxShardSize: Int? = nil, overwrite: Bool, directIO: Bool = true,
                 directThreshold: Int = DirectFileWriter.defaultThreshold, log: @escaping (String) -> Void) {
@@ -135,6 +137,7 @@ public final class SafetensorsWriter: FileRegionSink {
             files[cursor.file].dataLeft -= chunk.count
             if files[cursor.file].dataLeft == 0 {
                 try direct.finish()
+                bytesWrittenDirectly += direct.bytesWrittenDirectly
                 files[cursor.file].direct = nil
             }
         } else {
@@ -188,7 +191,10 @@ public final class SafetensorsWriter: FileRegionSink {
             index = out
             try content.encoded().withUnsafeBytes { try out.descriptor.writeAll($0) }
         }
-        for f in files { try f.direct?.finish() }
+        for f in files {
+            try f.direct?.finish()
+            bytesWrittenDirectly += f.direct?.bytesWrittenDirectly ?? 0
+        }
         for f in files { try f.output.commit() }
         try index?.commit()
     }
