@@ -8,12 +8,77 @@ import Glibc
 //   an i64 element count and the raw storage.
 // Objects are rebuilt by `Unpickler` (restricted: it executes nothing).
 
+/// What can be wrong with a torch checkpoint outside its pickle (`PickleError` covers that):
+/// the file, the tensor where one is concerned, and one reason per rule.
 public struct TorchError: CkptError, Equatable {
-    public var message: String
+    public enum Reason: Equatable, Sendable {
+        case notARegularFile
+        /// torch < 0.4 wrote tar archives.
+        case tarFormat
+        case notATorchFile
+        case zipWithoutFolder
+        case badByteOrder(String)
+        case missingStorageRecord(key: String)
+        case storageRecordSize(key: String, bytes: Int, elements: Int, dtype: DType, needed: Int)
+        case badLegacyMagic
+        case badLegacyProtocolVersion
+        case bigEndianLegacy
+        case missingLegacyKeyList
+        case legacyKeyNotAString
+        case endsBeforeStorage(key: String)
+        case unusedStorage(key: String)
+        case storageCountMismatch(key: String, declared: Int, pickled: Int)
+        case storagePastEnd(key: String, elements: Int)
+        case trailingBytes(count: Int)
+        case storageNotInFile(key: String)
+        case duplicateName
+        case unsupportedDictKey(type: String, under: String)
+        case bareStorage
+        case noSingleFileInFolder(severalIndexes: Bool)
+        case inTwoShards(first: String, second: String)
+    }
+    public var reason: Reason
     public var file: String
     public var tensor: String?
+
+    public init(_ reason: Reason, file: String, tensor: String? = nil) {
+        self.reason = reason
+        self.file = file
+        self.tensor = tensor
+    }
+
     public var exitStatus: SysExit { .dataError }
     public var description: String { tensor.map { "\(file): tensor \($0): \(message)" } ?? "\(file): \(message)" }
+
+    var message: String {
+        switch reason {
+        case .notARegularFile: return "not a regular file"
+        case .tarFormat: return "a tar-era torch checkpoint (before torch 0.4): load and re-save it with a current torch"
+        case .notATorchFile: return "not a torch checkpoint (neither a zip archive nor the legacy pickle format)"
+        case .zipWithoutFolder: return "zip archive has no records under a folder: not written by torch.save"
+        case .badByteOrder(let text): return "byteorder record says \"\(text)\""
+        case .missingStorageRecord(let key): return "storage record data/\(key) is missing from the archive"
+        case .storageRecordSize(let key, let bytes, let elements, let dtype, let needed):
+            return "storage data/\(key) holds \(bytes) bytes, its \(elements) \(dtype.rawValue) elements need \(needed)"
+        case .badLegacyMagic: return "legacy magic number is wrong"
+        case .badLegacyProtocolVersion: return "legacy protocol version is not 1001"
+        case .bigEndianLegacy: return "big-endian legacy checkpoints are not supported"
+        case .missingLegacyKeyList: return "legacy storage key list is missing"
+        case .legacyKeyNotAString: return "legacy storage key is not a string"
+        case .endsBeforeStorage(let key): return "file ends before storage \(key)"
+        case .unusedStorage(let key): return "storage \(key) is listed but no tensor uses it"
+        case .storageCountMismatch(let key, let declared, let pickled): return "storage \(key) declares \(declared) elements, the pickle says \(pickled)"
+        case .storagePastEnd(let key, let elements): return "storage \(key) (\(elements) elements) runs past the end of the file"
+        case .trailingBytes(let count): return "\(count) unexpected bytes after the last storage"
+        case .storageNotInFile(let key): return "storage \(key) is not in the file"
+        case .duplicateName: return "two entries flatten to the same name"
+        case .unsupportedDictKey(let type, let under): return "dict key of type \(type) under \"\(under)\""
+        case .bareStorage: return "a bare storage (not inside a tensor) is not supported"
+        case .noSingleFileInFolder(let several):
+            return several ? "several *.bin.index.json files: name one of them" : "no single torch file or index in this folder: name one"
+        case .inTwoShards(let first, let second): return "tensor appears in \(first) and \(second)"
+        }
+    }
 }
 
 public enum TorchReader {
@@ -47,7 +112,7 @@ public enum TorchReader {
     public static func open(path: String, selection: TensorSelection = .all, options: Options = Options(),
                             producer: String) throws -> PlannedSource {
         let fd = try FileDescriptor.openForReading(path)
-        guard let size = try fd.regularFileSize() else { throw TorchError(message: "not a regular file", file: path) }
+        guard let size = try fd.regularFileSize() else { throw TorchError(.notARegularFile, file: path) }
         let file = try MappedFile(fd, size: size)
         let head = file.bytes(at: 0, count: min(size, legacyMagicPrefix))
         if head.starts(with: [0x50, 0x4B, 0x03, 0x04]) {
@@ -57,9 +122,9 @@ public enum TorchReader {
             return try openLegacy(file, path: path, selection: selection, options: options, producer: producer)
         }
         if size > 262, file.bytes(at: 257, count: 5).elementsEqual(Array("ustar".utf8)) {
-            throw TorchError(message: "a tar-era torch checkpoint (before torch 0.4): load and re-save it with a current torch", file: path)
+            throw TorchError(.tarFormat, file: path)
         }
-        throw TorchError(message: "not a torch checkpoint (neither a zip archive nor the legacy pickle format)", file: path)
+        throw TorchError(.notATorchFile, file: path)
     }
 
     // MARK: - Zip format
@@ -67,7 +132,7 @@ public enum TorchReader {
     static func openZip(_ file: MappedFile, path: String, selection: TensorSelection, options: Options, producer: String) throws -> PlannedSource {
         let zip = try ZipArchive(file)
         guard let first = zip.entries.first, let slash = first.name.firstIndex(of: "/") else {
-            throw TorchError(message: "zip archive has no records under a folder: not written by torch.save", file: path)
+            throw TorchError(.zipWithoutFolder, file: path)
         }
         let prefix = String(first.name[..<slash])
         guard let pkl = zip.entry(prefix + "/data.pkl") else {
@@ -79,7 +144,7 @@ public enum TorchReader {
         var bigEndian = false
         if let bo = zip.entry(prefix + "/byteorder") {
             let text = String(decoding: try zip.readBytes(bo, limit: 64), as: UTF8.self)
-            guard text == "little" || text == "big" else { throw TorchError(message: "byteorder record says \"\(text)\"", file: path) }
+            guard text == "little" || text == "big" else { throw TorchError(.badByteOrder(text), file: path) }
             bigEndian = text == "big"
         }
         let pickle = try zip.read(pkl, limit: 1 << 30)
@@ -92,11 +157,11 @@ public enum TorchReader {
         var plan: [(TensorHeader, TensorData)] = []
         for (name, t, descriptor) in tensors {
             guard let record = zip.entry("\(prefix)/data/\(t.storage.key)") else {
-                throw TorchError(message: "storage record data/\(t.storage.key) is missing from the archive", file: path, tensor: name)
+                throw TorchError(.missingStorageRecord(key: t.storage.key), file: path, tensor: name)
             }
             let storageBytes = t.storage.numel * t.dtype.size
             guard record.size == storageBytes else {
-                throw TorchError(message: "storage data/\(t.storage.key) holds \(record.size) bytes, its \(t.storage.numel) \(t.dtype.rawValue) elements need \(storageBytes)",
+                throw TorchError(.storageRecordSize(key: t.storage.key, bytes: record.size, elements: t.storage.numel, dtype: t.dtype, needed: storageBytes),
                                  file: path, tensor: name)
             }
             let contiguous = StridedCopy.isContiguous(shape: t.shape, stride: t.stride)
@@ -145,17 +210,17 @@ public enum TorchReader {
         }
         var (magic, pos) = try Unpickler.load(all, at: 0, file: path, persistentLoad: noStorage)
         guard case .bigInt(let b) = magic, b == legacyMagic else {
-            throw TorchError(message: "legacy magic number is wrong", file: path)
+            throw TorchError(.badLegacyMagic, file: path)
         }
         let protocolVersion: PickleValue
         (protocolVersion, pos) = try Unpickler.load(all, at: pos, file: path, persistentLoad: noStorage)
-        guard case .int(1001) = protocolVersion else { throw TorchError(message: "legacy protocol version is not 1001", file: path) }
+        guard case .int(1001) = protocolVersion else { throw TorchError(.badLegacyProtocolVersion, file: path) }
         let sysInfo: PickleValue
         (sysInfo, pos) = try Unpickler.load(all, at: pos, file: path, persistentLoad: noStorage)
         if case .dict(let d) = sysInfo {
             for (k, v) in d.entries {
                 if case .string("little_endian") = k, case .bool(false) = v {
-                    throw TorchError(message: "big-endian legacy checkpoints are not supported", file: path)
+                    throw TorchError(.bigEndianLegacy, file: path)
                 }
             }
         }
@@ -168,36 +233,36 @@ public enum TorchReader {
         }
         let keysValue: PickleValue
         (keysValue, pos) = try Unpickler.load(all, at: pos, file: path, persistentLoad: noStorage)
-        guard case .list(let keyList) = keysValue else { throw TorchError(message: "legacy storage key list is missing", file: path) }
+        guard case .list(let keyList) = keysValue else { throw TorchError(.missingLegacyKeyList, file: path) }
 
         // The storages follow in key-list order: i64 element count, then the raw elements.
         var dataOffset: [String: Int] = [:]
         for k in keyList.items {
             // Python 2 wrote the keys as byte strings (SHORT_BINSTRING).
-            guard let key = storageKey(k) else { throw TorchError(message: "legacy storage key is not a string", file: path) }
-            guard pos + 8 <= file.size else { throw TorchError(message: "file ends before storage \(key)", file: path) }
+            guard let key = storageKey(k) else { throw TorchError(.legacyKeyNotAString, file: path) }
+            guard pos + 8 <= file.size else { throw TorchError(.endsBeforeStorage(key: key), file: path) }
             let countBytes = file.bytes(at: pos, count: 8)
             let count = Int(Int64(littleEndian: countBytes.loadUnaligned(as: Int64.self)))
             guard let ref = storages[key] else {
-                throw TorchError(message: "storage \(key) is listed but no tensor uses it", file: path)
+                throw TorchError(.unusedStorage(key: key), file: path)
             }
             guard count == ref.rootNumel else {
-                throw TorchError(message: "storage \(key) declares \(count) elements, the pickle says \(ref.rootNumel)", file: path)
+                throw TorchError(.storageCountMismatch(key: key, declared: count, pickled: ref.rootNumel), file: path)
             }
             let bytes = count.multipliedReportingOverflow(by: ref.dtype.size)
             guard !bytes.overflow, pos + 8 + bytes.partialValue <= file.size else {
-                throw TorchError(message: "storage \(key) (\(count) elements) runs past the end of the file", file: path)
+                throw TorchError(.storagePastEnd(key: key, elements: count), file: path)
             }
             dataOffset[key] = pos + 8
             pos += 8 + bytes.partialValue
         }
-        guard pos == file.size else { throw TorchError(message: "\(file.size - pos) unexpected bytes after the last storage", file: path) }
+        guard pos == file.size else { throw TorchError(.trailingBytes(count: file.size - pos), file: path) }
 
         let (tensors, metadata) = try namedTensors(root, options, selection, path)
         var plan: [(TensorHeader, TensorData)] = []
         for (name, t, descriptor) in tensors {
             guard let base = dataOffset[t.storage.key] else {
-                throw TorchError(message: "storage \(t.storage.key) is not in the file", file: path, tensor: name)
+                throw TorchError(.storageNotInFile(key: t.storage.key), file: path, tensor: name)
             }
             let viewOffset = t.storage.offset
             let start = base + (viewOffset + t.storageOffset) * t.dtype.size
@@ -286,7 +351,7 @@ public enum TorchReader {
         var seen = Set<String>()
         func join(_ a: String, _ b: String) -> String { a.isEmpty ? b : a + "." + b }
         func add(_ name: String) throws {
-            guard seen.insert(name).inserted else { throw TorchError(message: "two entries flatten to the same name", file: path, tensor: name) }
+            guard seen.insert(name).inserted else { throw TorchError(.duplicateName, file: path, tensor: name) }
         }
         func walk(_ v: PickleValue, _ name: String) throws {
             switch v {
@@ -295,7 +360,7 @@ public enum TorchReader {
                 tensors.append((name, t))
             case .dict(let d):
                 for (k, value) in d.entries {
-                    guard let ks = key(k) else { throw TorchError(message: "dict key of type \(k.typeName) under \"\(name)\"", file: path) }
+                    guard let ks = key(k) else { throw TorchError(.unsupportedDictKey(type: k.typeName, under: name), file: path) }
                     try walk(value, join(name, ks))
                 }
             case .list(let l):
@@ -310,7 +375,7 @@ public enum TorchReader {
             case .bytes(let b): try add(name); metadata[name] = .string(b.map { String(format2: $0) }.joined())
             case .bigInt: try add(name); metadata[name] = .string("<integer wider than 64 bits>")
             case .global(let g): try add(name); metadata[name] = .string(g.description)
-            case .storage: throw TorchError(message: "a bare storage (not inside a tensor) is not supported", file: path, tensor: name)
+            case .storage: throw TorchError(.bareStorage, file: path, tensor: name)
             }
         }
         try walk(root, "")
@@ -361,8 +426,7 @@ extension TorchReader {
             } else {
                 let files = names.filter { $0.hasSuffix(".bin") || $0.hasSuffix(".pt") || $0.hasSuffix(".pth") }
                 guard files.count == 1 else {
-                    throw TorchError(message: indexes.count > 1 ? "several *.bin.index.json files: name one of them"
-                                                                : "no single torch file or index in this folder: name one", file: path)
+                    throw TorchError(.noSingleFileInFolder(severalIndexes: indexes.count > 1), file: path)
                 }
                 return try open(path: path + "/" + files[0], selection: selection, options: options, producer: producer)
             }
@@ -380,7 +444,7 @@ extension TorchReader {
             for (k, v) in shard.header.metadata where !metadata.contains(k) { metadata[k] = v }
             for (t, data) in shard.plan {
                 if let other = owner[t.descriptor.name] {
-                    throw TorchError(message: "tensor appears in \(other) and \(f)", file: indexPath, tensor: t.descriptor.name)
+                    throw TorchError(.inTwoShards(first: other, second: f), file: indexPath, tensor: t.descriptor.name)
                 }
                 owner[t.descriptor.name] = f
                 if selection.includes(t.descriptor.name) { plan.append((t, data)) }

@@ -34,7 +34,7 @@ public final class TorchWriter: TensorSink {
     public func beginTensor(_ tensor: TensorHeader) throws {
         let d = tensor.descriptor
         guard names.insert(d.name).inserted else {
-            throw TorchError(message: "tensor name appears twice in the stream", file: path, tensor: d.name)
+            throw StreamError(.duplicateTensor, source: path, tensor: d.name)
         }
         try zip!.begin("\(prefix)/data/\(tensors.count)", size: d.byteCount)
         tensors.append(d)
