@@ -19,7 +19,7 @@ import Testing
     static func g(_ s: String) -> [UInt8] { [0x63] + Array(s.utf8) }  // GLOBAL "module\nname\n"
     static func str(_ s: String) -> [UInt8] { [0x58] + withUnsafeBytes(of: UInt32(s.utf8.count).littleEndian, Array.init) + Array(s.utf8) }
 
-    /// The smallest data.pkl torch accepts (../shared/notes/formats.md §1.5), built by hand.
+    /// The smallest data.pkl torch accepts (as torch/serialization.py pickles a state dict), built by hand.
     static let handMade: [UInt8] = [0x80, 0x02] + g("collections\nOrderedDict\n") + [0x29, 0x52] + str("w")
         + g("torch._utils\n_rebuild_tensor_v2\n") + [0x28, 0x28] + str("storage") + g("torch\nFloatStorage\n")
         + str("0") + str("cpu") + [0x4B, 0x06, 0x74, 0x51, 0x4B, 0x00, 0x28, 0x4B, 0x02, 0x4B, 0x03, 0x74,

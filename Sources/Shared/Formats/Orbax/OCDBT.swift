@@ -1,6 +1,5 @@
 // OCDBT, tensorstore's "optionally-cooperative distributed B+tree" key-value store, as
-// specified in tensorstore/kvstore/ocdbt/index.rst and format/*.cc (byte-level notes with
-// worked examples: ../shared/notes/orbax.md §4). Read-only: the manifest's latest version
+// specified in tensorstore/kvstore/ocdbt/index.rst and format/*.cc. Read-only: the manifest's latest version
 // gives the B+tree root; leaves hold each key's value inline or as (data file, offset, length).
 
 public struct OrbaxError: CkptError, Equatable {

@@ -3,7 +3,7 @@ import Glibc
 // Orbax PyTree checkpoints (orbax-checkpoint's PyTreeCheckpointHandler / StandardCheckpointer):
 // `_METADATA` names every leaf by its key path; array leaves are zarr arrays stored under
 // the param name (`'.'.join(keys)`) in OCDBT (`manifest.ocdbt`) or as plain folders.
-// See ../shared/notes/orbax.md §1–3.
+// The choices made are in docs/formats.md (Orbax).
 
 public enum OrbaxReader {
     public struct Options: Sendable {

@@ -1,7 +1,7 @@
 import Glibc
 
 /// Writes an Orbax PyTree checkpoint (`--format orbax`) in the simplest layout orbax restores
-/// (../shared/notes/orbax.md §6, variant A): no OCDBT, one zarr v2 folder per array named by
+/// (found by experiment, restored by orbax in the tests; docs/formats.md): no OCDBT, one zarr v2 folder per array named by
 /// its param name (`'.'.join(keys)`), `.zarray` with no compressor, the raw row-major bytes as
 /// chunk files; `_METADATA` with every leaf's key path, and `_sharding` (single-device) so that
 /// `PyTreeCheckpointer().restore(dir)` works without arguments as well as

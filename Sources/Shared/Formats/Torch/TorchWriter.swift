@@ -3,7 +3,7 @@
 /// the names and descriptors, so memory stays at a chunk plus the list of tensors), then
 /// `byteorder` and `version`. `torch.load(weights_only=True)` loads it, with and without
 /// mmap=True. No `.format_version` record: torch would then assume miniz's exact record
-/// order to compute offsets (see ../shared/notes/formats.md §1.2), and ours differs.
+/// order to compute offsets (torch/serialization.py), and ours differs.
 public final class TorchWriter: TensorSink {
     public let path: String
     public let overwrite: Bool

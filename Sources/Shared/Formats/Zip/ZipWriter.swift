@@ -1,5 +1,5 @@
 // ZIP writing (PKWARE APPNOTE.TXT 6.3), as torch.save's miniz writer lays it out
-// (../shared/notes/formats.md §1.2): every member STORED, its data aligned to 64 bytes by an
+// (caffe2/serialize/inline_container.cc): every member STORED, its data aligned to 64 bytes by an
 // extra field 'FB' of padding, zip64 records whenever a size or offset needs them, and the
 // zip64 end records always present. Times and dates are zero so output is deterministic.
 
