@@ -21,8 +21,12 @@ public final class AtomicOutput {
         TemporaryFiles.installSignalHandlers()
         let n = TemporaryFiles.nextSerial()
         temporaryPath = (dir.isEmpty ? "" : dir + "/") + ".\(base).ckpt-\(getpid())-\(n).tmp"
-        descriptor = try FileDescriptor.createExclusive(temporaryPath)
+        // Registered before it exists: a signal between the two would otherwise leave it.
         slot = TemporaryFiles.register(temporaryPath)
+        do { descriptor = try FileDescriptor.createExclusive(temporaryPath) } catch {
+            TemporaryFiles.unregister(slot)
+            throw error
+        }
     }
 
     /// Flushes to disk and renames into place.

@@ -53,7 +53,9 @@ public final class OrbaxWriter: TensorSink {
     /// Everything created under the temporary folder, registered so a signal removes it too.
     private var registered: [Int] = []
 
-    private func created(_ p: String, folder: Bool = false) {
+    /// Registers `p` before it is made: a signal between making and registering would
+    /// otherwise leave it behind.
+    private func willCreate(_ p: String, folder: Bool = false) {
         TemporaryFiles.installSignalHandlers()
         registered.append(TemporaryFiles.register(p, folder: folder))
     }
@@ -84,8 +86,8 @@ public final class OrbaxWriter: TensorSink {
         let (dir, base) = splitPath(path)
         let tmp = (dir.isEmpty ? "" : dir + "/") + ".\(base).ckpt-\(getpid()).tmp"
         try removeTree(tmp)
+        willCreate(tmp, folder: true)
         guard mkdir(tmp, 0o755) == 0 else { throw IOError(.mkdir, path: tmp, errno: errno) }
-        created(tmp, folder: true)
         temporary = tmp
     }
 
@@ -116,8 +118,8 @@ public final class OrbaxWriter: TensorSink {
             chunkBytes = perChunk * rowBytes
         }
         let dir = temporary! + "/" + param
+        willCreate(dir, folder: true)
         guard mkdir(dir, 0o755) == 0 else { throw IOError(.mkdir, path: dir, errno: errno) }
-        created(dir, folder: true)
         let zarray = JSONObject([
             ("chunks", .array(chunks.map { .int($0) })), ("compressor", .null), ("dimension_separator", .string(".")),
             ("dtype", .string(zdtype)), ("fill_value", .null), ("filters", .null), ("order", .string("C")),
@@ -134,8 +136,8 @@ public final class OrbaxWriter: TensorSink {
         guard var c = current else { return }
         bytesWrittenDirectly += try c.close()
         let file = c.dir + "/" + c.key(c.chunk)
+        willCreate(file)
         let fd = try FileDescriptor.createExclusive(file)
-        created(file)
         c.fd = fd
         c.direct = DirectFileWriter.forOutput(path: file, buffered: fd, size: c.chunkBytes, enabled: directIO, threshold: directThreshold)
         c.written = 0
@@ -215,8 +217,8 @@ public final class OrbaxWriter: TensorSink {
     }
 
     private func writeFile(_ p: String, _ bytes: [UInt8]) throws {
+        willCreate(p)
         let fd = try FileDescriptor.createExclusive(p)
-        created(p)
         defer { fd.close() }
         try bytes.withUnsafeBytes { try fd.writeAll($0) }
     }
