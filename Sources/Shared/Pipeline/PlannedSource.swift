@@ -371,11 +371,18 @@ public enum StridedCopy {
     /// row-major order, like an odometer. Nothing is called if an axis is empty.
     public static func forEachRow(_ extent: [Int], _ body: ([Int]) -> Void) {
         guard !extent.isEmpty, !extent.contains(0) else { return }
-        let rank = extent.count
-        var index = [Int](repeating: 0, count: rank - 1)
+        forEachIndex(Array(extent.dropLast()), body)
+    }
+
+    /// Calls `body` with every index of `extent` in row-major order (once, with `[]`, for no
+    /// axes); nothing is called if an axis is empty. Indices are made one at a time, so the
+    /// cost is the count, never a list of them.
+    public static func forEachIndex(_ extent: [Int], _ body: ([Int]) throws -> Void) rethrows {
+        guard !extent.contains(0) else { return }
+        var index = [Int](repeating: 0, count: extent.count)
         while true {
-            body(index)
-            var d = rank - 2
+            try body(index)
+            var d = extent.count - 1
             while d >= 0 {
                 index[d] += 1
                 if index[d] < extent[d] { break }

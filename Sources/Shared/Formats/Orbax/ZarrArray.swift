@@ -184,20 +184,7 @@ public struct ZarrArray: Sendable {
 
     /// Every chunk index in C order, generated as it goes (call `checkGrid` first).
     func forEachChunkIndex(_ body: ([Int]) throws -> Void) rethrows {
-        let g = grid
-        guard !g.contains(0) else { return }
-        var index = [Int](repeating: 0, count: g.count)
-        while true {
-            try body(index)
-            var d = g.count - 1
-            while d >= 0 {
-                index[d] += 1
-                if index[d] < g[d] { break }
-                index[d] = 0
-                d -= 1
-            }
-            if d < 0 { return }
-        }
+        try StridedCopy.forEachIndex(grid, body)
     }
 
     /// Decompresses a stored value (streaming zstd straight from the mapped file when it can).
