@@ -77,10 +77,10 @@ public final class SafetensorsWriter: FileRegionSink {
         var names = Set<String>()
         for t in tensors {
             guard names.insert(t.name).inserted else {
-                throw SafetensorsError(.index("tensor name appears twice in the stream"), file: path, tensor: t.name)
+                throw SafetensorsError(.index(detail: "tensor name appears twice in the stream"), file: path, tensor: t.name)
             }
             guard t.name != "__metadata__" else {
-                throw SafetensorsError(.index("a tensor cannot be named __metadata__ in safetensors (the header key is reserved)"),
+                throw SafetensorsError(.index(detail: "a tensor cannot be named __metadata__ in safetensors (the header key is reserved)"),
                                        file: path, tensor: t.name)
             }
         }
