@@ -22,7 +22,7 @@ public struct ZarrArray: Sendable {
 
     public var descriptor: TensorDescriptor { get throws { try TensorDescriptor(name: name, dtype: dtype, shape: shape) } }
 
-    static func fail(_ name: String, _ m: String, file: String) -> OrbaxError { OrbaxError("zarr: \(m)", file: file, tensor: name) }
+    static func fail(_ name: String, _ m: String, file: String) -> OrbaxError { OrbaxError(.zarr(detail: m), file: file, tensor: name) }
 
     /// Parses `.zarray` (v2) or `zarr.json` (v3).
     public static func parse(_ json: [UInt8], name: String, file: String) throws -> ZarrArray {
