@@ -108,11 +108,11 @@ public enum OrbaxReader {
                 // A Python int/float: a rank-0 zarr array. Not a weight: it goes to the metadata.
                 let a = try zarr(param, get: get, file: dir)
                 let bytes = try a.assemble(file: dir, get: { try get(param + "/" + $0) })
-                let raw = bytes.copyBytes()
+                let raw = ByteCursor(bytes.copyBytes())
                 let v: JSONValue
                 switch a.dtype {
-                case .i64 where raw.count == 8: v = .number(String(raw.withUnsafeBytes { $0.loadUnaligned(as: Int64.self) }))
-                case .f64 where raw.count == 8: v = .number("\(raw.withUnsafeBytes { $0.loadUnaligned(as: Double.self) })")
+                case .i64 where raw.remaining == 8: v = .number(String(try raw.getInteger(at: 0, endianness: .little, as: Int64.self)))
+                case .f64 where raw.remaining == 8: v = .number("\(Double(bitPattern: try raw.getInteger(at: 0, endianness: .little, as: UInt64.self)))")
                 default: v = .string("<\(a.dtype.rawValue) scalar>")
                 }
                 metadata[keys.joined(separator: "/")] = v
