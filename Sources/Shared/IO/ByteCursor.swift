@@ -87,6 +87,8 @@ public struct ByteCursor {
     /// the mapping alive. Indices are file offsets.
     public init(_ file: MappedFile, offset: Int = 0, count: Int? = nil) {
         let count = count ?? file.size - offset
+        // The caller's range, not input: every later check trusts these bounds.
+        precondition(offset >= 0 && count >= 0 && count <= file.size - offset, "cursor range outside the mapped file")
         self.init(storage: .memory(file.bytes(at: 0, count: file.size), owner: file), startIndex: offset, endIndex: offset + count)
     }
 
