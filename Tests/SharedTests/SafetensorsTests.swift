@@ -68,9 +68,9 @@ import Testing
                 continue
             }
         }
-        #expect(throws: SafetensorsError.self) {
+        #expect {
             try SafetensorsHeader.parse(json: [0x7B, 0xFF, 0x7D], fileSize: 11, file: "f")
-        }
+        } throws: { ($0 as? SafetensorsError)?.reason == .headerNotUTF8 }
     }
 
     @Test func fileLevelChecks() throws {
