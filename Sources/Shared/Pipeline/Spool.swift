@@ -27,7 +27,7 @@ public final class Spool {
     /// Records the next tensor; returns where its bytes go in the spool.
     public func add(_ d: TensorDescriptor, file: String) throws -> Int {
         guard names.insert(d.name).inserted else {
-            throw StreamError(.manifestMismatch("tensor name appears twice in the stream"), source: file, tensor: d.name)
+            throw StreamError(.manifestMismatch(detail: "tensor name appears twice in the stream"), source: file, tensor: d.name)
         }
         tensors.append((d, size))
         defer { size += d.byteCount }

@@ -137,7 +137,7 @@ public final class SliceSource: TensorSource {
                     return emitQueued()
                 }
             case nil:
-                throw StreamError(.manifestMismatch("tensor \(d.name) is not in the manifest"), source: "ckpt-slice", tensor: d.name)
+                throw StreamError(.manifestMismatch(detail: "tensor \(d.name) is not in the manifest"), source: "ckpt-slice", tensor: d.name)
             }
         }
         if !unmatched.isEmpty {

@@ -36,8 +36,8 @@ public struct FrameDecoder {
         guard major == StreamFormat.majorVersion else {
             throw error(.unsupportedVersion(major: major, minor: minor), at: offset)
         }
-        guard flags == 0 else { throw error(.nonZeroReserved("preamble flags"), at: offset) }
-        guard bytes[16...].allSatisfy({ $0 == 0 }) else { throw error(.nonZeroReserved("preamble padding"), at: offset) }
+        guard flags == 0 else { throw error(.nonZeroReserved(field: "preamble flags"), at: offset) }
+        guard bytes[16...].allSatisfy({ $0 == 0 }) else { throw error(.nonZeroReserved(field: "preamble padding"), at: offset) }
     }
 
     public func frameHeader(_ bytes: [UInt8], at offset: Int) throws(StreamError) -> FrameHeader {
@@ -48,10 +48,10 @@ public struct FrameDecoder {
         let kind = try! r.readByte(), flags = try! r.readByte()
         let reserved = try! r.readInteger(endianness: .little, as: UInt16.self)
         let length = try! r.readInteger(endianness: .little, as: UInt64.self)
-        guard marker == StreamFormat.marker else { throw error(.badMarker(marker), at: offset) }
-        guard flags == 0, reserved == 0 else { throw error(.nonZeroReserved("frame flags"), at: offset) }
+        guard marker == StreamFormat.marker else { throw error(.badMarker(found: marker), at: offset) }
+        guard flags == 0, reserved == 0 else { throw error(.nonZeroReserved(field: "frame flags"), at: offset) }
         if StreamFormat.Kind(rawValue: kind) == nil && !StreamFormat.Kind.isAncillary(kind) {
-            throw error(.unknownCriticalFrame(kind), at: offset)
+            throw error(.unknownCriticalFrame(kind: kind), at: offset)
         }
         return FrameHeader(kind: kind, bodyLength: length)
     }
@@ -62,7 +62,7 @@ public struct FrameDecoder {
 
     public func header(_ body: [UInt8], at offset: Int) throws(StreamError) -> StreamHeader {
         let value: JSONValue
-        do { value = try JSONParser.parse(body) } catch { throw self.error(.badJSON(error.description), at: offset) }
+        do { value = try JSONParser.parse(body) } catch { throw self.error(.badJSON(detail: error.description), at: offset) }
         guard let obj = value.objectValue,
               let producer = obj["producer"]?.stringValue,
               let format = obj["source_format"]?.stringValue else {
@@ -84,20 +84,20 @@ public struct FrameDecoder {
             }
             let dtypeText = String(decoding: try r.readBytes(Int(try r.readByte())), as: UTF8.self)
             guard let dtype = DType(rawValue: dtypeText) else {
-                throw error(.unknownDType(dtypeText), at: offset, tensor: name)
+                throw error(.unknownDType(name: dtypeText), at: offset, tensor: name)
             }
             let rank = Int(try r.readByte())
-            guard rank <= 64 else { throw error(.badShape("rank \(rank) exceeds 64"), at: offset, tensor: name) }
+            guard rank <= 64 else { throw error(.badShape(detail: "rank \(rank) exceeds 64"), at: offset, tensor: name) }
             var shape: [Int] = []
             for _ in 0..<rank {
                 let d = try r.readInteger(endianness: .little, as: UInt64.self)
-                guard d <= UInt64(Int.max) else { throw error(.badShape("dimension \(d) too large"), at: offset, tensor: name) }
+                guard d <= UInt64(Int.max) else { throw error(.badShape(detail: "dimension \(d) too large"), at: offset, tensor: name) }
                 shape.append(Int(d))
             }
             do {
                 return try TensorDescriptor(name: name, dtype: dtype, shape: shape)
             } catch {
-                throw self.error(.badShape(error.reason), at: offset, tensor: name)
+                throw self.error(.badShape(detail: error.reason), at: offset, tensor: name)
             }
         } catch let e as ByteCursorError {
             guard case .truncated(let needed, _) = e.reason else { throw malformed(kind, e.description, at: offset) }
@@ -120,7 +120,7 @@ public struct FrameDecoder {
         guard r.remaining == 0 else { throw malformed(.manifest, "\(r.remaining) unexpected bytes after the entries", at: offset) }
         var seen = Set<String>()
         for d in out where !seen.insert(d.name).inserted {
-            throw error(.manifestMismatch("tensor name listed twice"), at: offset, tensor: d.name)
+            throw error(.manifestMismatch(detail: "tensor name listed twice"), at: offset, tensor: d.name)
         }
         return out
     }
@@ -142,7 +142,7 @@ public struct FrameDecoder {
         if !attrBytes.isEmpty {
             let value: JSONValue
             do { value = try JSONParser.parse(attrBytes) } catch {
-                throw self.error(.badJSON("attributes: \(error.description)"), at: offset, tensor: d.name)
+                throw self.error(.badJSON(detail: "attributes: \(error.description)"), at: offset, tensor: d.name)
             }
             guard let o = value.objectValue else { throw malformed(.tensor, "attributes are not a JSON object", at: offset) }
             attributes = o
@@ -160,14 +160,14 @@ public struct FrameDecoder {
         let off = try! r.readInteger(endianness: .little, as: UInt64.self), raw = try! r.readInteger(endianness: .little, as: UInt64.self)
         let codecRaw = try! r.readInteger(endianness: .little, as: UInt32.self), crc = try! r.readInteger(endianness: .little, as: UInt32.self)
         let width = Int(try! r.readByte())
-        guard try! r.readBytes(23).allSatisfy({ $0 == 0 }) else { throw error(.nonZeroReserved("chunk header"), at: offset, tensor: tensor) }
-        guard let codec = StreamFormat.Codec(rawValue: codecRaw) else { throw error(.unknownCodec(codecRaw), at: offset, tensor: tensor) }
+        guard try! r.readBytes(23).allSatisfy({ $0 == 0 }) else { throw error(.nonZeroReserved(field: "chunk header"), at: offset, tensor: tensor) }
+        guard let codec = StreamFormat.Codec(rawValue: codecRaw) else { throw error(.unknownCodec(codec: codecRaw), at: offset, tensor: tensor) }
         if codec == .zlibShuffled {
             guard (2...StreamFormat.maxShuffleWidth).contains(width) else {
                 throw malformed(.chunk, "shuffle width \(width) is not in 2...\(StreamFormat.maxShuffleWidth)", at: offset)
             }
         } else if width != 0 {
-            throw error(.nonZeroReserved("chunk shuffle width (codec \(codecRaw))"), at: offset, tensor: tensor)
+            throw error(.nonZeroReserved(field: "chunk shuffle width (codec \(codecRaw))"), at: offset, tensor: tensor)
         }
         let stored = bodyLength - UInt64(StreamFormat.chunkHeaderSize)
         guard raw <= UInt64(StreamFormat.maxChunkSize), stored <= UInt64(StreamFormat.maxChunkSize) + 65536 else {
@@ -184,7 +184,7 @@ public struct FrameDecoder {
         var r = ByteCursor(body)
         let length = try! r.readInteger(endianness: .little, as: UInt64.self)
         let crc = try! r.readInteger(endianness: .little, as: UInt32.self), reserved = try! r.readInteger(endianness: .little, as: UInt32.self)
-        guard reserved == 0 else { throw error(.nonZeroReserved("tensor-end"), at: offset) }
+        guard reserved == 0 else { throw error(.nonZeroReserved(field: "tensor-end"), at: offset) }
         return (length, crc)
     }
 

@@ -119,7 +119,7 @@ public final class SafetensorsWriter: FileRegionSink {
             cursor = (0, try spool.add(d, file: path))
         } else {
             guard let manifest, received < manifest.count, manifest[received] == d, let p = placement[d.name] else {
-                throw StreamError(.manifestMismatch("tensor \(d) is not the manifest's next entry"), source: path, tensor: d.name)
+                throw StreamError(.manifestMismatch(detail: "tensor \(d) is not the manifest's next entry"), source: path, tensor: d.name)
             }
             cursor = p
         }
@@ -176,7 +176,7 @@ public final class SafetensorsWriter: FileRegionSink {
             spool.remove()
             self.spool = nil
         } else if let manifest, received != manifest.count {
-            throw StreamError(.manifestMismatch("manifest lists \(manifest.count) tensors, \(received) arrived"), source: path)
+            throw StreamError(.manifestMismatch(detail: "manifest lists \(manifest.count) tensors, \(received) arrived"), source: path)
         }
         if files.count > 1 {
             // encoded() sorts the weight map's keys, as transformers writes it.
