@@ -54,6 +54,36 @@ import Testing
             == "byte 6: truncated: UInt32 needs 4 bytes, 3 left")
     }
 
+    /// Every width, at every position of every prefix of the golden bytes: a read that fits
+    /// gives the bytes in the asked order, one that does not throws `truncated` at its start.
+    @Test func everyWidthAtEveryPositionOfEveryPrefix() throws {
+        func check<T: FixedWidthInteger>(_: T.Type) {
+            let w = MemoryLayout<T>.size
+            for n in 0...golden.count {
+                let prefix = Array(golden[0..<n])
+                for at in 0...n {
+                    for order in [Endianness.little, .big] {
+                        var c = ByteCursor(prefix)
+                        try? c.skip(at)
+                        let result = Result { try c.readInteger(endianness: order, as: T.self) }
+                        if at + w <= n {
+                            let bytes = Array(prefix[at..<(at + w)])
+                            let expected = (order == .little ? bytes.reversed() : bytes).reduce(T.zero) { $0 << 8 | T(truncatingIfNeeded: $1) }
+                            #expect((try? result.get()) == expected)
+                            #expect(c.readerIndex == at + w)
+                        } else {
+                            #expect(failure { try result.get() } == ByteCursorError(.truncated(needed: w, available: n - at), offset: at, reading: "\(T.self)"))
+                            #expect(c.readerIndex == at)
+                        }
+                    }
+                }
+            }
+        }
+        check(UInt8.self); check(Int16.self); check(UInt16.self); check(Int32.self); check(UInt32.self); check(Int64.self); check(UInt64.self)
+        #expect(try ByteCursor([0xFF, 0xFF, 0xFF, 0xFE]).getInteger(at: 0, endianness: .big, as: Int32.self) == -2)
+        #expect(try ByteCursor([0xFE, 0xFF, 0xFF, 0xFF]).getInteger(at: 0, endianness: .little, as: Int32.self) == -2)
+    }
+
     @Test func slicesKeepTheirParentsCoordinatesAndBounds() throws {
         var c = ByteCursor(golden)
         try c.skip(2)
