@@ -27,8 +27,8 @@ import Testing
         let bytes = try streamBytes(MemorySource(t), compression: .zlib(level: 1))
         var codecs: [(UInt32, UInt8)] = []
         for at in stride(from: 64, to: bytes.count, by: 64) where bytes[at..<at + 5] == [0xFF, 0xFF, 0xFF, 0xFF, 0x04] {
-            var r = ByteReader(Array(bytes[at + 32..<at + 41]))
-            codecs.append((try r.u32(), try r.bytes(5)[4]))
+            let r = ByteCursor(bytes)
+            codecs.append((try r.getInteger(at: at + 32, endianness: .little, as: UInt32.self), try r.getInteger(at: at + 40, endianness: .little, as: UInt8.self)))
         }
         #expect(codecs.map(\.0) == [2, 1])
         #expect(codecs.map(\.1) == [4, 0])

@@ -61,12 +61,12 @@ private func bytes(_ a: [Float]) -> [UInt8] { a.withUnsafeBytes { [UInt8]($0) } 
 
     @Test func refusesWhatNoSingleWeightCanDo() {
         // The LoRA axis b (H) is not an output axis.
-        #expect(throws: LoRAError.self) { try EinsumLoRA.layout(equation: "BTNH,NH->BTN", weightRank: 2) }
+        #expect { try EinsumLoRA.layout(equation: "BTNH,NH->BTN", weightRank: 2) } throws: { ($0 as? LoRAError)?.reason == .equationRankAxisNotOutput(equation: "BTNH,NH->BTN", axis: "H") }
         // b is also an input axis.
-        #expect(throws: LoRAError.self) { try EinsumLoRA.layout(equation: "BTH,DH->BTH", weightRank: 2) }
-        #expect(throws: LoRAError.self) { try EinsumLoRA.layout(equation: "BTD,NDH->BTNH", weightRank: 5) }
-        #expect(throws: LoRAError.self) { try EinsumLoRA.layout(equation: "BTD,DD->BTD", weightRank: 2) }
-        #expect(throws: LoRAError.self) { try EinsumLoRA.layout(equation: "nonsense", weightRank: 2) }
+        #expect { try EinsumLoRA.layout(equation: "BTH,DH->BTH", weightRank: 2) } throws: { ($0 as? LoRAError)?.reason == .equationRankAxisNotOutput(equation: "BTH,DH->BTH", axis: "H") }
+        #expect { try EinsumLoRA.layout(equation: "BTD,NDH->BTNH", weightRank: 5) } throws: { ($0 as? LoRAError)?.reason == .equationWeightRankMismatch(equation: "BTD,NDH->BTNH", named: 3, weightRank: 5) }
+        #expect { try EinsumLoRA.layout(equation: "BTD,DD->BTD", weightRank: 2) } throws: { ($0 as? LoRAError)?.reason == .equationLabelsRepeat(equation: "BTD,DD->BTD") }
+        #expect { try EinsumLoRA.layout(equation: "nonsense", weightRank: 2) } throws: { ($0 as? LoRAError)?.reason == .equationMalformed(equation: "nonsense") }
     }
 
     @Test func openpiModulesAndConfigs() throws {
@@ -76,8 +76,8 @@ private func bytes(_ a: [Float]) -> [UInt8] { a.withUnsafeBytes { [UInt8]($0) } 
         #expect(try EinsumLoRAConfig.parse("gemma_300m_lora") == EinsumLoRAConfig(rank: 32, alpha: 32))
         let c = try EinsumLoRAConfig.parse("rank=16,alpha=32,rslora")
         #expect(c.scale(rank: 16) == 8)
-        #expect(throws: LoRAError.self) { try EinsumLoRAConfig.parse("rank=16") }
-        #expect(throws: LoRAError.self) { try EinsumLoRAConfig.parse("gemma_7b") }
+        #expect { try EinsumLoRAConfig.parse("rank=16") } throws: { ($0 as? LoRAError)?.reason == .configWithoutAlpha(config: "rank=16") }
+        #expect { try EinsumLoRAConfig.parse("gemma_7b") } throws: { ($0 as? LoRAError)?.reason == .configUnknown(config: "gemma_7b", presets: EinsumLoRAConfig.presets.keys.sorted()) }
     }
 }
 
@@ -178,7 +178,7 @@ private func bytes(_ a: [Float]) -> [UInt8] { a.withUnsafeBytes { [UInt8]($0) } 
     @Test func shapeErrorsNameTheTensors() {
         let r = LowRankLayout.rank
         let l = LowRankLayout(weight: ["o", "i"], a: [r, "i"], b: ["o", r])
-        #expect(throws: LoRAError.self) { try LowRankMerge(layout: l, weight: [4, 5], a: [2, 5], b: [4, 3], names: ["w", "a", "b"]) }
+        #expect { try LowRankMerge(layout: l, weight: [4, 5], a: [2, 5], b: [4, 3], names: ["w", "a", "b"]) } throws: { ($0 as? LoRAError)?.reason == .axisSizeMismatch(factor: "lora B", axis: "rank", size: 3, expected: 2, weight: [4, 5], a: [2, 5], b: [4, 3]) }
         do {
             _ = try LowRankMerge(layout: l, weight: [4, 5], a: [2, 6], b: [4, 2], names: ["w", "a", "b"])
             Issue.record("no error")
@@ -193,13 +193,13 @@ private func bytes(_ a: [Float]) -> [UInt8] { a.withUnsafeBytes { [UInt8]($0) } 
         let w: [Float] = [1, 2, .infinity, 4]
         var out = [Float](repeating: 0, count: 4)
         let (left, right) = m.factors(a: [1, 1], b: [1, 1], scale: 1)
-        #expect(throws: LoRAError.self) {
+        #expect {
             try w.withUnsafeBytes { wb in
                 try out.withUnsafeMutableBytes { ob in
                     try m.apply(base: wb.baseAddress!, baseType: .f32, left: left, right: right, output: ob.baseAddress!, outputType: .bf16, name: "w")
                 }
             }
-        }
+        } throws: { ($0 as? LoRAError)?.reason == .mergedNonFinite(count: 1) }
     }
 }
 
@@ -212,7 +212,7 @@ private func bytes(_ a: [Float]) -> [UInt8] { a.withUnsafeBytes { [UInt8]($0) } 
         #expect(try c.rankAndAlpha(module: "enc.layer.0.qq") == (8, 16))  // the whole last part must match
         #expect(try c.rankAndAlpha(module: "q") == (4, 16))
         #expect(try c.scale(module: "enc.layer.0.k").scale == 2)
-        #expect(throws: LoRAError.self) { try PEFTAdapterConfig(json: try JSONParser.parse(#"{"peft_type":"IA3"}"#), file: "x") }
+        #expect { try PEFTAdapterConfig(json: try JSONParser.parse(#"{"peft_type":"IA3"}"#), file: "x") } throws: { ($0 as? LoRAError)?.reason == .notLoRAAdapter(peftType: "IA3") }
     }
 
     @Test func peftNamesAndWrapping() {
@@ -258,7 +258,7 @@ private func bytes(_ a: [Float]) -> [UInt8] { a.withUnsafeBytes { [UInt8]($0) } 
         let tensors = [f32("m/linear", [2, 2], [1, 2, 3, 4]), f32("m/linear_lora_a", [2, 1], [1, 1]), f32("m/linear_lora_b", [1, 2], [1, 0])]
         let merger = try LoRAMerger(upstream: MemorySource(tensors, withManifest: false), options: .init(scheme: .openpi, schemes: openpiScheme()))
         #expect(merger.manifest == nil)
-        #expect(throws: LoRAError.self) { try pump(from: merger, to: CollectingSink()) }
+        #expect { try pump(from: merger, to: CollectingSink()) } throws: { ($0 as? LoRAError)?.reason == .arrivedAfterBase }
     }
 
     @Test func leftoversAreListedTogether() throws {

@@ -52,14 +52,14 @@ import Testing
 
     @Test func eachRuleHasItsError() {
         #expect(reason(#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}}"#, dataBytes: 3)
-                == .invalidOffset(expectedStart: 2, got: (1, 3)))
-        #expect(reason(#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}}"#, dataBytes: 3) == .invalidOffset(expectedStart: 0, got: (1, 3)))
+                == .invalidOffset(expectedStart: 2, begin: 1, end: 3))
+        #expect(reason(#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}}"#, dataBytes: 3) == .invalidOffset(expectedStart: 0, begin: 1, end: 3))
         #expect(reason(#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, dataBytes: 4)
                 == .tensorInvalidInfo(dtype: "F32", shape: [2], bytes: 4))
         #expect(reason(#"{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]}}"#, dataBytes: 4) == .dataBeyondFile(dataEnd: 8, available: 4))
-        #expect(reason(#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#, dataBytes: 5) == .trailingBytes(3))
+        #expect(reason(#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#, dataBytes: 5) == .trailingBytes(count: 3))
         #expect(reason(#"{"a":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,0]}}"#, dataBytes: 0) == .validationOverflow)
-        #expect(reason(#"{"a":{"dtype":"F4","shape":[2],"data_offsets":[0,1]}}"#, dataBytes: 1) == .unsupportedDType("F4"))
+        #expect(reason(#"{"a":{"dtype":"F4","shape":[2],"data_offsets":[0,1]}}"#, dataBytes: 1) == .unsupportedDType(dtype: "F4"))
         for bad in [#"[]"#, #"{"a":{"dtype":"f32","shape":[1],"data_offsets":[0,4]}}"#, #"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,0]}}"#,
                     #"{"a":{"dtype":"U8","shape":[1.0],"data_offsets":[0,1]}}"#, #"{"__metadata__":{"k":1}}"#, #"{"a":1}"#,
                     #"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0]}}"#, "{\"a\":{}, \"a\":{}}", "\u{FEFF}{}"] {
@@ -68,9 +68,9 @@ import Testing
                 continue
             }
         }
-        #expect(throws: SafetensorsError.self) {
+        #expect {
             try SafetensorsHeader.parse(json: [0x7B, 0xFF, 0x7D], fileSize: 11, file: "f")
-        }
+        } throws: { ($0 as? SafetensorsError)?.reason == .headerNotUTF8 }
     }
 
     @Test func fileLevelChecks() throws {

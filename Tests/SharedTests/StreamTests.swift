@@ -137,7 +137,7 @@ import Testing
     @Test func nonZeroPaddingIsRefused() {
         var tiny = golden("tiny.ckpts")
         tiny[0x1F0] = 1
-        #expect(reason(tiny) == .nonZeroReserved("padding of a tensor-end frame"))
+        #expect(reason(tiny) == .nonZeroReserved(field: "padding of a tensor-end frame"))
     }
 
     @Test func trailingDataAfterEnd() {
@@ -157,7 +157,7 @@ import Testing
 
     @Test func unknownCriticalFrameIsRefusedAncillaryIsSkipped() {
         #expect(reason(stream([header, FrameEncoder.frame(.init(rawValue: 0x01)!, body: []).replacing(at: 4, with: 0x10), end0]))
-                == .unknownCriticalFrame(0x10))
+                == .unknownCriticalFrame(kind: 0x10))
         let ancillary = FrameEncoder.frame(.header, body: Array("anything".utf8)).replacing(at: 4, with: 0x90)
         #expect(reason(stream([header, ancillary, end0])) == nil)
     }
@@ -194,7 +194,7 @@ import Testing
     @Test func endFrameTotalsMustMatch() {
         let s = stream([header, FrameEncoder.tensor(a), chunk(offset: 0, [1, 2, 3, 4]),
                         FrameEncoder.tensorEnd(byteLength: 4, crc: CRC32.checksum([1, 2, 3, 4])), end0])
-        #expect(reason(s) == .endMismatch("says 0 tensors / 0 bytes, stream carried 1 / 4"))
+        #expect(reason(s) == .endMismatch(detail: "says 0 tensors / 0 bytes, stream carried 1 / 4"))
     }
 
     @Test func manifestContradiction() {
@@ -209,14 +209,14 @@ import Testing
 
     @Test func manifestWithTooFewTensorsInTheStream() {
         let m = FrameEncoder.manifest([a.descriptor])
-        #expect(reason(stream([header, m, end0])) == .manifestMismatch("manifest lists 1 tensors, stream carried 0"))
+        #expect(reason(stream([header, m, end0])) == .manifestMismatch(detail: "manifest lists 1 tensors, stream carried 0"))
     }
 
     @Test func unknownDType() {
         var t = FrameEncoder.tensor(a)
         // "U8" → "U9" in the descriptor (name length 4 + "a" + dtype length 1 → offset 16 + 6).
         t[16 + 7] = UInt8(ascii: "9")
-        #expect(reason(stream([header, t])) == .unknownDType("U9"))
+        #expect(reason(stream([header, t])) == .unknownDType(name: "U9"))
     }
 
     @Test func tensorLengthMustMatchShape() {

@@ -131,7 +131,7 @@ public struct LoRAMergeCommand: ParsableCommand {
 
     func parseJSONFile(_ path: String) throws -> JSONValue {
         do { return try JSONParser.parse(try readWholeFile(path, limit: 1 << 26)) } catch let e as JSONParser.Error {
-            throw LoRAError("\(path): not JSON: \(e.description)")
+            throw LoRAError(.configNotJSON(detail: e.description), file: path)
         }
     }
 
@@ -140,7 +140,7 @@ public struct LoRAMergeCommand: ParsableCommand {
         var path = dir + "/adapter_model.safetensors"
         var st = stat()
         if stat(path, &st) != 0 { path = dir + "/adapter_model.bin" }
-        guard stat(path, &st) == 0 else { throw LoRAError("\(dir) holds neither adapter_model.safetensors nor adapter_model.bin") }
+        guard stat(path, &st) == 0 else { throw LoRAError(.noAdapterModel, file: dir) }
         let source = try openSource(path, options: ReadOptions(), producer: "lora-merge")
         var out: [(TensorDescriptor, [UInt8])] = []
         while let t = try source.nextTensor() {

@@ -71,17 +71,16 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
         if TorchReader.startsWithLegacyMagic(head) { return .torch }
         if size > 262, file.bytes(at: 257, count: 5).elementsEqual(Array("ustar".utf8)) { return .torch }  // tar-era torch, refused by its reader
         // safetensors: a u64 header length, then that many bytes of a JSON object (padded with spaces).
-        if size >= 10 {
-            var length: UInt64 = 0
-            for i in (0..<8).reversed() { length = length << 8 | UInt64(head[i]) }
-            if length >= 2, length <= UInt64(size - 8), head[8] == UInt8(ascii: "{") {
-                let last = file.bytes(at: 8 + Int(length) - 1, count: 1)[0]
-                if last == UInt8(ascii: "}") || last == UInt8(ascii: " ") { return .safetensors }
-            }
+        let bytes = ByteCursor(file)
+        if let length = try? bytes.getInteger(at: 0, endianness: .little, as: UInt64.self),
+           length >= 2, length <= UInt64(size - 8), (try? bytes.getInteger(at: 8, endianness: .little, as: UInt8.self)) == UInt8(ascii: "{"),
+           let last = try? bytes.getInteger(at: 8 + Int(length) - 1, endianness: .little, as: UInt8.self),
+           last == UInt8(ascii: "}") || last == UInt8(ascii: " ") {
+            return .safetensors
         }
         // Flax msgpack: one map that ends exactly where the file does.
         if (0x80...0x8F).contains(head[0]) || head[0] == 0xDE || head[0] == 0xDF {
-            var cursor = MsgpackCursor(file.bytes(at: 0, count: size), file: path)
+            var cursor = MsgpackCursor(bytes, file: path)
             if (try? cursor.skip()) != nil, cursor.position == size { return .msgpack }
         }
         // Nothing matched: a file named for a format goes to that format's reader, whose error

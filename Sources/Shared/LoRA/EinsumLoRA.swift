@@ -19,26 +19,26 @@ public enum EinsumLoRA {
         let sides = eq.split(separator: "->", omittingEmptySubsequences: false)
         let inputs = sides.first?.split(separator: ",", omittingEmptySubsequences: false) ?? []
         guard sides.count == 2, inputs.count == 2 else {
-            throw LoRAError("einsum equation '\(equation)' is not of the form lhs,rhs->out")
+            throw LoRAError(.equationMalformed(equation: equation))
         }
         let lhs = Array(inputs[0]), rhs = Array(inputs[1]), out = Array(sides[1])
         guard !rhs.isEmpty, Set(rhs).count == rhs.count, !rhs.contains(layerLabel), !rhs.contains(LowRankLayout.rank) else {
-            throw LoRAError("einsum equation '\(equation)': the weight's labels must be distinct")
+            throw LoRAError(.equationLabelsRepeat(equation: equation))
         }
         let n = rhs.count
         let ia = axes.0 < 0 ? n + axes.0 : axes.0, ib = axes.1 < 0 ? n + axes.1 : axes.1
         guard (0..<n).contains(ia), (0..<n).contains(ib), ia != ib else {
-            throw LoRAError("einsum equation '\(equation)': LoRA axes \(axes) do not fit a weight of \(n) axes")
+            throw LoRAError(.equationAxesDoNotFit(equation: equation, axes: [axes.0, axes.1], weightAxes: n))
         }
         let a = rhs[ia], b = rhs[ib]
         guard out.contains(b), !lhs.contains(b) else {
             // The rank replaces b in the first einsum, so b must be an output axis the input does
             // not have; otherwise no single weight reproduces the two einsums.
-            throw LoRAError("einsum equation '\(equation)': LoRA axis \(b) must be an output axis not in the input; the adapter cannot be merged into one weight")
+            throw LoRAError(.equationRankAxisNotOutput(equation: equation, axis: String(b)))
         }
         let layer = weightRank == n + 1
         guard layer || weightRank == n else {
-            throw LoRAError("einsum equation '\(equation)' names \(n) weight axes, the weight has \(weightRank)")
+            throw LoRAError(.equationWeightRankMismatch(equation: equation, named: n, weightRank: weightRank))
         }
         let prefix: [Character] = layer ? [layerLabel] : []
         let r = LowRankLayout.rank
@@ -100,15 +100,15 @@ public struct EinsumLoRAConfig: Equatable, Sendable {
             switch (kv.first, kv.count) {
             case ("rslora", 1): config.rslora = true
             case ("rank", 2): config.rank = Int(kv[1])
-                if config.rank == nil || config.rank! <= 0 { throw LoRAError("LoRA config '\(text)': rank must be a positive integer") }
+                if config.rank == nil || config.rank! <= 0 { throw LoRAError(.configRankNotPositive(config: text)) }
             case ("alpha", 2):
-                guard let a = Double(kv[1]), a.isFinite else { throw LoRAError("LoRA config '\(text)': alpha must be a number") }
+                guard let a = Double(kv[1]), a.isFinite else { throw LoRAError(.configAlphaNotNumber(config: text)) }
                 config.alpha = a
             default:
-                throw LoRAError("LoRA config '\(text)': expected a preset (\(presets.keys.sorted().joined(separator: ", "))) or rank=R,alpha=A[,rslora]")
+                throw LoRAError(.configUnknown(config: text, presets: presets.keys.sorted()))
             }
         }
-        guard !config.alpha.isNaN else { throw LoRAError("LoRA config '\(text)' has no alpha") }
+        guard !config.alpha.isNaN else { throw LoRAError(.configWithoutAlpha(config: text)) }
         return config
     }
 }

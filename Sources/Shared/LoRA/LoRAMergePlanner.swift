@@ -40,13 +40,13 @@ struct LoRAMergePlanner {
             let names = (manifest ?? []).map(\.name) + external.map(\.name)
             let kinds = Set(names.compactMap(LoRAScheme.detect))
             if kinds.count > 1 {
-                throw LoRAError("adapter names of several schemes (\(kinds.map(\.rawValue).sorted().joined(separator: ", "))): pass --scheme")
+                throw LoRAError(.severalSchemes(schemes: kinds.map(\.rawValue).sorted()))
             }
             if let k = kinds.first { self.scheme = candidates[k] }
         }
         for d in external {
             guard case .adapter(let module, let part)? = self.scheme?.role(of: d.name) else {
-                throw LoRAError("the adapter file holds a tensor that is not a LoRA part of this scheme", tensors: [d.name])
+                throw LoRAError(.notAPartOfScheme, tensors: [d.name])
             }
             parts[module, default: [:]][part] = d
         }
@@ -80,7 +80,7 @@ struct LoRAMergePlanner {
         let plan = try s.plan(module: module, base: base, parts: ps)
         let dtype = outputType ?? base.dtype
         guard FloatConversion.canNarrow(to: dtype) else {
-            throw LoRAError("cannot write a merged weight as \(dtype.rawValue)", tensors: [base.name])
+            throw LoRAError(.cannotWriteAs(dtype: dtype.rawValue), tensors: [base.name])
         }
         let out = try! TensorDescriptor(name: s.outputName(base.name), dtype: dtype, shape: base.shape)
         return .merge(module: module, base: base, parts: ps, output: out, plan: plan)
@@ -94,10 +94,9 @@ struct LoRAMergePlanner {
         case .adapter(let module, let part):
             if merged.contains(module) || passedBases[module] != nil {
                 let base = passedBases[module].map { [$0] } ?? []
-                throw LoRAError("arrived after its base was passed on; without a stream manifest adapters must come before their base (ckpt-read writes a manifest)",
-                                tensors: [d.name] + base)
+                throw LoRAError(.arrivedAfterBase, tensors: [d.name] + base)
             }
-            if parts[module]?[part] != nil { throw LoRAError("two tensors are the \(part.rawValue) of \(module)", tensors: [d.name]) }
+            if parts[module]?[part] != nil { throw LoRAError(.duplicatePart(part: part.rawValue, module: module), tensors: [d.name]) }
             parts[module, default: [:]][part] = d
             if let base = held[module], complete(module) { return try mergeAction(module, base: base) }
             return .buffer(module: module, part: part)
@@ -107,7 +106,7 @@ struct LoRAMergePlanner {
                 return .passThrough(name: s.outputName(d.name))
             }
             if held[module] != nil || merged.contains(module) {
-                throw LoRAError("two weights are the base of \(module)", tensors: [d.name])
+                throw LoRAError(.duplicateBase(module: module), tensors: [d.name])
             }
             if complete(module) { return try mergeAction(module, base: d) }
             held[module] = d
@@ -128,9 +127,7 @@ struct LoRAMergePlanner {
 
     /// The error for leftovers, listing every offender.
     static func leftoverError(_ l: (adapters: [TensorDescriptor], bases: [TensorDescriptor])) -> LoRAError? {
-        var lines: [String] = []
-        if !l.adapters.isEmpty { lines.append("adapter tensors without a base: \(l.adapters.map(\.name).joined(separator: ", "))") }
-        if !l.bases.isEmpty { lines.append("bases whose adapters never completed: \(l.bases.map(\.name).joined(separator: ", "))") }
-        return lines.isEmpty ? nil : LoRAError(lines.joined(separator: "; "))
+        guard !l.adapters.isEmpty || !l.bases.isEmpty else { return nil }
+        return LoRAError(.leftovers(adapters: l.adapters.map(\.name), bases: l.bases.map(\.name)))
     }
 }

@@ -97,7 +97,7 @@ public final class LoRAMerger: TensorSource {
         } else if let e = LoRAMergePlanner.leftoverError(left) {
             problems.append(e.description)
         }
-        guard problems.isEmpty else { throw LoRAError(problems.joined(separator: "; ")) }
+        guard problems.isEmpty else { throw LoRAError(.several(problems: problems)) }
         return out
     }
 
@@ -111,7 +111,7 @@ public final class LoRAMerger: TensorSource {
     private static func checkFinite(_ d: TensorDescriptor, _ bytes: [UInt8]) throws(LoRAError) {
         guard FloatConversion.canWiden(d.dtype) else { return }  // the plan reports the type
         let bad = widened(d, bytes).lazy.filter { !$0.isFinite }.count
-        if bad > 0 { throw LoRAError("the adapter holds \(bad) non-finite values (NaN or Inf)", tensors: [d.name]) }
+        if bad > 0 { throw LoRAError(.adapterNonFinite(count: bad), tensors: [d.name]) }
     }
 
     private func floats(_ name: String) -> [Float] {

@@ -105,14 +105,14 @@ public struct LoRAScheme: Sendable {
     /// Plans the merge of one module from its tensors' descriptors.
     public func plan(module: String, base: TensorDescriptor, parts: [LoRAPart: TensorDescriptor]) throws(LoRAError) -> LoRAModulePlan {
         let names = [base.name] + LoRAPart.allCases.compactMap { parts[$0]?.name }
-        func fail(_ m: String) -> LoRAError { LoRAError(m, tensors: names) }
-        if parts[.biasB] != nil { throw fail("lora_B has a bias (lora_bias=True): merging it is not supported, and it is not dropped silently") }
+        func fail(_ r: LoRAError.Reason) -> LoRAError { LoRAError(r, tensors: names) }
+        if parts[.biasB] != nil { throw fail(.biasOnB) }
         for d in [base] + parts.values where !FloatConversion.canWiden(d.dtype) {
-            throw fail("\(d.name) is \(d.dtype.rawValue); merges need float tensors (F32, BF16, F16, F64)")
+            throw fail(.notFloat(tensor: d.name, dtype: d.dtype.rawValue))
         }
         let (aPart, bPart): (LoRAPart, LoRAPart) = parts[.embeddingA] != nil || parts[.embeddingB] != nil ? (.embeddingA, .embeddingB) : (.a, .b)
         guard let a = parts[aPart], let b = parts[bPart] else {
-            throw fail("the adapter needs both \(aPart.rawValue) and \(bPart.rawValue)")
+            throw fail(.missingFactor(a: aPart.rawValue, b: bPart.rawValue))
         }
         let r = LowRankLayout.rank
         switch kind {
@@ -120,26 +120,26 @@ public struct LoRAScheme: Sendable {
             let short = module.split(separator: "/").last.map(String.init) ?? module
             let ffn = a.name.hasSuffix("_lora_a")
             guard let equation = LoRAScheme.firstMatch(equations.map { ($0.glob, $0.equation) }, base.name) ?? EinsumLoRA.openpiEquation(module: short) else {
-                throw fail("no einsum equation is known for \(short): pass --equation '\(base.name)=lhs,rhs->out'")
+                throw fail(.noEquation(module: short, base: base.name))
             }
             let layout = try EinsumLoRA.layout(equation: equation, weightRank: base.shape.count)
             let merge = try LowRankMerge(layout: layout, weight: base.shape, a: a.shape, b: b.shape, names: names)
             let config = LoRAScheme.firstMatch(einsumConfigs.map { ($0.glob, $0.config) }, base.name)
             if let expected = config?.rank, expected != merge.rank {
-                throw fail("the adapter has rank \(merge.rank), the LoRA config says \(expected)")
+                throw fail(.rankDiffersFromConfig(rank: merge.rank, configured: expected))
             }
             if ffn {
                 // openpi's FeedForward._dot adds dot(dot(x, A), B) with no scaling at all.
                 return LoRAModulePlan(merge: merge, scale: 1, scaleNote: "1 (openpi FeedForward: unscaled)")
             }
             guard let config else {
-                throw fail("no LoRA alpha is known for this einsum: pass --config gemma_2b_lora, --config gemma_300m_lora or --config 'GLOB=rank=R,alpha=A'")
+                throw fail(.noEinsumAlpha)
             }
             let s = config.scale(rank: merge.rank)
             return LoRAModulePlan(merge: merge, scale: s, scaleNote: "\(format(s)) (alpha \(format(config.alpha)) / \(config.rslora ? "sqrt " : "")rank \(merge.rank))")
         case .peft:
             guard let peft else {
-                throw fail("PEFT adapters need their adapter_config.json for the scale: pass --adapter DIR or --adapter-config FILE")
+                throw fail(.peftNeedsConfig)
             }
             let (s, rank, alpha) = try peft.scale(module: module)
             let note = "\(format(s)) (lora_alpha \(format(alpha)) / \(peft.useRSLoRA ? "sqrt " : "")r \(rank))"
@@ -157,7 +157,7 @@ public struct LoRAScheme: Sendable {
                 // ConvNd [out, in, k...]: lora_A is a conv [r, in, k...], lora_B a 1x1 conv [out, r, 1...].
                 guard aShape.count == weight.count, bShape.count == weight.count, bShape.dropFirst(2).allSatisfy({ $0 == 1 }),
                       Array(aShape.dropFirst()) == Array(weight.dropFirst()) else {
-                    throw fail("conv LoRA shapes do not fit: weight \(weight), A \(aShape), B \(bShape)")
+                    throw fail(.convShapesMismatch(weight: weight, a: aShape, b: bShape))
                 }
                 let q = weight.dropFirst().reduce(1, *)
                 weight = [weight[0], q]
@@ -165,21 +165,21 @@ public struct LoRAScheme: Sendable {
                 bShape = [bShape[0], bShape[1]]
                 layout = LowRankLayout(weight: ["o", "i"], a: [r, "i"], b: ["o", r])
             } else {
-                throw fail("a \(weight.count)-D weight cannot take a LoRA adapter")
+                throw fail(.weightRankUnsupported(rank: weight.count))
             }
             if parts[.magnitude] != nil && magnitudeAxis == nil {
-                throw fail("DoRA is merged for Linear layers only; refusing rather than merging it as plain LoRA")
+                throw fail(.doraNotLinear)
             }
             let merge = try LowRankMerge(layout: layout, weight: weight, a: aShape, b: bShape, names: names)
             guard merge.rank == rank else {
-                throw fail("the adapter has rank \(merge.rank), adapter_config.json says \(rank) for \(module)")
+                throw fail(.rankDiffersFromAdapterConfig(rank: merge.rank, configured: rank, module: module))
             }
             if let m = parts[.magnitude], m.shape.reduce(1, *) != weight[magnitudeAxis!] {
-                throw fail("DoRA magnitude \(m.shape) does not fit weight \(base.shape)")
+                throw fail(.doraMagnitudeMismatch(magnitude: m.shape, weight: base.shape))
             }
             return LoRAModulePlan(merge: merge, scale: s, scaleNote: note, magnitudeAxis: magnitudeAxis)
         case .generic:
-            guard let s = genericScale else { throw fail("generic LoRA needs --scale") }
+            guard let s = genericScale else { throw fail(.genericNeedsScale) }
             if let equation = LoRAScheme.firstMatch(equations.map { ($0.glob, $0.equation) }, base.name) {
                 let layout = try EinsumLoRA.layout(equation: equation, weightRank: base.shape.count)
                 return LoRAModulePlan(merge: try LowRankMerge(layout: layout, weight: base.shape, a: a.shape, b: b.shape, names: names),
@@ -187,14 +187,13 @@ public struct LoRAScheme: Sendable {
             }
             // Matrices, with any leading batch axes: torch style (A [r, in], B [out, r]: ΔW = B·A)
             // or JAX style (A [in, r], B [r, out]: ΔW = A·B); the shapes decide.
-            guard base.shape.count >= 2 else { throw fail("generic LoRA needs a weight of 2 or more axes, or --equation") }
+            guard base.shape.count >= 2 else { throw fail(.genericNeedsMatrix) }
             let lead = (0..<(base.shape.count - 2)).map { Character(UnicodeScalar(UInt8(65 + $0))) }
             let torch = LowRankLayout(weight: lead + ["m", "n"], a: lead + [r, "n"], b: lead + ["m", r])
             let jax = LowRankLayout(weight: lead + ["m", "n"], a: lead + ["m", r], b: lead + [r, "n"])
             let fits = [torch, jax].compactMap { try? LowRankMerge(layout: $0, weight: base.shape, a: a.shape, b: b.shape, names: names) }
             guard fits.count == 1 else {
-                throw fail(fits.isEmpty ? "shapes do not form a LoRA pair: weight \(base.shape), A \(a.shape), B \(b.shape)"
-                                        : "square shapes are ambiguous (A·B or B·A): pass --equation")
+                throw fail(fits.isEmpty ? .notALoRAPair(weight: base.shape, a: a.shape, b: b.shape) : .ambiguousSquareShapes)
             }
             return LoRAModulePlan(merge: fits[0], scale: s, scaleNote: format(s))
         }

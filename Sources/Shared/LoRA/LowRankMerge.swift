@@ -26,19 +26,6 @@ public struct LowRankLayout: Equatable, Sendable {
 }
 
 /// A merge error: names the tensors and what does not fit.
-public struct LoRAError: CkptError {
-    public var message: String
-    public var tensors: [String]
-    public init(_ message: String, tensors: [String] = []) {
-        self.message = message
-        self.tensors = tensors
-    }
-    public var exitStatus: SysExit { .dataError }
-    public var description: String {
-        tensors.isEmpty ? message : "\(tensors.joined(separator: ", ")): \(message)"
-    }
-}
-
 /// What rounding the merged weight to its output type changed, against the float32 merge.
 public struct MergeDrift: Sendable {
     public var maxAbs: Double
@@ -77,16 +64,16 @@ public struct LowRankMerge: Sendable {
 
     /// Checks the shapes against the layout; `names` (W, A, B) label the error.
     public init(layout: LowRankLayout, weight: [Int], a: [Int], b: [Int], names: [String]) throws(LoRAError) {
-        func fail(_ m: String) -> LoRAError { LoRAError(m, tensors: names) }
+        func fail(_ r: LoRAError.Reason) -> LoRAError { LoRAError(r, tensors: names) }
         guard layout.weight.count == weight.count, layout.a.count == a.count, layout.b.count == b.count else {
-            throw fail("ranks do not fit the LoRA layout: weight \(weight), A \(a), B \(b)")
+            throw fail(.layoutRanksMismatch(weight: weight, a: a, b: b))
         }
         var sizes: [Character: Int] = [:]
         func bind(_ labels: [Character], _ shape: [Int], _ what: String) throws(LoRAError) {
             for (l, n) in zip(labels, shape) {
                 if let m = sizes[l], m != n {
                     let axis = l == LowRankLayout.rank ? "rank" : "axis \(l)"
-                    throw fail("\(what) has \(axis) of size \(n), expected \(m) (weight \(weight), A \(a), B \(b))")
+                    throw fail(.axisSizeMismatch(factor: what, axis: axis, size: n, expected: m, weight: weight, a: a, b: b))
                 }
                 sizes[l] = n
             }
@@ -94,20 +81,20 @@ public struct LowRankMerge: Sendable {
         try bind(layout.weight, weight, "weight")
         try bind(layout.a, a, "lora A")
         try bind(layout.b, b, "lora B")
-        guard let r = sizes[LowRankLayout.rank], r > 0 else { throw fail("the adapter has rank 0") }
+        guard let r = sizes[LowRankLayout.rank], r > 0 else { throw fail(.zeroRank) }
         let inA = Set(layout.a), inB = Set(layout.b).subtracting(layout.summedInB)
-        guard !layout.weight.contains(LowRankLayout.rank) else { throw fail("the rank label is an axis of the weight") }
+        guard !layout.weight.contains(LowRankLayout.rank) else { throw fail(.rankIsWeightAxis) }
         var batchLabels: [Character] = [], fromA: [Character] = [], fromB: [Character] = []
         for l in layout.weight {
             switch (inA.contains(l), inB.contains(l)) {
             case (true, true): batchLabels.append(l)
             case (true, false): fromA.append(l)
             case (false, true): fromB.append(l)
-            case (false, false): throw fail("weight axis \(l) comes from neither A nor B")
+            case (false, false): throw fail(.weightAxisFromNeither(axis: String(l)))
             }
         }
         for l in inA.union(inB) where l != LowRankLayout.rank && !layout.weight.contains(l) {
-            throw fail("adapter axis \(l) is not an axis of the weight")
+            throw fail(.adapterAxisNotInWeight(axis: String(l)))
         }
         // Rows: whichever factor's labels come first in W after the batch axes.
         let firstOwn = layout.weight.first { !batchLabels.contains($0) }
@@ -264,7 +251,7 @@ public struct LowRankMerge: Sendable {
             FloatConversion.narrow(merged, count: count, to: outputType, into: output)
         }
         guard stats.non_finite == 0 else {
-            throw LoRAError("the merged weight has \(stats.non_finite) non-finite values: the adapter or base is broken", tensors: [name])
+            throw LoRAError(.mergedNonFinite(count: Int(stats.non_finite)), tensors: [name])
         }
         return drift
     }
@@ -273,7 +260,7 @@ public struct LowRankMerge: Sendable {
     /// 2-D weight is the output axis) over the other axis, in float64.
     static func scaleToMagnitude(_ merged: inout [Float], shape: [Int], magnitude: [Float], axis: Int, name: String) throws(LoRAError) {
         guard shape.count == 2, magnitude.count == shape[axis] else {
-            throw LoRAError("DoRA magnitude of \(magnitude.count) values does not fit weight \(shape) (only 2-D Linear DoRA is merged)", tensors: [name])
+            throw LoRAError(.doraMagnitudeSize(values: magnitude.count, weight: shape), tensors: [name])
         }
         let (r, c) = (shape[0], shape[1])
         var norms = [Double](repeating: 0, count: shape[axis])
@@ -357,7 +344,7 @@ public final class StreamingMerge {
     /// The base ended: every byte must have made whole rows.
     public func finish() throws(LoRAError) {
         guard staged == 0, row == merge.batch * merge.rows else {
-            throw LoRAError("the base ended inside a row of the merge", tensors: [name])
+            throw LoRAError(.baseEndedInsideRow, tensors: [name])
         }
     }
 

@@ -17,9 +17,9 @@ public struct PEFTAdapterConfig: Sendable {
     }
 
     public init(json: JSONValue, file: String) throws(LoRAError) {
-        guard let o = json.objectValue else { throw LoRAError("\(file): not a JSON object") }
+        guard let o = json.objectValue else { throw LoRAError(.configNotObject, file: file) }
         if let type = o["peft_type"]?.stringValue, type != "LORA" {
-            throw LoRAError("\(file): peft_type is \(type); only LORA adapters are merged")
+            throw LoRAError(.notLoRAAdapter(peftType: type), file: file)
         }
         func number(_ key: String) -> Double? {
             if case .number(let text)? = o[key] { return Double(text) }
@@ -36,14 +36,14 @@ public struct PEFTAdapterConfig: Sendable {
         useDoRA = flag("use_dora")
         loraBias = flag("lora_bias")
         for (k, v) in o["rank_pattern"]?.objectValue ?? JSONObject() {
-            guard case .number(let t) = v, let n = Int(t) else { throw LoRAError("\(file): rank_pattern[\(k)] is not an integer") }
+            guard case .number(let t) = v, let n = Int(t) else { throw LoRAError(.rankPatternNotInteger(key: k), file: file) }
             rankPattern.append((k, n))
         }
         for (k, v) in o["alpha_pattern"]?.objectValue ?? JSONObject() {
-            guard case .number(let t) = v, let n = Double(t) else { throw LoRAError("\(file): alpha_pattern[\(k)] is not a number") }
+            guard case .number(let t) = v, let n = Double(t) else { throw LoRAError(.alphaPatternNotNumber(key: k), file: file) }
             alphaPattern.append((k, n))
         }
-        guard r > 0 else { throw LoRAError("\(file): r must be positive") }
+        guard r > 0 else { throw LoRAError(.rankNotPositive, file: file) }
     }
 
     /// PEFT's `get_pattern_key`: the first pattern with `re.match(rf"(.*\.)?({key})$", module)`.
@@ -51,7 +51,7 @@ public struct PEFTAdapterConfig: Sendable {
         for (pattern, value) in patterns {
             let regex: Regex<AnyRegexOutput>
             do { regex = try Regex("(.*\\.)?(\(pattern))") } catch {
-                throw LoRAError("adapter_config.json: pattern '\(pattern)' is not a regular expression this tool understands")
+                throw LoRAError(.patternNotRegex(pattern: pattern))
             }
             if (try? regex.wholeMatch(in: module)) != nil { return value }
         }

@@ -77,12 +77,11 @@ public final class SliceSource: TensorSource {
             let stacks = g.rule.source.captureNames.contains { !g.rule.target!.captureNames.contains($0) }
             let muls = g.rule.ops.contains { if case .mul = $0 { return true } else { return false } }
             if stacks || muls {
-                throw RuleError("\(d.name): this rule \(stacks ? "stacks tensors" : "multiplies by another tensor"), which needs the stream's manifest (ckpt-read writes one)",
-                                file: g.rule.file, line: g.rule.line)
+                throw RuleError(.needsManifest(stacks: stacks), file: g.rule.file, line: g.rule.line, tensor: d.name)
             }
         }
         for o in single.outputs {
-            if let other = written[o.name] { throw RuleError("two inputs write \(o.name): \(other) and \(d.name)") }
+            if let other = written[o.name] { throw RuleError(.twoInputsWrite(output: o.name, first: other, second: d.name)) }
             written[o.name] = d.name
         }
         plan = single
@@ -138,11 +137,11 @@ public final class SliceSource: TensorSource {
                     return emitQueued()
                 }
             case nil:
-                throw StreamError(.manifestMismatch("tensor \(d.name) is not in the manifest"), source: "ckpt-slice", tensor: d.name)
+                throw StreamError(.manifestMismatch(detail: "tensor \(d.name) is not in the manifest"), source: "ckpt-slice", tensor: d.name)
             }
         }
         if !unmatched.isEmpty {
-            throw RuleError("no rule matches \(unmatched.count) input tensors (add rules, 'drop PATTERN', or --keep-unmatched): \(unmatched.joined(separator: ", "))")
+            throw RuleError(.unmatched(tensors: unmatched))
         }
         return nil
     }
@@ -161,7 +160,7 @@ public final class SliceSource: TensorSource {
 
     /// Builds a group's outputs from its held inputs and queues them.
     private func build(_ g: SlicePlan.Group) throws {
-        func fail(_ m: String) -> RuleError { RuleError(m, file: g.rule.file, line: g.rule.line) }
+        func fail(_ r: RuleError.Reason) -> RuleError { RuleError(r, file: g.rule.file, line: g.rule.line) }
         // The stacked input: the parts one after another, in stacking order.
         var dtype = g.inputs[0].dtype
         var shape = g.stack + g.inputs[0].shape
@@ -182,7 +181,7 @@ public final class SliceSource: TensorSource {
             switch op {
             case .rearrange(let r):
                 let b: Rearrange.Bound
-                do { b = try r.bind(shape) } catch { throw fail(error.description) }
+                do { b = try r.bind(shape) } catch { throw fail(.rearrangeDoesNotFit(detail: error.description)) }
                 data = try SliceSource.gather(data, dtype.size, offset: 0, shape: b.axes.map(\.size), strides: b.axes.map(\.stride))
                 shape = b.outputShape
             case .index(let items):
@@ -198,7 +197,7 @@ public final class SliceSource: TensorSource {
                 let bad = SliceCast.multiply(data.pointer, dtype, by: b.pointer, operand.dtype, count: count)
                 // An uninitialised mask (DINOv3's bias_mask is NaN until set) must not pass silently.
                 if bad > 0 {
-                    throw fail("mul \(operand.name): \(bad) products are not finite (NaN or Inf in \(g.inputs[0].name) or \(operand.name))")
+                    throw fail(.productsNotFinite(operand: operand.name, count: bad, input: g.inputs[0].name))
                 }
             }
         }
@@ -231,7 +230,7 @@ public final class SliceSource: TensorSource {
     /// one per index of the other unstacked axes).
     private func buildSlice(_ st: SliceState) throws -> [AlignedBuffer] {
         let g = st.group
-        func fail(_ m: String) -> RuleError { RuleError(m, file: g.rule.file, line: g.rule.line) }
+        func fail(_ r: RuleError.Reason) -> RuleError { RuleError(r, file: g.rule.file, line: g.rule.line) }
         let need = st.sliceBytes
         let slice = try AlignedBuffer.reusable(capacity: max(need, 1))
         var have = min(st.leftover.count, need)
@@ -249,7 +248,7 @@ public final class SliceSource: TensorSource {
         }
         slice.count = need
         let b: Rearrange.Bound
-        do { b = try st.per.bind(st.sliceShape) } catch { throw fail(error.description) }
+        do { b = try st.per.bind(st.sliceShape) } catch { throw fail(.rearrangeDoesNotFit(detail: error.description)) }
         var data = try SliceSource.gather(slice, st.dtype.size, offset: 0, shape: b.axes.map(\.size), strides: b.axes.map(\.stride))
         var dtype = st.dtype
         let count = b.outputShape.reduce(1, *)

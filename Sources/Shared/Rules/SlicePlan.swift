@@ -62,7 +62,7 @@ public struct SlicePlan {
     /// together.
     /// `cast`: a final `cast?` of every output (`ckpt-slice --cast`), passed tensors included.
     public init(rules: [SliceRule], inputs: [TensorDescriptor], keepUnmatched: Bool, cast: DType? = nil) throws {
-        var problems: [String] = []
+        var problems: [RuleError] = []
         var unmatched: [String] = []
         // mul operands first: they belong to the rule that names them.
         var operandOf: [String: (consumer: String, op: Int, optional: Bool)] = [:]
@@ -72,7 +72,7 @@ public struct SlicePlan {
             for (k, op) in rule.ops.enumerated() {
                 guard case .mul(let p, let optional) = op else { continue }
                 guard let name = p.substitute(captures) else {
-                    problems.append("\(rule.location): mul \(p) uses a capture the source does not have"); continue
+                    problems.append(RuleError(.mulCaptureMissing(pattern: "\(p)"), file: rule.file, line: rule.line)); continue
                 }
                 if optional && byName[name] == nil { continue }
                 operandOf[name] = (d.name, k, optional)
@@ -108,19 +108,19 @@ public struct SlicePlan {
         }
         for (name, (consumer, op, _)) in operandOf {
             guard let d = byName[name] else {
-                problems.append("\(consumer): mul needs \(name), which is not in the input"); continue
+                problems.append(RuleError(.mulOperandNotInInput(operand: name), tensor: consumer)); continue
             }
             guard case .group(let g)? = assignments[consumer] else { continue }
             groups[g].operands[op] = d
             assignments[name] = .operand(g)
         }
         if !unmatched.isEmpty {
-            problems.append("no rule matches \(unmatched.count) input tensors (add rules, 'drop PATTERN', or --keep-unmatched): \(unmatched.joined(separator: ", "))")
+            problems.append(RuleError(.unmatched(tensors: unmatched)))
         }
         for g in groups.indices {
             groups[g].ops = groups[g].rule.ops + (cast.map { [.castFloats($0)] } ?? [])
             do { try SlicePlan.shape(&groups[g], captures: groupCaptures[g]) } catch let e as RuleError {
-                problems.append(e.description)
+                problems.append(e)
             }
             groups[g].trigger = (groups[g].inputs + groups[g].operands.values).map { position[$0.name]! }.max()!
         }
@@ -130,18 +130,18 @@ public struct SlicePlan {
             switch assignments[d.name] {
             case .pass(let name, let rule)?:
                 let from = rule?.location ?? "--keep-unmatched"
-                if let other = producer[name] { problems.append("two rules write \(name): \(other) and \(from)") }
+                if let other = producer[name] { problems.append(RuleError(.twoRulesWrite(output: name, first: other, second: from))) }
                 producer[name] = from
             default: break
             }
         }
         for g in groups {
             for o in g.outputs {
-                if let other = producer[o.name] { problems.append("two rules write \(o.name): \(other) and \(g.rule.location)") }
+                if let other = producer[o.name] { problems.append(RuleError(.twoRulesWrite(output: o.name, first: other, second: g.rule.location))) }
                 producer[o.name] = g.rule.location
             }
         }
-        guard problems.isEmpty else { throw RuleError(problems.joined(separator: "; ")) }
+        guard problems.isEmpty else { throw problems.count == 1 ? problems[0] : RuleError(.several(errors: problems)) }
         // The output order: passed tensors where they are; a group's outputs where it completes.
         let completing = Dictionary(grouping: groups.indices, by: { groups[$0].trigger })
         for (i, d) in inputs.enumerated() {
@@ -165,13 +165,13 @@ public struct SlicePlan {
     /// Orders a group's inputs for stacking, runs its ops on shapes, and names its outputs.
     static func shape(_ g: inout Group, captures: [(values: [String: String], input: TensorDescriptor)]) throws {
         let rule = g.rule
-        func fail(_ m: String) -> RuleError { RuleError(m, file: rule.file, line: rule.line) }
+        func fail(_ r: RuleError.Reason) -> RuleError { RuleError(r, file: rule.file, line: rule.line) }
         let target = rule.target!
         let stacked = rule.source.captureNames.filter { !target.captureNames.contains($0) }
         var current: NamedShape
         let first = captures[0].input
         if stacked.isEmpty {
-            guard captures.count == 1 else { throw fail("internal: several inputs without stacked captures") }
+            guard captures.count == 1 else { throw fail(.severalInputsWithoutStacking) }
             current = NamedShape(shape: first.shape, names: first.shape.map { _ in nil }, dtype: first.dtype)
         } else {
             // Each stacked capture is an axis: integers 0..<n or the words of a set, in order.
@@ -182,27 +182,28 @@ public struct SlicePlan {
                 case .integer:
                     let ints = values.compactMap { Int($0) }.sorted()
                     guard ints == Array(0..<ints.count) else {
-                        throw fail("stacking {\(c)}: indices \(ints.map(String.init).joined(separator: ",")) are not 0..<\(ints.count)")
+                        throw fail(.stackIndicesNotConsecutive(capture: c, indices: ints))
                     }
                     axes.append(ints.map(String.init))
                 case .oneOf(let words):
                     let missing = words.filter { !values.contains($0) }
-                    guard missing.isEmpty else { throw fail("stacking {\(c)}: \(missing.joined(separator: ", ")) missing") }
+                    guard missing.isEmpty else { throw fail(.stackWordsMissing(capture: c, missing: missing)) }
                     axes.append(words)
                 default:
-                    throw fail("cannot stack over {\(c)}: only {\(c):int} or {\(c)=a,b,...} captures give an order")
+                    throw fail(.stackWithoutOrder(capture: c))
                 }
             }
             let count = axes.reduce(1) { $0 * $1.count }
             guard captures.count == count else {
-                throw fail("stacking \(stacked.joined(separator: ", ")): \(captures.count) inputs for \(count) places")
+                throw fail(.stackCountMismatch(captures: stacked, inputs: captures.count, places: count))
             }
             func order(_ v: [String: String]) -> Int {
                 zip(stacked, axes).reduce(0) { acc, p in acc * p.1.count + p.1.firstIndex(of: v[p.0]!)! }
             }
             let sorted = captures.sorted { order($0.values) < order($1.values) }
             for c in sorted where c.input.shape != first.shape || c.input.dtype != first.dtype {
-                throw fail("stacking: \(c.input.name) is \(c.input.dtype.rawValue)\(c.input.shape), \(first.name) is \(first.dtype.rawValue)\(first.shape)")
+                throw fail(.stackPartsDiffer(tensor: c.input.name, dtype: c.input.dtype.rawValue, shape: c.input.shape,
+                                             first: first.name, firstDType: first.dtype.rawValue, firstShape: first.shape))
             }
             g.inputs = sorted.map(\.input)
             g.stack = axes.map(\.count)
@@ -214,7 +215,7 @@ public struct SlicePlan {
             case .rearrange(let r):
                 elementwiseOnly = false
                 let b: Rearrange.Bound
-                do { b = try r.bind(current.shape) } catch { throw fail(error.description) }
+                do { b = try r.bind(current.shape) } catch { throw fail(.rearrangeDoesNotFit(detail: error.description)) }
                 current.shape = b.outputShape
                 current.names = r.right.map { if case .axis(let n) = $0 { return n } else { return nil } }
             case .index(let items):
@@ -223,22 +224,23 @@ public struct SlicePlan {
                 current.names = v.kept.map { current.names[$0] }
                 current.shape = v.shape
             case .cast(let d):
-                guard SliceCast.supported(from: current.dtype) else { throw fail("cast: \(current.dtype.rawValue) is not a float type") }
+                guard SliceCast.supported(from: current.dtype) else { throw fail(.castNotFloat(dtype: current.dtype.rawValue)) }
                 current.dtype = d
             case .castFloats(let d):
                 if SliceCast.supported(from: current.dtype) { current.dtype = d }
             case .scale, .add:
-                guard SliceCast.supported(from: current.dtype) else { throw fail("\(op): \(current.dtype.rawValue) is not a float type") }
+                guard SliceCast.supported(from: current.dtype) else { throw fail(.operationNotFloat(operation: "\(op)", dtype: current.dtype.rawValue)) }
             case .where: break
             case .mul(_, let optional):
                 guard let operand = g.operands[k] else {
                     if optional { continue }
-                    throw fail("mul: the operand is not in the input")
+                    throw fail(.mulOperandMissing)
                 }
                 elementwiseOnly = false
                 guard operand.shape.reduce(1, *) == current.shape.reduce(1, *), SliceCast.supported(from: operand.dtype),
                       SliceCast.supported(from: current.dtype) else {
-                    throw fail("mul: \(operand.name) is \(operand.dtype.rawValue)\(operand.shape), the tensor is \(current.dtype.rawValue)\(current.shape)")
+                    throw fail(.mulOperandMismatch(operand: operand.name, operandDType: operand.dtype.rawValue, operandShape: operand.shape,
+                                                  dtype: current.dtype.rawValue, shape: current.shape))
                 }
             }
         }
@@ -247,12 +249,12 @@ public struct SlicePlan {
         var unstack: [(name: String, position: Int, values: [String])] = []
         for name in target.captureNames where bound[name] == nil || stacked.contains(name) {
             guard let p = current.names.firstIndex(of: name) else {
-                throw fail("target {\(name)} is not an axis of the result (axes: \(current.names.map { $0 ?? "_" }.joined(separator: " ")))")
+                throw fail(.unstackAxisMissing(capture: name, axes: current.names.map { $0 ?? "_" }))
             }
             let n = current.shape[p]
             let values: [String]
             if case .oneOf(let words) = target.kind(of: name)! {
-                guard words.count == n else { throw fail("target {\(name)} lists \(words.count) names, the axis has \(n)") }
+                guard words.count == n else { throw fail(.unstackNamesMismatch(capture: name, names: words.count, size: n)) }
                 values = words
             } else {
                 values = (0..<n).map(String.init)
@@ -267,9 +269,9 @@ public struct SlicePlan {
         for u in unstack { combos = combos.flatMap { c in u.values.map { c.merging([u.name: $0]) { $1 } } } }
         g.outputs = try combos.map { c in
             let rest = Set(rule.source.captureNames.filter { rule.source.kind(of: $0) == .rest })
-            guard let name = target.substitute(bound.merging(c) { $1 }, rejoin: rest) else { throw fail("target \(target) has an unbound capture") }
+            guard let name = target.substitute(bound.merging(c) { $1 }, rejoin: rest) else { throw fail(.targetUnbound(target: "\(target)")) }
             do { return try TensorDescriptor(name: name, dtype: current.dtype, shape: outShape) } catch {
-                throw fail("output \(name): \(error)")
+                throw fail(.invalidOutput(name: name, detail: "\(error)"))
             }
         }
         g.streams = elementwiseOnly && unstack.isEmpty && g.operands.isEmpty
@@ -294,7 +296,7 @@ struct IndexView {
     var kept: [Int] = []
 
     init(_ items: [SliceOp.IndexItem], shape input: [Int]) throws {
-        guard items.count <= input.count else { throw RuleError("index has \(items.count) items for \(input.count) axes \(input)") }
+        guard items.count <= input.count else { throw RuleError(.indexTooManyItems(items: items.count, shape: input)) }
         var stride = [Int](repeating: 1, count: input.count)
         for d in stride.indices.reversed().dropFirst() { stride[d] = stride[d + 1] * input[d + 1] }
         for d in input.indices {
@@ -305,7 +307,7 @@ struct IndexView {
                 shape.append(n); strides.append(stride[d]); kept.append(d)
             case .at(let i):
                 let j = i < 0 ? n + i : i
-                guard j >= 0 && j < n else { throw RuleError("index \(i) is out of range for axis \(d) of size \(n) in \(input)") }
+                guard j >= 0 && j < n else { throw RuleError(.indexOutOfRange(index: i, axis: d, size: n, shape: input)) }
                 offset += j * stride[d]
             case .range(let a, let b):
                 func clamp(_ x: Int?, _ dflt: Int) -> Int {

@@ -44,33 +44,15 @@ public struct SliceRule: Sendable {
     }
 }
 
-/// A rule file error: where, and what.
-public struct RuleError: CkptError {
-    public var message: String
-    public var file: String?
-    public var line: Int?
-    public init(_ message: String, file: String? = nil, line: Int? = nil) {
-        self.message = message
-        self.file = file
-        self.line = line
-    }
-    public var exitStatus: SysExit { file != nil && line != nil ? .dataError : .dataError }
-    public var description: String {
-        if let file, let line { return "\(file):\(line): \(message)" }
-        if let file { return "\(file): \(message)" }
-        return message
-    }
-}
-
 /// Parses rule files (docs/rules.md).
 public enum SliceRuleParser {
     public static func parse(file path: String, including: [String] = []) throws -> [SliceRule] {
-        guard !including.contains(path) else { throw RuleError("include cycle: \((including + [path]).joined(separator: " -> "))") }
+        guard !including.contains(path) else { throw RuleError(.includeCycle(chain: including + [path])) }
         let bytes: [UInt8]
         do { bytes = try readWholeFile(path, limit: 1 << 24) } catch {
-            throw RuleError("cannot read the rule file (\(error))", file: path)
+            throw RuleError(.unreadable(detail: "\(error)"), file: path)
         }
-        guard let text = String(validating: bytes, as: UTF8.self) else { throw RuleError("not UTF-8", file: path) }
+        guard let text = String(validating: bytes, as: UTF8.self) else { throw RuleError(.notUTF8, file: path) }
         return try parse(text, file: path, including: including)
     }
 
@@ -81,18 +63,18 @@ public enum SliceRuleParser {
             let lineNumber = n + 1
             let line = stripComment(String(raw)).trimmingCharacters(in: " ").replacingTabs()
             if line.isEmpty { continue }
-            func fail(_ m: String) -> RuleError { RuleError(m, file: file, line: lineNumber) }
+            func fail(_ r: RuleError.Reason) -> RuleError { RuleError(r, file: file, line: lineNumber) }
             let words = line.split(separator: " ", maxSplits: 1).map(String.init)
             switch words[0] {
             case "include":
-                guard words.count == 2 else { throw fail("include needs a file name") }
+                guard words.count == 2 else { throw fail(.includeWithoutFile) }
                 let name = words[1].trimmingCharacters(in: " ")
                 rules += try parse(file: name.hasPrefix("/") ? name : dir + "/" + name, including: including + [file])
                 continue
             case "drop", "keep":
-                guard words.count == 2, !words[1].contains("->") else { throw fail("\(words[0]) takes one pattern") }
+                guard words.count == 2, !words[1].contains("->") else { throw fail(.takesOnePattern(keyword: words[0])) }
                 let source: RulePattern
-                do { source = try RulePattern(words[1].trimmingCharacters(in: " ")) } catch { throw fail(error.description) }
+                do { source = try RulePattern(words[1].trimmingCharacters(in: " ")) } catch { throw fail(.invalidPattern(detail: error.description)) }
                 rules.append(SliceRule(action: words[0] == "drop" ? .drop : .keep, source: source, target: nil, ops: [], file: file, line: lineNumber))
                 continue
             default: break
@@ -100,18 +82,16 @@ public enum SliceRuleParser {
             let pieces = splitOutsideQuotes(line, on: "|")
             let arrow = pieces[0].split(separator: "->", omittingEmptySubsequences: false).map { String($0).trimmingCharacters(in: " ") }
             guard arrow.count == 2, !arrow[0].isEmpty, !arrow[1].isEmpty else {
-                throw fail("expected 'SOURCE -> TARGET | op | ...', 'drop SOURCE' or 'keep SOURCE'")
+                throw fail(.malformedLine)
             }
             let source: RulePattern, target: RulePattern
             do {
                 source = try RulePattern(arrow[0])
                 target = try RulePattern(arrow[1])
-            } catch { throw fail(error.description) }
+            } catch { throw fail(.invalidPattern(detail: error.description)) }
             var ops: [SliceOp] = []
             for piece in pieces.dropFirst() {
-                do { ops.append(try parseOp(piece.trimmingCharacters(in: " "))) } catch let e as RuleError {
-                    throw fail(e.message)
-                }
+                do { ops.append(try parseOp(piece.trimmingCharacters(in: " "))) } catch let e as RuleError { throw fail(e.reason) }
             }
             try check(source: source, target: target, ops: ops, fail: fail)
             rules.append(SliceRule(action: .map, source: source, target: target, ops: ops, file: file, line: lineNumber))
@@ -121,19 +101,19 @@ public enum SliceRuleParser {
 
     /// What can be told from the rule alone: every target capture must come from the source
     /// or be an axis of the last rearrange; stacked captures must be axes of the first one.
-    static func check(source: RulePattern, target: RulePattern, ops: [SliceOp], fail: (String) -> RuleError) throws {
+    static func check(source: RulePattern, target: RulePattern, ops: [SliceOp], fail: (RuleError.Reason) -> RuleError) throws {
         let sourceNames = Set(source.captureNames)
         let rearranges = ops.compactMap { if case .rearrange(let r) = $0 { return r } else { return nil } }
         for name in target.captureNames where !sourceNames.contains(name) {
             guard let last = rearranges.last, last.right.contains(.axis(name)) else {
-                throw fail("target {\(name)} is neither captured by the source nor an axis of the last rearrange's right side")
+                throw fail(.targetCaptureUnbound(capture: name))
             }
         }
         let stacked = source.captureNames.filter { !target.captureNames.contains($0) }
         if !stacked.isEmpty, let first = rearranges.first, ops.first.map({ if case .rearrange = $0 { return true } else { return false } }) == true {
             let lead = first.left.prefix(stacked.count).map { $0 }
             guard lead == stacked.map({ Rearrange.Item.axis($0) }) else {
-                throw fail("stacking along \(stacked.joined(separator: ", ")): the first rearrange must start with those axes (\"\(stacked.joined(separator: " ")) ...\")")
+                throw fail(.stackedAxesNotLeading(captures: stacked))
             }
         }
     }
@@ -144,56 +124,56 @@ public enum SliceRuleParser {
         switch parts.first ?? "" {
         case "rearrange":
             guard let open = arg.firstIndex(of: "\""), let close = arg[arg.index(after: open)...].firstIndex(of: "\"") else {
-                throw RuleError("rearrange takes a quoted expression: rearrange \"i o -> o i\"")
+                throw RuleError(.rearrangeNotQuoted)
             }
             let expression = String(arg[arg.index(after: open)..<close])
             var sizes: [String: Int] = [:]
             for kv in arg[arg.index(after: close)...].split(separator: " ") {
                 let p = kv.split(separator: "=").map(String.init)
-                guard p.count == 2, let n = Int(p[1]), n > 0 else { throw RuleError("rearrange: '\(kv)' is not NAME=SIZE") }
+                guard p.count == 2, let n = Int(p[1]), n > 0 else { throw RuleError(.rearrangeSizeMalformed(item: String(kv))) }
                 sizes[p[0]] = n
             }
-            do { return .rearrange(try Rearrange(expression, sizes: sizes)) } catch { throw RuleError(error.description) }
+            do { return .rearrange(try Rearrange(expression, sizes: sizes)) } catch { throw RuleError(.invalidRearrange(detail: error.description)) }
         case "index", "select":
             let body = arg.trimmingCharacters(in: " ")
-            guard body.hasPrefix("["), body.hasSuffix("]") else { throw RuleError("\(parts[0]) takes numpy-style indices: [:, 0] or [2:4]") }
+            guard body.hasPrefix("["), body.hasSuffix("]") else { throw RuleError(.indexNotBracketed(operation: parts[0])) }
             let items = try body.dropFirst().dropLast().split(separator: ",", omittingEmptySubsequences: false).map { raw -> SliceOp.IndexItem in
                 let s = raw.trimmingCharacters(in: " ")
                 if s == ":" { return .all }
                 if let i = Int(s) { return .at(i) }
                 let ab = s.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
                 guard ab.count == 2, ab[0].isEmpty || Int(ab[0]) != nil, ab[1].isEmpty || Int(ab[1]) != nil else {
-                    throw RuleError("index item '\(s)' is not ':', an integer or a:b")
+                    throw RuleError(.indexItemMalformed(item: s))
                 }
                 return .range(Int(ab[0]), Int(ab[1]))
             }
             return .index(items)
         case "cast", "cast?":
             guard let d = DType(userName: arg), SliceCast.supported(to: d) else {
-                throw RuleError("cast takes F32, F64, BF16, F16, F8_E4M3 or F8_E5M2, not '\(arg)'")
+                throw RuleError(.castTargetUnsupported(argument: arg))
             }
             return parts[0] == "cast" ? .cast(d) : .castFloats(d)
         case "scale", "add":
-            guard let x = Double(arg), x.isFinite else { throw RuleError("\(parts[0]) takes a number, not '\(arg)'") }
+            guard let x = Double(arg), x.isFinite else { throw RuleError(.numberExpected(operation: parts[0], argument: arg)) }
             return parts[0] == "scale" ? .scale(x) : .add(x)
         case "mul", "mul?":
-            do { return .mul(try RulePattern(arg), optional: parts[0] == "mul?") } catch { throw RuleError(error.description) }
+            do { return .mul(try RulePattern(arg), optional: parts[0] == "mul?") } catch { throw RuleError(.invalidPattern(detail: error.description)) }
         case "where":
             var rank: Int?, dtype: DType?
             for cond in arg.split(separator: " ") {
                 let kv = cond.split(separator: "=").map(String.init)
                 switch (kv.first, kv.count) {
                 case ("rank", 2): rank = Int(kv[1])
-                    if rank == nil { throw RuleError("where rank= takes an integer") }
+                    if rank == nil { throw RuleError(.whereRankNotInteger) }
                 case ("dtype", 2): dtype = DType(userName: kv[1])
-                    if dtype == nil { throw RuleError("where dtype= takes a type such as F32 or BF16") }
-                default: throw RuleError("where takes rank=N and/or dtype=T, not '\(cond)'")
+                    if dtype == nil { throw RuleError(.whereDTypeUnknown) }
+                default: throw RuleError(.whereConditionUnknown(condition: String(cond)))
                 }
             }
-            guard rank != nil || dtype != nil else { throw RuleError("where needs rank=N or dtype=T") }
+            guard rank != nil || dtype != nil else { throw RuleError(.whereEmpty) }
             return .where(rank: rank, dtype: dtype)
         default:
-            throw RuleError("unknown operation '\(parts.first ?? "")' (known: where, rearrange, index, select, cast, cast?, scale, add, mul, mul?)")
+            throw RuleError(.unknownOperation(name: parts.first ?? ""))
         }
     }
 

@@ -28,23 +28,30 @@ public struct FrameDecoder {
         guard bytes.count == StreamFormat.preambleSize, Array(bytes[0..<8]) == StreamFormat.magic else {
             throw error(.badMagic, at: offset)
         }
-        var r = ByteReader(Array(bytes[8...]))
-        let major = try! r.u16(), minor = try! r.u16(), flags = try! r.u32()
+        // The length was checked above: these reads cannot fail.
+        let r = ByteCursor(bytes)
+        let major = try! r.getInteger(at: 8, endianness: .little, as: UInt16.self)
+        let minor = try! r.getInteger(at: 10, endianness: .little, as: UInt16.self)
+        let flags = try! r.getInteger(at: 12, endianness: .little, as: UInt32.self)
         guard major == StreamFormat.majorVersion else {
             throw error(.unsupportedVersion(major: major, minor: minor), at: offset)
         }
-        guard flags == 0 else { throw error(.nonZeroReserved("preamble flags"), at: offset) }
-        guard bytes[16...].allSatisfy({ $0 == 0 }) else { throw error(.nonZeroReserved("preamble padding"), at: offset) }
+        guard flags == 0 else { throw error(.nonZeroReserved(field: "preamble flags"), at: offset) }
+        guard bytes[16...].allSatisfy({ $0 == 0 }) else { throw error(.nonZeroReserved(field: "preamble padding"), at: offset) }
     }
 
     public func frameHeader(_ bytes: [UInt8], at offset: Int) throws(StreamError) -> FrameHeader {
-        var r = ByteReader(bytes)
-        let marker = try! r.u32(), kind = try! r.u8(), flags = try! r.u8(), reserved = try! r.u16()
-        let length = try! r.u64()
-        guard marker == StreamFormat.marker else { throw error(.badMarker(marker), at: offset) }
-        guard flags == 0, reserved == 0 else { throw error(.nonZeroReserved("frame flags"), at: offset) }
+        // The caller reads exactly frameHeaderSize bytes.
+        precondition(bytes.count == StreamFormat.frameHeaderSize)
+        var r = ByteCursor(bytes)
+        let marker = try! r.readInteger(endianness: .little, as: UInt32.self)
+        let kind = try! r.readByte(), flags = try! r.readByte()
+        let reserved = try! r.readInteger(endianness: .little, as: UInt16.self)
+        let length = try! r.readInteger(endianness: .little, as: UInt64.self)
+        guard marker == StreamFormat.marker else { throw error(.badMarker(found: marker), at: offset) }
+        guard flags == 0, reserved == 0 else { throw error(.nonZeroReserved(field: "frame flags"), at: offset) }
         if StreamFormat.Kind(rawValue: kind) == nil && !StreamFormat.Kind.isAncillary(kind) {
-            throw error(.unknownCriticalFrame(kind), at: offset)
+            throw error(.unknownCriticalFrame(kind: kind), at: offset)
         }
         return FrameHeader(kind: kind, bodyLength: length)
     }
@@ -55,7 +62,7 @@ public struct FrameDecoder {
 
     public func header(_ body: [UInt8], at offset: Int) throws(StreamError) -> StreamHeader {
         let value: JSONValue
-        do { value = try JSONParser.parse(body) } catch { throw self.error(.badJSON(error.description), at: offset) }
+        do { value = try JSONParser.parse(body) } catch { throw self.error(.badJSON(detail: error.description), at: offset) }
         guard let obj = value.objectValue,
               let producer = obj["producer"]?.stringValue,
               let format = obj["source_format"]?.stringValue else {
@@ -69,31 +76,32 @@ public struct FrameDecoder {
         return StreamHeader(producer: producer, sourceFormat: format, metadata: metadata)
     }
 
-    func descriptor(_ r: inout ByteReader, kind: StreamFormat.Kind, at offset: Int) throws(StreamError) -> TensorDescriptor {
+    func descriptor(_ r: inout ByteCursor, kind: StreamFormat.Kind, at offset: Int) throws(StreamError) -> TensorDescriptor {
         do {
-            let nameBytes = try r.bytes32()
-            guard let name = String(validating: nameBytes, as: UTF8.self) else {
+            let nameLength = try r.readInteger(endianness: .little, as: UInt32.self)
+            guard let name = try r.readUTF8(Int(nameLength)) else {
                 throw malformed(kind, "tensor name is not valid UTF-8", at: offset)
             }
-            let dtypeText = String(decoding: try r.bytes8(), as: UTF8.self)
+            let dtypeText = String(decoding: try r.readBytes(Int(try r.readByte())), as: UTF8.self)
             guard let dtype = DType(rawValue: dtypeText) else {
-                throw error(.unknownDType(dtypeText), at: offset, tensor: name)
+                throw error(.unknownDType(name: dtypeText), at: offset, tensor: name)
             }
-            let rank = Int(try r.u8())
-            guard rank <= 64 else { throw error(.badShape("rank \(rank) exceeds 64"), at: offset, tensor: name) }
+            let rank = Int(try r.readByte())
+            guard rank <= 64 else { throw error(.badShape(detail: "rank \(rank) exceeds 64"), at: offset, tensor: name) }
             var shape: [Int] = []
             for _ in 0..<rank {
-                let d = try r.u64()
-                guard d <= UInt64(Int.max) else { throw error(.badShape("dimension \(d) too large"), at: offset, tensor: name) }
+                let d = try r.readInteger(endianness: .little, as: UInt64.self)
+                guard d <= UInt64(Int.max) else { throw error(.badShape(detail: "dimension \(d) too large"), at: offset, tensor: name) }
                 shape.append(Int(d))
             }
             do {
                 return try TensorDescriptor(name: name, dtype: dtype, shape: shape)
             } catch {
-                throw self.error(.badShape(error.reason), at: offset, tensor: name)
+                throw self.error(.badShape(detail: error.reason), at: offset, tensor: name)
             }
-        } catch let e as ByteReader.OutOfBounds {
-            throw malformed(kind, "body too short (needed \(e.wanted) bytes at body offset \(e.offset))", at: offset)
+        } catch let e as ByteCursorError {
+            guard case .truncated(let needed, _) = e.reason else { throw malformed(kind, e.description, at: offset) }
+            throw malformed(kind, "body too short (needed \(needed) bytes at body offset \(e.offset))", at: offset)
         } catch let e as StreamError {
             throw e
         } catch {
@@ -102,8 +110,8 @@ public struct FrameDecoder {
     }
 
     public func manifest(_ body: [UInt8], at offset: Int) throws(StreamError) -> [TensorDescriptor] {
-        var r = ByteReader(body)
-        guard let count = try? r.u64() else { throw malformed(.manifest, "body too short", at: offset) }
+        var r = ByteCursor(body)
+        guard let count = try? r.readInteger(endianness: .little, as: UInt64.self) else { throw malformed(.manifest, "body too short", at: offset) }
         // Each entry needs at least 6 bytes: refuse counts the body cannot hold.
         guard count <= UInt64(body.count / 6) else { throw malformed(.manifest, "count \(count) exceeds what the body holds", at: offset) }
         var out: [TensorDescriptor] = []
@@ -112,15 +120,17 @@ public struct FrameDecoder {
         guard r.remaining == 0 else { throw malformed(.manifest, "\(r.remaining) unexpected bytes after the entries", at: offset) }
         var seen = Set<String>()
         for d in out where !seen.insert(d.name).inserted {
-            throw error(.manifestMismatch("tensor name listed twice"), at: offset, tensor: d.name)
+            throw error(.manifestMismatch(detail: "tensor name listed twice"), at: offset, tensor: d.name)
         }
         return out
     }
 
     public func tensor(_ body: [UInt8], at offset: Int) throws(StreamError) -> TensorHeader {
-        var r = ByteReader(body)
+        var r = ByteCursor(body)
         let d = try descriptor(&r, kind: .tensor, at: offset)
-        guard let length = try? r.u64(), let attrBytes = try? r.bytes32() else {
+        guard let length = try? r.readInteger(endianness: .little, as: UInt64.self),
+              let attrLength = try? r.readInteger(endianness: .little, as: UInt32.self),
+              let attrBytes = try? r.readBytes(Int(attrLength)) else {
             throw malformed(.tensor, "body too short", at: offset)
         }
         guard r.remaining == 0 else { throw malformed(.tensor, "\(r.remaining) unexpected bytes at the end", at: offset) }
@@ -132,7 +142,7 @@ public struct FrameDecoder {
         if !attrBytes.isEmpty {
             let value: JSONValue
             do { value = try JSONParser.parse(attrBytes) } catch {
-                throw self.error(.badJSON("attributes: \(error.description)"), at: offset, tensor: d.name)
+                throw self.error(.badJSON(detail: "attributes: \(error.description)"), at: offset, tensor: d.name)
             }
             guard let o = value.objectValue else { throw malformed(.tensor, "attributes are not a JSON object", at: offset) }
             attributes = o
@@ -144,16 +154,20 @@ public struct FrameDecoder {
         guard bodyLength >= UInt64(StreamFormat.chunkHeaderSize) else {
             throw malformed(.chunk, "body shorter than the 48-byte chunk header", at: offset)
         }
-        var r = ByteReader(bytes)
-        let off = try! r.u64(), raw = try! r.u64(), codecRaw = try! r.u32(), crc = try! r.u32(), width = Int(try! r.u8())
-        guard try! r.bytes(23).allSatisfy({ $0 == 0 }) else { throw error(.nonZeroReserved("chunk header"), at: offset, tensor: tensor) }
-        guard let codec = StreamFormat.Codec(rawValue: codecRaw) else { throw error(.unknownCodec(codecRaw), at: offset, tensor: tensor) }
+        // The caller reads exactly chunkHeaderSize bytes.
+        precondition(bytes.count == StreamFormat.chunkHeaderSize)
+        var r = ByteCursor(bytes)
+        let off = try! r.readInteger(endianness: .little, as: UInt64.self), raw = try! r.readInteger(endianness: .little, as: UInt64.self)
+        let codecRaw = try! r.readInteger(endianness: .little, as: UInt32.self), crc = try! r.readInteger(endianness: .little, as: UInt32.self)
+        let width = Int(try! r.readByte())
+        guard try! r.readBytes(23).allSatisfy({ $0 == 0 }) else { throw error(.nonZeroReserved(field: "chunk header"), at: offset, tensor: tensor) }
+        guard let codec = StreamFormat.Codec(rawValue: codecRaw) else { throw error(.unknownCodec(codec: codecRaw), at: offset, tensor: tensor) }
         if codec == .zlibShuffled {
             guard (2...StreamFormat.maxShuffleWidth).contains(width) else {
                 throw malformed(.chunk, "shuffle width \(width) is not in 2...\(StreamFormat.maxShuffleWidth)", at: offset)
             }
         } else if width != 0 {
-            throw error(.nonZeroReserved("chunk shuffle width (codec \(codecRaw))"), at: offset, tensor: tensor)
+            throw error(.nonZeroReserved(field: "chunk shuffle width (codec \(codecRaw))"), at: offset, tensor: tensor)
         }
         let stored = bodyLength - UInt64(StreamFormat.chunkHeaderSize)
         guard raw <= UInt64(StreamFormat.maxChunkSize), stored <= UInt64(StreamFormat.maxChunkSize) + 65536 else {
@@ -167,15 +181,16 @@ public struct FrameDecoder {
 
     public func tensorEnd(_ body: [UInt8], at offset: Int) throws(StreamError) -> (length: UInt64, crc: UInt32) {
         guard body.count == 16 else { throw malformed(.tensorEnd, "body is \(body.count) bytes, expected 16", at: offset) }
-        var r = ByteReader(body)
-        let length = try! r.u64(), crc = try! r.u32(), reserved = try! r.u32()
-        guard reserved == 0 else { throw error(.nonZeroReserved("tensor-end"), at: offset) }
+        var r = ByteCursor(body)
+        let length = try! r.readInteger(endianness: .little, as: UInt64.self)
+        let crc = try! r.readInteger(endianness: .little, as: UInt32.self), reserved = try! r.readInteger(endianness: .little, as: UInt32.self)
+        guard reserved == 0 else { throw error(.nonZeroReserved(field: "tensor-end"), at: offset) }
         return (length, crc)
     }
 
     public func end(_ body: [UInt8], at offset: Int) throws(StreamError) -> (tensors: UInt64, bytes: UInt64) {
         guard body.count == 16 else { throw malformed(.end, "body is \(body.count) bytes, expected 16", at: offset) }
-        var r = ByteReader(body)
-        return (try! r.u64(), try! r.u64())
+        var r = ByteCursor(body)
+        return (try! r.readInteger(endianness: .little, as: UInt64.self), try! r.readInteger(endianness: .little, as: UInt64.self))
     }
 }

@@ -6,28 +6,28 @@ public struct StreamError: CkptError, Equatable {
         case empty
         case badMagic
         case unsupportedVersion(major: UInt16, minor: UInt16)
-        case nonZeroReserved(String)
+        case nonZeroReserved(field: String)
         /// The input ended before the end frame.
         case truncated(inside: String)
-        case badMarker(UInt32)
-        case unknownCriticalFrame(UInt8)
+        case badMarker(found: UInt32)
+        case unknownCriticalFrame(kind: UInt8)
         case unexpectedFrame(got: String, expected: String)
         case frameTooLarge(kind: String, length: UInt64, limit: Int)
         case malformedFrame(kind: String, reason: String)
-        case unknownDType(String)
-        case badShape(String)
-        case badJSON(String)
+        case unknownDType(name: String)
+        case badShape(detail: String)
+        case badJSON(detail: String)
         case chunkOutOfOrder(expectedOffset: UInt64, got: UInt64)
         case chunkBeyondTensor(offset: UInt64, length: UInt64, tensorLength: UInt64)
-        case unknownCodec(UInt32)
-        case decompressionFailed(String)
+        case unknownCodec(codec: UInt32)
+        case decompressionFailed(detail: String)
         case chunkCRCMismatch(chunkOffset: UInt64, expected: UInt32, actual: UInt32)
         case tensorCRCMismatch(expected: UInt32, actual: UInt32)
         case tensorLengthMismatch(declared: UInt64, received: UInt64)
-        case manifestMismatch(String)
+        case manifestMismatch(detail: String)
         /// Two tensors of one stream have the same name (a stream without a manifest can).
         case duplicateTensor
-        case endMismatch(String)
+        case endMismatch(detail: String)
         case trailingData
     }
 

@@ -318,7 +318,7 @@ public final class StreamReader: DirectChunkSource {
         guard pad > 0 else { return }
         let bytes = try input.read(pad)
         guard bytes.count == pad else { throw StreamError(.truncated(inside: "the padding of a \(kind) frame"), source: decoder.source, offset: at) }
-        guard bytes.allSatisfy({ $0 == 0 }) else { throw StreamError(.nonZeroReserved("padding of a \(kind) frame"), source: decoder.source, offset: at) }
+        guard bytes.allSatisfy({ $0 == 0 }) else { throw StreamError(.nonZeroReserved(field: "padding of a \(kind) frame"), source: decoder.source, offset: at) }
     }
 
     static func skipBody(_ input: BufferedInput, _ decoder: FrameDecoder, length: UInt64, at: Int, kind: String) throws {
@@ -365,11 +365,11 @@ public final class StreamReader: DirectChunkSource {
                 let t = try decoder.tensor(body, at: at)
                 if let manifest {
                     guard tensorsRead < manifest.count else {
-                        throw StreamError(.manifestMismatch("more tensors than the manifest's \(manifest.count)"),
+                        throw StreamError(.manifestMismatch(detail: "more tensors than the manifest's \(manifest.count)"),
                                           source: source, offset: at, tensor: t.descriptor.name)
                     }
                     guard manifest[tensorsRead] == t.descriptor else {
-                        throw StreamError(.manifestMismatch("manifest entry \(tensorsRead) is \(manifest[tensorsRead]), stream has \(t.descriptor)"),
+                        throw StreamError(.manifestMismatch(detail: "manifest entry \(tensorsRead) is \(manifest[tensorsRead]), stream has \(t.descriptor)"),
                                           source: source, offset: at, tensor: t.descriptor.name)
                     }
                 }
@@ -389,11 +389,11 @@ public final class StreamReader: DirectChunkSource {
             case (.end, nil):
                 let (count, bytes) = try decoder.end(body, at: at)
                 guard count == UInt64(tensorsRead), bytes == UInt64(bytesRead) else {
-                    throw StreamError(.endMismatch("says \(count) tensors / \(bytes) bytes, stream carried \(tensorsRead) / \(bytesRead)"),
+                    throw StreamError(.endMismatch(detail: "says \(count) tensors / \(bytes) bytes, stream carried \(tensorsRead) / \(bytesRead)"),
                                       source: source, offset: at)
                 }
                 if let manifest, manifest.count != tensorsRead {
-                    throw StreamError(.manifestMismatch("manifest lists \(manifest.count) tensors, stream carried \(tensorsRead)"),
+                    throw StreamError(.manifestMismatch(detail: "manifest lists \(manifest.count) tensors, stream carried \(tensorsRead)"),
                                       source: source, offset: at)
                 }
                 guard try input.atEnd() else { throw StreamError(.trailingData, source: source, offset: input.offset) }
@@ -497,7 +497,7 @@ final class ChunkJob: Job, @unchecked Sendable {
         do {
             try ZlibCodec.decompress(packed.bytes, into: UnsafeMutableRawBufferPointer(start: output.pointer, count: rawLength))
         } catch {
-            throw StreamError(.decompressionFailed(error.description), source: source, offset: frameOffset, tensor: tensor)
+            throw StreamError(.decompressionFailed(detail: error.description), source: source, offset: frameOffset, tensor: tensor)
         }
         output.count = rawLength
         if shuffleWidth > 1 {

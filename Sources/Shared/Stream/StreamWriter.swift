@@ -62,11 +62,11 @@ public final class StreamWriter: SpliceAwareSink {
         if let manifest {
             // Never emit a stream that contradicts its own manifest.
             guard tensorCount < manifest.count else {
-                throw StreamError(.manifestMismatch("more tensors than the manifest lists"), source: output.path, tensor: d.name)
+                throw StreamError(.manifestMismatch(detail: "more tensors than the manifest lists"), source: output.path, tensor: d.name)
             }
             let expected = manifest[tensorCount]
             guard expected == d else {
-                throw StreamError(.manifestMismatch("manifest entry \(tensorCount) is \(expected), tensor is \(d)"),
+                throw StreamError(.manifestMismatch(detail: "manifest entry \(tensorCount) is \(expected), tensor is \(d)"),
                                   source: output.path, tensor: d.name)
             }
         }
@@ -164,7 +164,7 @@ public final class StreamWriter: SpliceAwareSink {
     public func finish() throws {
         precondition(current == nil, "finish inside a tensor")
         if let manifest, manifest.count != tensorCount {
-            throw StreamError(.manifestMismatch("manifest lists \(manifest.count) tensors, \(tensorCount) were written"),
+            throw StreamError(.manifestMismatch(detail: "manifest lists \(manifest.count) tensors, \(tensorCount) were written"),
                               source: output.path)
         }
         try write(FrameEncoder.end(tensorCount: tensorCount, totalBytes: totalBytes))

@@ -24,42 +24,41 @@ public enum FlaxMsgpackReader {
     public static func open(path: String, selection: TensorSelection = .all, separator: String = "/",
                             producer: String) throws -> PlannedSource {
         let fd = try FileDescriptor.openForReading(path)
-        guard let size = try fd.regularFileSize() else { throw MsgpackError(message: "not a regular file", file: path, offset: 0) }
+        guard let size = try fd.regularFileSize() else { throw MsgpackError(.notARegularFile, file: path, offset: 0) }
         let file = try MappedFile(fd, size: size)
-        let bytes = file.bytes(at: 0, count: size)
-        var cursor = MsgpackCursor(bytes, file: path)
+        var cursor = MsgpackCursor(ByteCursor(file), file: path)
         var plan: [(TensorHeader, TensorData)] = []
         var metadata = JSONObject()
         var names = Set<String>()
 
         func add(_ name: String, _ d: TensorDescriptor, _ data: TensorData) throws {
-            guard names.insert(name).inserted else { throw MsgpackError(message: "two leaves have this name", file: path, offset: cursor.position, path: name) }
+            guard names.insert(name).inserted else { throw MsgpackError(.duplicateLeaf, file: path, offset: cursor.position, tensor: name) }
             if selection.includes(name) { plan.append((TensorHeader(d), data)) }
         }
 
         /// An ext 1/3 payload: (shape, dtype name, bin). Returns the descriptor and the data's place.
         func array(_ offset: Int, _ count: Int, name: String) throws -> (TensorDescriptor, Int) {
-            var c = MsgpackCursor(UnsafeRawBufferPointer(rebasing: bytes[0..<(offset + count)]), file: path, at: offset)
-            func bad(_ m: String) -> MsgpackError { MsgpackError(message: m, file: path, offset: offset, path: name) }
+            var c = try cursor.payload(offset: offset, count: count)
+            func bad(_ r: MsgpackError.Reason) -> MsgpackError { MsgpackError(r, file: path, offset: offset, tensor: name) }
             guard case .array(3) = try c.next(), case .array(let rank) = try c.next(), rank <= 64 else {
-                throw bad("array payload is not (shape, dtype, data)")
+                throw bad(.malformedArrayPayload)
             }
             var shape: [Int] = []
             for _ in 0..<rank {
-                guard case .uint(let d) = try c.next(), d <= UInt64(Int.max) else { throw bad("shape holds a non-integer") }
+                guard case .uint(let d) = try c.next(), d <= UInt64(Int.max) else { throw bad(.shapeNotIntegers) }
                 shape.append(Int(d))
             }
-            guard case .string(let dtypeName) = try c.next() else { throw bad("dtype is not a string") }
-            guard let dtype = FlaxMsgpack.dtypesByName[dtypeName] else { throw bad("dtype \(dtypeName) is not supported") }
-            guard case .bin(let at, let n) = try c.next(), c.position == offset + count else { throw bad("data is not a bin at the end of the payload") }
+            guard case .string(let dtypeName) = try c.next() else { throw bad(.dtypeNotString) }
+            guard let dtype = FlaxMsgpack.dtypesByName[dtypeName] else { throw bad(.unsupportedDType(name: dtypeName)) }
+            guard case .bin(let at, let n) = try c.next(), c.position == offset + count else { throw bad(.dataNotTrailingBin) }
             let d: TensorDescriptor
-            do { d = try TensorDescriptor(name: name, dtype: dtype, shape: shape) } catch { throw bad("shape \(shape): \(error.reason)") }
-            guard d.byteCount == n else { throw bad("\(dtypeName)\(shape) needs \(d.byteCount) bytes, the payload holds \(n)") }
+            do { d = try TensorDescriptor(name: name, dtype: dtype, shape: shape) } catch { throw bad(.invalidShape(shape: shape, detail: error.reason)) }
+            guard d.byteCount == n else { throw bad(.dataSizeMismatch(dtype: dtypeName, shape: shape, needed: d.byteCount, holds: n)) }
             return (d, at)
         }
 
         func walk(_ name: String, depth: Int) throws {
-            guard depth < 256 else { throw MsgpackError(message: "nesting deeper than 256", file: path, offset: cursor.position) }
+            guard depth < 256 else { throw MsgpackError(.nestingTooDeep(limit: 256), file: path, offset: cursor.position) }
             let at = cursor.position
             let token = try cursor.next()
             switch token {
@@ -76,7 +75,7 @@ public enum FlaxMsgpackReader {
                     case .string(let s): key = s
                     case .uint(let u): key = String(u)
                     case .int(let i): key = String(i)
-                    default: throw MsgpackError(message: "map key is not a string or integer", file: path, offset: cursor.position, path: name)
+                    default: throw MsgpackError(.mapKeyNotStringOrInteger, file: path, offset: cursor.position, tensor: name)
                     }
                     try walk(name.isEmpty ? key : name + separator + key, depth: depth + 1)
                 }
@@ -84,13 +83,13 @@ public enum FlaxMsgpackReader {
                 let (d, dataAt) = try array(offset, count, name: name)
                 try add(name, d, .mapped(file, offset: dataAt))
             case .ext(2, let offset, let count):
-                var c = MsgpackCursor(UnsafeRawBufferPointer(rebasing: bytes[0..<(offset + count)]), file: path, at: offset)
+                var c = try cursor.payload(offset: offset, count: count)
                 guard case .array(2) = try c.next(), case .double(let re) = try c.next(), case .double(let im) = try c.next() else {
-                    throw MsgpackError(message: "complex leaf is not (real, imag)", file: path, offset: offset, path: name)
+                    throw MsgpackError(.malformedComplex, file: path, offset: offset, tensor: name)
                 }
                 try leaf(name, .string("(\(re)+\(im)j)"))
             case .ext(let type, _, _):
-                throw MsgpackError(message: "ext type \(type) is not a flax type", file: path, offset: at, path: name)
+                throw MsgpackError(.unknownExtType(type: type), file: path, offset: at, tensor: name)
             case .array(let n):
                 // flax writes lists as maps; tolerate plain arrays of leaves by index.
                 for i in 0..<n { try walk(name.isEmpty ? String(i) : name + separator + String(i), depth: depth + 1) }
@@ -105,45 +104,44 @@ public enum FlaxMsgpackReader {
         }
 
         func leaf(_ name: String, _ v: JSONValue) throws {
-            guard names.insert(name).inserted else { throw MsgpackError(message: "two leaves have this name", file: path, offset: cursor.position, path: name) }
+            guard names.insert(name).inserted else { throw MsgpackError(.duplicateLeaf, file: path, offset: cursor.position, tensor: name) }
             metadata[name] = v
         }
 
         /// `{"__msgpack_chunked_array__": true, "shape": {...}, "chunks": {...}}`
         func chunked(_ name: String, at: Int) throws {
-            func bad(_ m: String) -> MsgpackError { MsgpackError(message: "chunked array: \(m)", file: path, offset: at, path: name) }
-            guard case .string = try cursor.next(), case .bool(true) = try cursor.next() else { throw bad("marker is not true") }
-            guard case .string("shape") = try cursor.next(), case .map(let rank) = try cursor.next(), rank <= 64 else { throw bad("no shape map") }
+            func bad(_ r: MsgpackError.Reason) -> MsgpackError { MsgpackError(r, file: path, offset: at, tensor: name) }
+            guard case .string = try cursor.next(), case .bool(true) = try cursor.next() else { throw bad(.chunkedMarkerNotTrue) }
+            guard case .string("shape") = try cursor.next(), case .map(let rank) = try cursor.next(), rank <= 64 else { throw bad(.chunkedNoShapeMap) }
             var shape: [Int] = []
             for i in 0..<rank {
                 guard case .string(String(i)) = try cursor.next(), case .uint(let d) = try cursor.next(), d <= UInt64(Int.max) else {
-                    throw bad("shape entry \(i) is malformed")
+                    throw bad(.chunkedShapeEntryMalformed(index: i))
                 }
                 shape.append(Int(d))
             }
-            guard case .string("chunks") = try cursor.next(), case .map(let n) = try cursor.next() else { throw bad("no chunks map") }
+            guard case .string("chunks") = try cursor.next(), case .map(let n) = try cursor.next() else { throw bad(.chunkedNoChunksMap) }
             var pieces: [(offset: Int, count: Int)] = []
             var dtype: DType?
             for i in 0..<n {
                 guard case .string(String(i)) = try cursor.next(), case .ext(let type, let offset, let count) = try cursor.next(), type == 1 else {
-                    throw bad("chunk \(i) is not an array")
+                    throw bad(.chunkedChunkNotArray(index: i))
                 }
                 let (d, dataAt) = try array(offset, count, name: name)
-                guard d.shape.count == 1, dtype == nil || dtype == d.dtype else { throw bad("chunk \(i) is not 1-d of the array's dtype") }
+                guard d.shape.count == 1, dtype == nil || dtype == d.dtype else { throw bad(.chunkedChunkNotOneDimensional(index: i)) }
                 dtype = d.dtype
                 pieces.append((dataAt, d.byteCount))
             }
-            guard let dtype else { throw bad("no chunks") }
+            guard let dtype else { throw bad(.chunkedNoChunks) }
             let d: TensorDescriptor
-            do { d = try TensorDescriptor(name: name, dtype: dtype, shape: shape) } catch { throw bad("shape \(shape): \(error.reason)") }
-            guard pieces.reduce(0, { $0 + $1.count }) == d.byteCount else { throw bad("chunks do not add up to \(dtype.rawValue)\(shape)") }
+            do { d = try TensorDescriptor(name: name, dtype: dtype, shape: shape) } catch { throw bad(.invalidShape(shape: shape, detail: error.reason)) }
+            guard pieces.reduce(0, { $0 + $1.count }) == d.byteCount else { throw bad(.chunkedSizeMismatch(dtype: dtype.rawValue, shape: shape)) }
             try add(name, d, .segments(file, pieces))
         }
 
-        // `bytes` points into `file`'s mapping: keep it mapped for the whole walk.
-        try withExtendedLifetime(file) { try walk("", depth: 0) }
+        try walk("", depth: 0)
         guard cursor.position == size else {
-            throw MsgpackError(message: "\(size - cursor.position) bytes after the msgpack value", file: path, offset: cursor.position)
+            throw MsgpackError(.trailingBytes(count: size - cursor.position), file: path, offset: cursor.position)
         }
         return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "flax-msgpack", metadata: metadata), plan: plan)
     }

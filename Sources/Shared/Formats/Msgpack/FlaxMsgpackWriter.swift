@@ -130,7 +130,7 @@ public final class FlaxMsgpackWriter: TensorSink {
             spoolOffset = try spool.add(d, file: path)
         } else {
             guard let manifest, index < manifest.count, manifest[index] == d else {
-                throw StreamError(.manifestMismatch("tensor \(d) is not the manifest's next entry"), source: path, tensor: d.name)
+                throw StreamError(.manifestMismatch(detail: "tensor \(d) is not the manifest's next entry"), source: path, tensor: d.name)
             }
         }
     }
@@ -171,7 +171,7 @@ public final class FlaxMsgpackWriter: TensorSink {
             spool.remove()
             self.spool = nil
         } else if let manifest, index + 1 != manifest.count {
-            throw StreamError(.manifestMismatch("manifest lists \(manifest.count) tensors, \(index + 1) arrived"), source: path)
+            throw StreamError(.manifestMismatch(detail: "manifest lists \(manifest.count) tensors, \(index + 1) arrived"), source: path)
         }
         try output!.commit()
     }
@@ -201,7 +201,7 @@ public final class FlaxMsgpackWriter: TensorSink {
                 var node = top
                 for (depth, part) in parts.enumerated() {
                     guard node.tensor == nil else {
-                        throw StreamError(.manifestMismatch("is both an array and a folder of arrays in the tree"), source: file, tensor: d.name)
+                        throw StreamError(.manifestMismatch(detail: "is both an array and a folder of arrays in the tree"), source: file, tensor: d.name)
                     }
                     if let next = node.children[part] {
                         node = next
@@ -213,7 +213,7 @@ public final class FlaxMsgpackWriter: TensorSink {
                     }
                     if depth == parts.count - 1 {
                         guard node.tensor == nil && node.keys.isEmpty else {
-                            throw StreamError(.manifestMismatch("names an array twice, or a folder of arrays"), source: file, tensor: d.name)
+                            throw StreamError(.manifestMismatch(detail: "names an array twice, or a folder of arrays"), source: file, tensor: d.name)
                         }
                         node.tensor = i
                     }

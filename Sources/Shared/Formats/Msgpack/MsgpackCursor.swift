@@ -3,17 +3,6 @@
 // copied, so array data can be read straight from a mapped file. Big-endian lengths, each
 // checked against the bytes that remain before anything uses it.
 
-public struct MsgpackError: CkptError, Equatable {
-    public var message: String
-    public var file: String
-    public var offset: Int
-    public var path: String?
-    public var exitStatus: SysExit { .dataError }
-    public var description: String {
-        "\(file): byte \(offset)" + (path.map { ": \($0)" } ?? "") + ": \(message)"
-    }
-}
-
 public struct MsgpackCursor {
     public enum Token: Equatable {
         case nil_
@@ -28,92 +17,110 @@ public struct MsgpackCursor {
         case ext(type: Int8, offset: Int, count: Int)
     }
 
-    public let bytes: UnsafeRawBufferPointer
+    /// The bytes; token offsets are in its coordinates (file offsets for a mapped file).
+    public private(set) var bytes: ByteCursor
     public let file: String
-    public private(set) var position: Int
+    public var position: Int { bytes.readerIndex }
 
-    public init(_ bytes: UnsafeRawBufferPointer, file: String, at position: Int = 0) {
+    public init(_ bytes: ByteCursor, file: String) {
         self.bytes = bytes
         self.file = file
-        self.position = position
     }
 
-    func fail(_ m: String, at: Int? = nil) -> MsgpackError { MsgpackError(message: m, file: file, offset: at ?? position) }
+    func fail(_ r: MsgpackError.Reason, at: Int? = nil) -> MsgpackError { MsgpackError(r, file: file, offset: at ?? position) }
 
-    private mutating func take(_ n: Int) throws -> Int {
-        guard n >= 0, n <= bytes.count - position else { throw fail("truncated: needs \(n) more bytes") }
-        defer { position += n }
-        return position
+    /// The offset of the next `n` bytes, skipped.
+    private mutating func take(_ n: Int) throws(ByteCursorError) -> Int {
+        let at = bytes.readerIndex
+        try bytes.skip(n)
+        return at
     }
 
-    private mutating func be(_ n: Int) throws -> UInt64 {
-        let at = try take(n)
-        var v: UInt64 = 0
-        for i in 0..<n { v = v << 8 | UInt64(bytes[at + i]) }
-        return v
+    private mutating func be<T: FixedWidthInteger>(_: T.Type) throws(ByteCursorError) -> T {
+        try bytes.readInteger(endianness: .big, as: T.self)
     }
 
     /// A count of items that each take at least one byte: refuse counts the input cannot hold.
-    private func count(_ v: UInt64) throws -> Int {
-        guard v <= UInt64(bytes.count - position) else { throw fail("declares \(v) items, more than the bytes left") }
+    /// (Read the count into a local first: `count(try be(...))` would see `self` before the read.)
+    private func count<T: FixedWidthInteger>(_ v: T) throws(MsgpackError) -> Int {
+        guard UInt64(v) <= UInt64(bytes.remaining) else { throw fail(.countExceedsInput(count: UInt64(v))) }
         return Int(v)
     }
 
     private mutating func string(_ n: Int) throws -> Token {
-        let at = try take(n)
-        guard let s = String(validating: UnsafeRawBufferPointer(rebasing: bytes[at..<at + n]), as: UTF8.self) else {
-            throw fail("string is not valid UTF-8", at: at)
-        }
+        let at = position
+        guard let s = try bytes.readUTF8(n) else { throw fail(.stringNotUTF8, at: at) }
         return .string(s)
     }
 
-    public mutating func next() throws -> Token {
+    public mutating func next() throws(MsgpackError) -> Token {
+        do {
+            return try token()
+        } catch let e as MsgpackError {
+            throw e
+        } catch let e as ByteCursorError {
+            // Reads only move forward from a valid index, so a failed read is a short one.
+            guard case .truncated(let needed, let available) = e.reason else { throw fail(.truncated(needed: 1, available: 0), at: e.offset) }
+            throw fail(.truncated(needed: needed, available: available), at: e.offset)
+        } catch {
+            fatalError("unreachable: \(error)")
+        }
+    }
+
+    private mutating func token() throws -> Token {
         let start = position
-        let b = bytes[try take(1)]
+        let b = try bytes.readByte()
         switch b {
         case 0x00...0x7F: return .uint(UInt64(b))
-        case 0x80...0x8F: return .map(try count(UInt64(b & 0x0F)))
-        case 0x90...0x9F: return .array(try count(UInt64(b & 0x0F)))
+        case 0x80...0x8F: return .map(try count(b & 0x0F))
+        case 0x90...0x9F: return .array(try count(b & 0x0F))
         case 0xA0...0xBF: return try string(Int(b & 0x1F))
         case 0xC0: return .nil_
         case 0xC2: return .bool(false)
         case 0xC3: return .bool(true)
         case 0xC4, 0xC5, 0xC6:
-            let n = Int(try be(b == 0xC4 ? 1 : b == 0xC5 ? 2 : 4))
+            let n = b == 0xC4 ? Int(try be(UInt8.self)) : b == 0xC5 ? Int(try be(UInt16.self)) : Int(try be(UInt32.self))
             return .bin(offset: try take(n), count: n)
         case 0xC7, 0xC8, 0xC9:
-            let n = Int(try be(b == 0xC7 ? 1 : b == 0xC8 ? 2 : 4))
-            let type = Int8(bitPattern: bytes[try take(1)])
+            let n = b == 0xC7 ? Int(try be(UInt8.self)) : b == 0xC8 ? Int(try be(UInt16.self)) : Int(try be(UInt32.self))
+            let type = try be(Int8.self)
             return .ext(type: type, offset: try take(n), count: n)
-        case 0xCA: return .double(Double(Float(bitPattern: UInt32(try be(4)))))
-        case 0xCB: return .double(Double(bitPattern: try be(8)))
-        case 0xCC: return .uint(try be(1))
-        case 0xCD: return .uint(try be(2))
-        case 0xCE: return .uint(try be(4))
-        case 0xCF: return .uint(try be(8))
-        case 0xD0: return .int(Int64(Int8(truncatingIfNeeded: try be(1))))
-        case 0xD1: return .int(Int64(Int16(truncatingIfNeeded: try be(2))))
-        case 0xD2: return .int(Int64(Int32(truncatingIfNeeded: try be(4))))
-        case 0xD3: return .int(Int64(bitPattern: try be(8)))
+        case 0xCA: return .double(Double(Float(bitPattern: try be(UInt32.self))))
+        case 0xCB: return .double(Double(bitPattern: try be(UInt64.self)))
+        case 0xCC: return .uint(UInt64(try be(UInt8.self)))
+        case 0xCD: return .uint(UInt64(try be(UInt16.self)))
+        case 0xCE: return .uint(UInt64(try be(UInt32.self)))
+        case 0xCF: return .uint(try be(UInt64.self))
+        case 0xD0: return .int(Int64(try be(Int8.self)))
+        case 0xD1: return .int(Int64(try be(Int16.self)))
+        case 0xD2: return .int(Int64(try be(Int32.self)))
+        case 0xD3: return .int(try be(Int64.self))
         case 0xD4...0xD8:
             let n = 1 << Int(b - 0xD4)
-            let type = Int8(bitPattern: bytes[try take(1)])
+            let type = try be(Int8.self)
             return .ext(type: type, offset: try take(n), count: n)
-        case 0xD9: return try string(Int(try be(1)))
-        case 0xDA: return try string(Int(try be(2)))
-        case 0xDB: return try string(Int(try be(4)))
-        case 0xDC: return .array(try count(try be(2)))
-        case 0xDD: return .array(try count(try be(4)))
-        case 0xDE: return .map(try count(try be(2)))
-        case 0xDF: return .map(try count(try be(4)))
+        case 0xD9: return try string(Int(try be(UInt8.self)))
+        case 0xDA: return try string(Int(try be(UInt16.self)))
+        case 0xDB: return try string(Int(try be(UInt32.self)))
+        case 0xDC: let n = try be(UInt16.self); return .array(try count(n))
+        case 0xDD: let n = try be(UInt32.self); return .array(try count(n))
+        case 0xDE: let n = try be(UInt16.self); return .map(try count(n))
+        case 0xDF: let n = try be(UInt32.self); return .map(try count(n))
         case 0xE0...0xFF: return .int(Int64(Int8(bitPattern: b)))
-        default: throw fail("byte 0x\(String(b, radix: 16)) is not a msgpack type", at: start)
+        default: throw fail(.unknownType(byte: b), at: start)
+        }
+    }
+
+    /// A cursor over a `bin`/`ext` payload this cursor returned (same coordinates).
+    public func payload(offset: Int, count: Int) throws(MsgpackError) -> MsgpackCursor {
+        do { return MsgpackCursor(try bytes.getSlice(at: offset, count: count), file: file) } catch {
+            throw fail(.truncated(needed: count, available: max(0, bytes.endIndex - offset)), at: offset)
         }
     }
 
     /// Skips one whole value (with its nested values).
-    public mutating func skip(depth: Int = 0) throws {
-        guard depth < 512 else { throw fail("nesting deeper than 512") }
+    public mutating func skip(depth: Int = 0) throws(MsgpackError) {
+        guard depth < 512 else { throw fail(.nestingTooDeep(limit: 512)) }
         switch try next() {
         case .array(let n): for _ in 0..<n { try skip(depth: depth + 1) }
         case .map(let n): for _ in 0..<(2 * n) { try skip(depth: depth + 1) }

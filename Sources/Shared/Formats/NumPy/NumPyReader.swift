@@ -3,12 +3,78 @@
 // `{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }` and the raw data.
 // .npz is a zip of .npy members (numpy.savez: stored; savez_compressed: deflated).
 
+/// What is wrong with a .npy file or .npz archive, one case per rule, with the file and
+/// the array it concerns.
 public struct NumPyError: CkptError, Equatable {
-    public var message: String
+    public enum Reason: Equatable, Sendable {
+        case notARegularFile
+        case badMagic
+        case unsupportedVersion(major: UInt8, minor: UInt8)
+        case headerTruncated
+        case headerLengthPastData(length: Int)
+        case headerNotLiteral(text: String)
+        case headerNotDict
+        case wrongHeaderKeys(keys: [String])
+        case fortranOrderNotBool
+        case shapeNotTuple
+        case shapeNotNonNegativeInts
+        case structuredDType
+        case noByteOrder(descr: String)
+        /// `<V1`/`<V2` without a `--dtype-hint` for the array.
+        case opaqueVoidNeedsHint(descr: String)
+        case hintDoesNotFit(hint: String, descr: String)
+        case objectArray
+        case unsupportedDType(descr: String)
+        // .npz
+        case memberNotNpy(member: String)
+        case duplicateArray
+        // writing
+        case duplicateArrayInStream
+        // data
+        case dataTooShort(available: Int, dtype: String, shape: [Int], needed: Int)
+        case trailingBytes(count: Int)
+    }
+
+    public var reason: Reason
     public var file: String
     public var tensor: String?
+
+    public init(_ reason: Reason, file: String, tensor: String? = nil) {
+        self.reason = reason
+        self.file = file
+        self.tensor = tensor
+    }
+
     public var exitStatus: SysExit { .dataError }
-    public var description: String { tensor.map { "\(file): array \($0): \(message)" } ?? "\(file): \(message)" }
+    public var description: String { tensor.map { "\(file): array \($0): \(reasonText)" } ?? "\(file): \(reasonText)" }
+
+    private var reasonText: String {
+        switch reason {
+        case .notARegularFile: return "not a regular file"
+        case .badMagic: return "not a .npy array (bad magic)"
+        case .unsupportedVersion(let major, let minor): return ".npy version \(major).\(minor) is not supported"
+        case .headerTruncated: return "header is truncated"
+        case .headerLengthPastData(let n): return "header length \(n) runs past the data"
+        case .headerNotLiteral(let text): return "header is not a Python literal: \(text.prefix(80))"
+        case .headerNotDict: return "header is not a dict"
+        case .wrongHeaderKeys(let keys): return "header keys must be descr, fortran_order and shape (got \(keys))"
+        case .fortranOrderNotBool: return "fortran_order is not a bool"
+        case .shapeNotTuple: return "shape is not a tuple"
+        case .shapeNotNonNegativeInts: return "shape holds something other than a non-negative int"
+        case .structuredDType: return "structured dtypes (a list descr) are not supported"
+        case .noByteOrder(let descr): return "descr \(descr) has no byte order"
+        case .opaqueVoidNeedsHint(let descr):
+            return "stores opaque \(descr) (how numpy saves ml_dtypes bfloat16/float8): say what it holds with --dtype-hint '\(tensor ?? "NAME")=BF16'"
+        case .hintDoesNotFit(let hint, let descr): return "--dtype-hint \(hint) does not fit \(descr)"
+        case .objectArray: return "object arrays are refused (they are pickles)"
+        case .unsupportedDType(let descr): return "dtype \(descr) is not supported"
+        case .memberNotNpy(let member): return "member \(member) is not a .npy array"
+        case .duplicateArray: return "array listed twice"
+        case .duplicateArrayInStream: return "array name appears twice"
+        case .dataTooShort(let available, let dtype, let shape, let needed): return "holds \(available) data bytes, \(dtype)\(shape) needs \(needed)"
+        case .trailingBytes(let n): return "\(n) bytes after the array's data"
+        }
+    }
 }
 
 /// `--dtype-hint GLOB=DTYPE`: what an opaque void dtype (`<V2`, `<V1`) holds. numpy has no
@@ -41,58 +107,58 @@ public struct NpyHeader: Equatable {
     public static let magic: [UInt8] = [0x93, 0x4E, 0x55, 0x4D, 0x50, 0x59]
 
     public static func parse(_ b: UnsafeRawBufferPointer, name: String, hints: DTypeHints, file: String) throws -> NpyHeader {
-        func fail(_ m: String) -> NumPyError { NumPyError(message: m, file: file, tensor: name) }
-        guard b.count >= 10, b.starts(with: magic) else { throw fail("not a .npy array (bad magic)") }
-        let major = b[6]
-        let lengthSize: Int
-        switch major {
-        case 1: lengthSize = 2
-        case 2, 3: lengthSize = 4
-        default: throw fail(".npy version \(major).\(b[7]) is not supported")
+        func fail(_ r: NumPyError.Reason) -> NumPyError { NumPyError(r, file: file, tensor: name) }
+        var c = ByteCursor(unsafeBytes: b)
+        guard let magic = try? c.readBytes(6), magic == NpyHeader.magic, let major = try? c.readByte(), let minor = try? c.readByte() else {
+            throw fail(.badMagic)
         }
-        guard b.count >= 8 + lengthSize else { throw fail("header is truncated") }
-        var headerLength = 0
-        for i in (0..<lengthSize).reversed() { headerLength = headerLength << 8 | Int(b[8 + i]) }
-        let start = 8 + lengthSize
-        guard headerLength <= b.count - start else { throw fail("header length \(headerLength) runs past the data") }
-        let text = String(decoding: UnsafeRawBufferPointer(rebasing: b[start..<(start + headerLength)]), as: UTF8.self)
+        let headerLength: Int
+        do {
+            switch major {
+            case 1: headerLength = Int(try c.readInteger(endianness: .little, as: UInt16.self))
+            case 2, 3: headerLength = Int(try c.readInteger(endianness: .little, as: UInt32.self))
+            default: throw fail(.unsupportedVersion(major: major, minor: minor))
+            }
+        } catch let e as NumPyError { throw e } catch { throw fail(.headerTruncated) }
+        guard let headerBytes = try? c.readBytes(headerLength) else { throw fail(.headerLengthPastData(length: headerLength)) }
+        let text = String(decoding: headerBytes, as: UTF8.self)
         var p = PythonLiteral(text)
         let dict: [String: PythonLiteral.Value]
         do {
-            guard case .dict(let d) = try p.parse() else { throw fail("header is not a dict") }
+            guard case .dict(let d) = try p.parse() else { throw fail(.headerNotDict) }
             dict = d
-        } catch let e as NumPyError { throw e } catch { throw fail("header is not a Python literal: \(text.prefix(80))") }
+        } catch let e as NumPyError { throw e } catch { throw fail(.headerNotLiteral(text: String(text.prefix(80)))) }
         guard Set(dict.keys) == ["descr", "fortran_order", "shape"] else {
-            throw fail("header keys must be descr, fortran_order and shape (got \(dict.keys.sorted()))")
+            throw fail(.wrongHeaderKeys(keys: dict.keys.sorted()))
         }
-        guard case .bool(let fortran) = dict["fortran_order"]! else { throw fail("fortran_order is not a bool") }
-        guard case .tuple(let dims) = dict["shape"]! else { throw fail("shape is not a tuple") }
+        guard case .bool(let fortran) = dict["fortran_order"]! else { throw fail(.fortranOrderNotBool) }
+        guard case .tuple(let dims) = dict["shape"]! else { throw fail(.shapeNotTuple) }
         let shape = try dims.map { d -> Int in
-            guard case .int(let i) = d, i >= 0 else { throw fail("shape holds something other than a non-negative int") }
+            guard case .int(let i) = d, i >= 0 else { throw fail(.shapeNotNonNegativeInts) }
             return i
         }
         guard case .string(let descr) = dict["descr"]! else {
-            throw fail("structured dtypes (a list descr) are not supported")
+            throw fail(.structuredDType)
         }
         let (dtype, big) = try NpyHeader.dtype(descr, name: name, hints: hints, fail: fail)
-        return NpyHeader(dtype: dtype, bigEndian: big, fortranOrder: fortran, shape: shape, dataOffset: start + headerLength)
+        return NpyHeader(dtype: dtype, bigEndian: big, fortranOrder: fortran, shape: shape, dataOffset: c.offset)
     }
 
-    static func dtype(_ descr: String, name: String, hints: DTypeHints, fail: (String) -> NumPyError) throws -> (DType, Bool) {
-        guard let order = descr.first, "<>|=".contains(order) else { throw fail("descr \(descr) has no byte order") }
+    static func dtype(_ descr: String, name: String, hints: DTypeHints, fail: (NumPyError.Reason) -> NumPyError) throws -> (DType, Bool) {
+        guard let order = descr.first, "<>|=".contains(order) else { throw fail(.noByteOrder(descr: descr)) }
         let code = String(descr.dropFirst())
         let table: [String: DType] = ["f2": .f16, "f4": .f32, "f8": .f64, "i1": .i8, "i2": .i16, "i4": .i32, "i8": .i64,
                                       "u1": .u8, "u2": .u16, "u4": .u32, "u8": .u64, "b1": .bool, "c8": .c64]
         if let d = table[code] { return (d, order == ">") }
         if code == "V1" || code == "V2" {
             guard let d = hints.dtype(for: name) else {
-                throw fail("stores opaque \(descr) (how numpy saves ml_dtypes bfloat16/float8): say what it holds with --dtype-hint '\(name)=BF16'")
+                throw fail(.opaqueVoidNeedsHint(descr: descr))
             }
-            guard d.size == Int(code.dropFirst())! else { throw fail("--dtype-hint \(d.rawValue) does not fit \(descr)") }
+            guard d.size == Int(code.dropFirst())! else { throw fail(.hintDoesNotFit(hint: d.rawValue, descr: descr)) }
             return (d, false)
         }
-        if code.hasPrefix("O") { throw fail("object arrays are refused (they are pickles)") }
-        throw fail("dtype \(descr) is not supported")
+        if code.hasPrefix("O") { throw fail(.objectArray) }
+        throw fail(.unsupportedDType(descr: descr))
     }
 }
 
@@ -187,7 +253,7 @@ public enum NumPyReader {
     public static func open(path: String, selection: TensorSelection = .all, hints: DTypeHints = DTypeHints(),
                             producer: String) throws -> PlannedSource {
         let fd = try FileDescriptor.openForReading(path)
-        guard let size = try fd.regularFileSize() else { throw NumPyError(message: "not a regular file", file: path) }
+        guard let size = try fd.regularFileSize() else { throw NumPyError(.notARegularFile, file: path) }
         let file = try MappedFile(fd, size: size)
         var plan: [(TensorHeader, TensorData)] = []
         let format: String
@@ -205,9 +271,9 @@ public enum NumPyReader {
             let zip = try ZipArchive(file)
             var seen = Set<String>()
             for e in zip.entries {
-                guard e.name.hasSuffix(".npy") else { throw NumPyError(message: "member \(e.name) is not a .npy array", file: path) }
+                guard e.name.hasSuffix(".npy") else { throw NumPyError(.memberNotNpy(member: e.name), file: path) }
                 let name = String(e.name.dropLast(4))
-                guard seen.insert(name).inserted else { throw NumPyError(message: "array listed twice", file: path, tensor: name) }
+                guard seen.insert(name).inserted else { throw NumPyError(.duplicateArray, file: path, tensor: name) }
                 guard selection.includes(name) else { continue }
                 if e.method == 0 {
                     let h = try NpyHeader.parse(zip.storedBytes(e), name: name, hints: hints, file: path)
@@ -222,7 +288,8 @@ public enum NumPyReader {
                     let h = try head.withUnsafeBytes { try NpyHeader.parse($0, name: name, hints: hints, file: path) }
                     let d = try TensorDescriptor(name: name, dtype: h.dtype, shape: h.shape)
                     guard e.size - h.dataOffset >= d.byteCount else {
-                        throw NumPyError(message: "member holds \(e.size - h.dataOffset) data bytes, \(h.dtype.rawValue)\(h.shape) needs \(d.byteCount)", file: path, tensor: name)
+                        throw NumPyError(.dataTooShort(available: e.size - h.dataOffset, dtype: h.dtype.rawValue, shape: h.shape, needed: d.byteCount),
+                                         file: path, tensor: name)
                     }
                     plan.append((TensorHeader(d), .materialized {
                         let member = try zip.read(e)
@@ -238,10 +305,10 @@ public enum NumPyReader {
                       data: @escaping () -> UnsafeRawBufferPointer) throws -> (TensorHeader, TensorData) {
         let d = try TensorDescriptor(name: name, dtype: h.dtype, shape: h.shape)
         guard available >= d.byteCount else {
-            throw NumPyError(message: "holds \(available) data bytes, \(h.dtype.rawValue)\(h.shape) needs \(d.byteCount)", file: file, tensor: name)
+            throw NumPyError(.dataTooShort(available: available, dtype: h.dtype.rawValue, shape: h.shape, needed: d.byteCount), file: file, tensor: name)
         }
         if exact && available > d.byteCount {
-            throw NumPyError(message: "\(available - d.byteCount) bytes after the array's data", file: file, tensor: name)
+            throw NumPyError(.trailingBytes(count: available - d.byteCount), file: file, tensor: name)
         }
         if !h.fortranOrder && !h.bigEndian { return (TensorHeader(d), .mapped(mapped.0, offset: mapped.1)) }
         return (TensorHeader(d), .materialized { try convert(data(), h, d) })

@@ -55,7 +55,7 @@ public final class NumPyWriter: TensorSink {
         let d = tensor.descriptor
         count += 1
         if single && count > 1 { throw UsageError("npy holds exactly one array; the stream has more (write .npz instead)") }
-        guard names.insert(d.name).inserted else { throw NumPyError(message: "array name appears twice", file: path, tensor: d.name) }
+        guard names.insert(d.name).inserted else { throw NumPyError(.duplicateArrayInStream, file: path, tensor: d.name) }
         let h = NumPyWriter.header(d)
         if let zip {
             try zip.begin(d.name + ".npy", size: h.count + d.byteCount)

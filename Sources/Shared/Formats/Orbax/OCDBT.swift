@@ -2,26 +2,6 @@
 // specified in tensorstore/kvstore/ocdbt/index.rst and format/*.cc. Read-only: the manifest's latest version
 // gives the B+tree root; leaves hold each key's value inline or as (data file, offset, length).
 
-public struct OrbaxError: CkptError, Equatable {
-    public var message: String
-    public var file: String
-    public var offset: Int?
-    public var tensor: String?
-    public init(_ message: String, file: String, offset: Int? = nil, tensor: String? = nil) {
-        self.message = message
-        self.file = file
-        self.offset = offset
-        self.tensor = tensor
-    }
-    public var exitStatus: SysExit { .dataError }
-    public var description: String {
-        var s = file
-        if let offset { s += ": byte \(offset)" }
-        if let tensor { s += ": array \(tensor)" }
-        return s + ": " + message
-    }
-}
-
 /// Where a value lives.
 public enum KVValue: Sendable {
     case inline([UInt8])
@@ -48,47 +28,29 @@ public enum KVValue: Sendable {
     }
 }
 
-/// A little reader for OCDBT's encodings: LEB128 varints, little-endian fixed fields.
-struct OCDBTCursor {
-    let bytes: [UInt8]
-    var pos = 0
-    let file: String
-    let base: Int
+/// OCDBT's field encodings (LEB128 varints, fixed bytes) over a `ByteCursor`, failing with
+/// an `OrbaxError` located in `file` at the offset of the field that did not parse.
+extension ByteCursor {
+    fileprivate func fail(_ r: OrbaxError.Reason, in file: String) -> OrbaxError { OrbaxError(r, file: file, offset: readerIndex) }
 
-    func fail(_ m: String) -> OrbaxError { OrbaxError("OCDBT: \(m)", file: file, offset: base + pos) }
-
-    mutating func u8() throws -> Int {
-        guard pos < bytes.count else { throw fail("truncated") }
-        defer { pos += 1 }
-        return Int(bytes[pos])
+    fileprivate mutating func byte(in file: String) throws(OrbaxError) -> Int {
+        do { return Int(try readByte()) } catch { throw OrbaxError(error, file: file, offset: error.offset) }
     }
 
-    mutating func varint(max: UInt64 = UInt64.max) throws -> UInt64 {
-        var v: UInt64 = 0
-        var shift: UInt64 = 0
-        while true {
-            let b = UInt64(try u8())
-            guard shift < 64 else { throw fail("varint too long") }
-            v |= (b & 0x7F) << shift
-            if b & 0x80 == 0 { break }
-            shift += 7
-        }
-        guard v <= max else { throw fail("value \(v) out of range") }
+    fileprivate mutating func varint(max: UInt64 = .max, in file: String) throws(OrbaxError) -> UInt64 {
+        let at = readerIndex
+        let v: UInt64
+        do { v = try readULEB128() } catch { throw OrbaxError(error, file: file, offset: error.offset) }
+        guard v <= max else { throw OrbaxError(.valueOutOfRange(value: v, max: max), file: file, offset: at) }
         return v
     }
 
-    mutating func int(max: Int = Int.max) throws -> Int { Int(try varint(max: UInt64(max))) }
-
-    mutating func u64le() throws -> UInt64 {
-        var v: UInt64 = 0
-        for i in 0..<8 { v |= UInt64(try u8()) << (8 * UInt64(i)) }
-        return v
+    fileprivate mutating func int(max: Int = .max, in file: String) throws(OrbaxError) -> Int {
+        Int(try varint(max: UInt64(max), in: file))
     }
 
-    mutating func take(_ n: Int) throws -> ArraySlice<UInt8> {
-        guard n >= 0, n <= bytes.count - pos else { throw fail("truncated: needs \(n) bytes") }
-        defer { pos += n }
-        return bytes[pos..<pos + n]
+    fileprivate mutating func bytes(_ n: Int, in file: String) throws(OrbaxError) -> [UInt8] {
+        do { return try readBytes(n) } catch { throw OrbaxError(error, file: file, offset: error.offset) }
     }
 }
 
@@ -107,74 +69,83 @@ public final class OCDBTStore {
         let manifestPath = directory + "/manifest.ocdbt"
         let raw = try readWholeFile(manifestPath, limit: 1 << 30)
         let body = try OCDBTStore.envelope(raw, magic: OCDBTStore.manifestMagic, file: manifestPath, base: 0)
-        var c = OCDBTCursor(bytes: body, file: manifestPath + " (manifest body)", base: 0)
-        _ = try c.take(16)  // uuid
-        let kind = try c.u8()
-        guard kind == 0 else { throw c.fail("numbered manifests (manifest_kind \(kind)) are not supported") }
-        _ = try c.varint()  // max_inline_value_bytes
-        _ = try c.varint()  // max_decoded_node_bytes
-        let arity = try c.u8()
-        guard (1...16).contains(arity) else { throw c.fail("version_tree_arity_log2 \(arity)") }
-        if try c.varint() == 1 { _ = try c.take(4) }  // zstd level
-        let table = try OCDBTStore.dataFileTable(&c, transitive: "")
+        let f = manifestPath + " (manifest body)"
+        var c = ByteCursor(body)
+        _ = try c.bytes(16, in: f)  // uuid
+        let kind = try c.byte(in: f)
+        guard kind == 0 else { throw c.fail(.numberedManifest(kind: kind), in: f) }
+        _ = try c.varint(in: f)  // max_inline_value_bytes
+        _ = try c.varint(in: f)  // max_decoded_node_bytes
+        let arity = try c.byte(in: f)
+        guard (1...16).contains(arity) else { throw c.fail(.badVersionTreeArity(log2: arity), in: f) }
+        if try c.varint(in: f) == 1 { _ = try c.bytes(4, in: f) }  // zstd level
+        let table = try OCDBTStore.dataFileTable(&c, transitive: "", file: f)
         // Leaf version entries: the latest version is the last one.
-        let n = try c.int(max: 1 << 16)
-        guard n >= 1 else { throw c.fail("no versions") }
+        let n = try c.int(max: 1 << 16, in: f)
+        guard n >= 1 else { throw c.fail(.noVersions, in: f) }
         var generations: [UInt64] = []
-        for _ in 0..<n { generations.append(try c.varint()) }
+        for _ in 0..<n { generations.append(try c.varint(in: f)) }
         var heights: [Int] = []
-        for _ in 0..<n { heights.append(try c.u8()) }
+        for _ in 0..<n { heights.append(try c.byte(in: f)) }
         var ids: [Int] = [], offsets: [UInt64] = [], lengths: [UInt64] = []
-        for _ in 0..<n { ids.append(try c.int(max: table.count - 1)) }
-        for _ in 0..<n { offsets.append(try c.varint()) }
-        for _ in 0..<n { lengths.append(try c.varint()) }
+        for _ in 0..<n { ids.append(try c.int(max: max(table.count - 1, 0), in: f)) }
+        for _ in 0..<n { offsets.append(try c.varint(in: f)) }
+        for _ in 0..<n { lengths.append(try c.varint(in: f)) }
         let last = n - 1
         if offsets[last] == UInt64.max && lengths[last] == UInt64.max { return }  // empty tree
+        guard !table.isEmpty else { throw c.fail(.referenceWithoutDataFiles, in: f) }
         try readNode(table[ids[last]], offset: offsets[last], length: lengths[last], height: heights[last], prefix: [])
     }
 
     /// The 4.2 envelope: magic (u32 BE), length (u64 LE), version, compression, body, crc32c.
     static func envelope(_ raw: [UInt8], magic: UInt32, file: String, base: Int) throws -> [UInt8] {
-        func fail(_ m: String) -> OrbaxError { OrbaxError("OCDBT: \(m)", file: file, offset: base) }
-        guard raw.count >= 16 else { throw fail("too short for an OCDBT header") }
-        let m = UInt32(raw[0]) << 24 | UInt32(raw[1]) << 16 | UInt32(raw[2]) << 8 | UInt32(raw[3])
-        guard m == magic else { throw fail("bad magic 0x\(String(m, radix: 16)), expected 0x\(String(magic, radix: 16))") }
-        var length: UInt64 = 0
-        for i in 0..<8 { length |= UInt64(raw[4 + i]) << (8 * UInt64(i)) }
-        guard length == UInt64(raw.count) else { throw fail("declares \(length) bytes, has \(raw.count)") }
-        let stored = raw[(raw.count - 4)...].enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * UInt32($1.offset)) }
+        func fail(_ r: OrbaxError.Reason) -> OrbaxError { OrbaxError(r, file: file, offset: base) }
+        let whole = ByteCursor(raw)
+        guard raw.count >= 16,
+              let m = try? whole.getInteger(at: 0, endianness: .big, as: UInt32.self),
+              let length = try? whole.getInteger(at: 4, endianness: .little, as: UInt64.self),
+              let stored = try? whole.getInteger(at: raw.count - 4, endianness: .little, as: UInt32.self) else {
+            throw fail(.tooShortForHeader)
+        }
+        guard m == magic else { throw fail(.badMagic(found: m, expected: magic)) }
+        guard length == UInt64(raw.count) else { throw fail(.lengthMismatch(declared: length, actual: raw.count)) }
         let actual = raw.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<(raw.count - 4)])) }
-        guard stored == actual else { throw fail("crc32c mismatch (stored 0x\(String(stored, radix: 16)), computed 0x\(String(actual, radix: 16)))") }
-        var c = OCDBTCursor(bytes: Array(raw[0..<(raw.count - 4)]), pos: 12, file: file, base: base)
-        guard try c.varint() == 0 else { throw fail("unsupported format version") }
-        let compression = try c.varint()
-        let body = Array(raw[c.pos..<(raw.count - 4)])
+        guard stored == actual else { throw fail(.checksumMismatch(stored: stored, computed: actual)) }
+        // Version and compression varints, then the body up to the checksum.
+        let version: UInt64, compression: UInt64, body: [UInt8]
+        do {
+            var c = try whole.getSlice(at: 12, count: raw.count - 16)
+            version = try c.readULEB128()
+            compression = try c.readULEB128()
+            body = try c.readBytes(c.remaining)
+        } catch { throw OrbaxError(error, file: file, offset: base + error.offset) }
+        guard version == 0 else { throw fail(.unsupportedFormatVersion(version: version)) }
         switch compression {
         case 0: return body
         case 1:
             do {
                 return try body.withUnsafeBytes { try ZstdCodec.decompress($0, limit: 1 << 30) }
-            } catch { throw fail("zstd: \(error)") }
-        default: throw fail("unknown compression \(compression)")
+            } catch { throw fail(.decompressionFailed(detail: "\(error)")) }
+        default: throw fail(.unknownCompression(method: compression))
         }
     }
 
     /// 4.4 DataFileTable: returns full paths and base paths (for the transitive rule).
-    static func dataFileTable(_ c: inout OCDBTCursor, transitive: String) throws -> [(path: String, base: String)] {
-        let n = try c.int(max: 1 << 20)
+    static func dataFileTable(_ c: inout ByteCursor, transitive: String, file f: String) throws(OrbaxError) -> [(path: String, base: String)] {
+        let n = try c.int(max: 1 << 20, in: f)
         var prefix = [0]
-        for _ in 1..<max(n, 1) where n > 1 { prefix.append(try c.int(max: 65535)) }
+        for _ in 1..<max(n, 1) where n > 1 { prefix.append(try c.int(max: 65535, in: f)) }
         var suffix: [Int] = [], baseLength: [Int] = []
-        for _ in 0..<n { suffix.append(try c.int(max: 65535)) }
-        for _ in 0..<n { baseLength.append(try c.int(max: 65535)) }
+        for _ in 0..<n { suffix.append(try c.int(max: 65535, in: f)) }
+        for _ in 0..<n { baseLength.append(try c.int(max: 65535, in: f)) }
         var out: [(String, String)] = []
         var previous: [UInt8] = []
         for i in 0..<n {
-            guard prefix[i] <= previous.count else { throw c.fail("data file path prefix longer than the previous path") }
-            let path = Array(previous[0..<prefix[i]]) + Array(try c.take(suffix[i]))
-            guard baseLength[i] <= path.count else { throw c.fail("base path longer than the path") }
+            guard prefix[i] <= previous.count else { throw c.fail(.dataFilePrefixTooLong, in: f) }
+            let path = Array(previous[0..<prefix[i]]) + (try c.bytes(suffix[i], in: f))
+            guard baseLength[i] <= path.count else { throw c.fail(.basePathTooLong, in: f) }
             let p = String(decoding: path, as: UTF8.self)
-            guard !p.contains("..") && !p.hasPrefix("/") else { throw c.fail("data file path \(p) leaves the checkpoint") }
+            guard !p.contains("..") && !p.hasPrefix("/") else { throw c.fail(.dataFilePathEscapes(path: p), in: f) }
             out.append((transitive + p, transitive + String(decoding: path[0..<baseLength[i]], as: UTF8.self)))
             previous = path
         }
@@ -193,69 +164,71 @@ public final class OCDBTStore {
     private func region(_ ref: (path: String, base: String), offset: UInt64, length: UInt64) throws -> (MappedFile, Int, Int) {
         let f = try mapped(ref.path)
         guard offset <= UInt64(f.size), length <= UInt64(f.size) - offset else {
-            throw OrbaxError("OCDBT reference [\(offset), +\(length)) lies outside the \(f.size)-byte file", file: root + "/" + ref.path)
+            throw OrbaxError(.referenceOutsideFile(offset: offset, length: length, fileSize: f.size), file: root + "/" + ref.path)
         }
         return (f, Int(offset), Int(length))
     }
 
     /// 4.6: decodes a B+tree node and recurses; leaf keys get `prefix` prepended.
     private func readNode(_ ref: (path: String, base: String), offset: UInt64, length: UInt64, height: Int, prefix: [UInt8], depth: Int = 0) throws {
-        guard depth < 64 else { throw OrbaxError("OCDBT: B+tree deeper than 64", file: root) }
+        guard depth < 64 else { throw OrbaxError(.treeTooDeep(limit: 64), file: root) }
         let (file, at, count) = try region(ref, offset: offset, length: length)
         let raw = [UInt8](file.bytes(at: at, count: count))
         let body = try OCDBTStore.envelope(raw, magic: OCDBTStore.btreeNodeMagic, file: root + "/" + ref.path, base: at)
-        var c = OCDBTCursor(bytes: body, file: root + "/" + ref.path + " (node at \(at))", base: 0)
-        let h = try c.u8()
-        guard h == height else { throw c.fail("node height \(h), its parent says \(height)") }
+        let f = root + "/" + ref.path + " (node at \(at))"
+        var c = ByteCursor(body)
+        let h = try c.byte(in: f)
+        guard h == height else { throw c.fail(.heightMismatch(node: h, parent: height), in: f) }
         // Paths in this node's table are relative to the base path it was reached through.
-        let table = try OCDBTStore.dataFileTable(&c, transitive: ref.base)
-        let n = try c.int(max: 1_048_576)
-        guard n >= 1 else { throw c.fail("empty node") }
+        let table = try OCDBTStore.dataFileTable(&c, transitive: ref.base, file: f)
+        let n = try c.int(max: 1_048_576, in: f)
+        guard n >= 1 else { throw c.fail(.emptyNode, in: f) }
         var keyPrefix = [0]
-        for _ in 1..<n where n > 1 { keyPrefix.append(try c.int(max: 65535)) }
+        for _ in 1..<n where n > 1 { keyPrefix.append(try c.int(max: 65535, in: f)) }
         var keySuffix: [Int] = []
-        for _ in 0..<n { keySuffix.append(try c.int(max: 65535)) }
+        for _ in 0..<n { keySuffix.append(try c.int(max: 65535, in: f)) }
         var subtreePrefix: [Int] = []
-        if height > 0 { for _ in 0..<n { subtreePrefix.append(try c.int(max: 65535)) } }
+        if height > 0 { for _ in 0..<n { subtreePrefix.append(try c.int(max: 65535, in: f)) } }
         var keys: [[UInt8]] = []
         var previous: [UInt8] = []
         for i in 0..<n {
-            guard keyPrefix[i] <= previous.count else { throw c.fail("key prefix longer than the previous key") }
-            let k = Array(previous[0..<keyPrefix[i]]) + Array(try c.take(keySuffix[i]))
-            if i > 0 { guard previous.lexicographicallyPrecedes(k) else { throw c.fail("keys not strictly increasing") } }
+            guard keyPrefix[i] <= previous.count else { throw c.fail(.keyPrefixTooLong, in: f) }
+            let k = Array(previous[0..<keyPrefix[i]]) + (try c.bytes(keySuffix[i], in: f))
+            if i > 0 { guard previous.lexicographicallyPrecedes(k) else { throw c.fail(.keysNotIncreasing, in: f) } }
             keys.append(k)
             previous = k
         }
         if height == 0 {
             var lengths: [Int] = [], kinds: [Int] = []
-            for _ in 0..<n { lengths.append(try c.int()) }
-            for _ in 0..<n { kinds.append(try c.u8()) }
+            for _ in 0..<n { lengths.append(try c.int(in: f)) }
+            for _ in 0..<n { kinds.append(try c.byte(in: f)) }
             let indirect = kinds.filter { $0 == 1 }.count
             var ids: [Int] = [], offsets: [UInt64] = []
-            for _ in 0..<indirect { ids.append(try c.int(max: max(table.count - 1, 0))) }
-            for _ in 0..<indirect { offsets.append(try c.varint()) }
+            for _ in 0..<indirect { ids.append(try c.int(max: max(table.count - 1, 0), in: f)) }
+            for _ in 0..<indirect { offsets.append(try c.varint(in: f)) }
             var j = 0
             for i in 0..<n {
                 let key = String(decoding: prefix + keys[i], as: UTF8.self)
                 switch kinds[i] {
                 case 0:
-                    guard lengths[i] <= 1 << 20 else { throw c.fail("inline value over 1 MiB") }
-                    values.append((key, .inline(Array(try c.take(lengths[i])))))
+                    guard lengths[i] <= 1 << 20 else { throw c.fail(.inlineValueTooLarge(length: lengths[i]), in: f) }
+                    values.append((key, .inline(try c.bytes(lengths[i], in: f))))
                 case 1:
-                    guard !table.isEmpty else { throw c.fail("indirect value with no data files") }
+                    guard !table.isEmpty else { throw c.fail(.referenceWithoutDataFiles, in: f) }
                     let (f, o, l) = try region(table[ids[j]], offset: offsets[j], length: UInt64(lengths[i]))
                     values.append((key, .file(f, offset: o, count: l)))
                     j += 1
-                default: throw c.fail("unknown value kind \(kinds[i])")
+                default: throw c.fail(.unknownValueKind(kind: kinds[i]), in: f)
                 }
             }
         } else {
             var ids: [Int] = [], offsets: [UInt64] = [], lengths: [UInt64] = []
-            for _ in 0..<n { ids.append(try c.int(max: max(table.count - 1, 0))) }
-            for _ in 0..<n { offsets.append(try c.varint()) }
-            for _ in 0..<n { lengths.append(try c.varint()) }
+            for _ in 0..<n { ids.append(try c.int(max: max(table.count - 1, 0), in: f)) }
+            for _ in 0..<n { offsets.append(try c.varint(in: f)) }
+            for _ in 0..<n { lengths.append(try c.varint(in: f)) }
+            guard !table.isEmpty else { throw c.fail(.referenceWithoutDataFiles, in: f) }
             for i in 0..<n {
-                guard subtreePrefix[i] <= keys[i].count else { throw c.fail("subtree prefix longer than its key") }
+                guard subtreePrefix[i] <= keys[i].count else { throw c.fail(.subtreePrefixTooLong, in: f) }
                 try readNode(table[ids[i]], offset: offsets[i], length: lengths[i], height: height - 1,
                              prefix: prefix + keys[i][0..<subtreePrefix[i]], depth: depth + 1)
             }

@@ -37,14 +37,14 @@ public enum OrbaxReader {
         if exists(path + "/_METADATA") { return path }
         for item in ["params", "default"] where exists(path + "/\(item)/_METADATA") { return path + "/" + item }
         if exists(path + "/manifest.ocdbt") || exists(path + "/ocdbt.process_0") {
-            throw OrbaxError("missing _METADATA: orbax needs it to restore, and so do we (it names the arrays)", file: path)
+            throw OrbaxError(.missingMetadata, file: path)
         }
         let names = (try? listDirectory(path)) ?? []
         let steps = names.compactMap { Int($0) }.filter { isDir(path + "/\($0)") }.sorted()
-        guard !steps.isEmpty else { throw OrbaxError("not an Orbax checkpoint (no _METADATA, no step folders)", file: path) }
+        guard !steps.isEmpty else { throw OrbaxError(.notACheckpoint, file: path) }
         let chosen: Int
         if let step {
-            guard steps.contains(step) else { throw OrbaxError("no step \(step) (steps: \(steps.map(String.init).joined(separator: ", ")))", file: path) }
+            guard steps.contains(step) else { throw OrbaxError(.noSuchStep(step: step, steps: steps), file: path) }
             chosen = step
         } else {
             chosen = steps.last!
@@ -58,9 +58,9 @@ public enum OrbaxReader {
         let metaPath = dir + "/_METADATA"
         let meta: JSONValue
         do { meta = try JSONParser.parse(try readWholeFile(metaPath, limit: 1 << 30)) } catch let e as JSONParser.Error {
-            throw OrbaxError("_METADATA is not JSON: \(e.description)", file: metaPath)
+            throw OrbaxError(.metadataNotJSON(detail: e.description), file: metaPath)
         }
-        guard let tree = meta.objectValue?["tree_metadata"]?.objectValue else { throw OrbaxError("no tree_metadata", file: metaPath) }
+        guard let tree = meta.objectValue?["tree_metadata"]?.objectValue else { throw OrbaxError(.noTreeMetadata, file: metaPath) }
         let useOCDBT: Bool
         if case .bool(let b)? = meta.objectValue?["use_ocdbt"] { useOCDBT = b } else {
             var st = stat()
@@ -116,9 +116,9 @@ public enum OrbaxReader {
         var metadata = JSONObject()
         for (_, entry) in tree {
             guard let e = entry.objectValue, let keyMeta = e["key_metadata"]?.arrayValue,
-                  let value = e["value_metadata"]?.objectValue else { throw OrbaxError("malformed tree_metadata entry", file: metaPath) }
+                  let value = e["value_metadata"]?.objectValue else { throw OrbaxError(.malformedTreeEntry, file: metaPath) }
             let keys = try keyMeta.map { k -> String in
-                guard let s = k.objectValue?["key"]?.stringValue else { throw OrbaxError("key_metadata without a string key", file: metaPath) }
+                guard let s = k.objectValue?["key"]?.stringValue else { throw OrbaxError(.keyNotString, file: metaPath) }
                 return s
             }
             let param = keys.joined(separator: ".")
@@ -131,11 +131,11 @@ public enum OrbaxReader {
                 let a = try zarr(param, get: get, file: dir)
                 try a.checkGrid(stored: storedChunks(a, param), file: dir)
                 let bytes = try a.assemble(file: dir, get: { try get(param + "/" + $0) })
-                let raw = bytes.copyBytes()
+                let raw = ByteCursor(bytes.copyBytes())
                 let v: JSONValue
                 switch a.dtype {
-                case .i64 where raw.count == 8: v = .number(String(raw.withUnsafeBytes { $0.loadUnaligned(as: Int64.self) }))
-                case .f64 where raw.count == 8: v = .number("\(raw.withUnsafeBytes { $0.loadUnaligned(as: Double.self) })")
+                case .i64 where raw.remaining == 8: v = .number(String(try raw.getInteger(at: 0, endianness: .little, as: Int64.self)))
+                case .f64 where raw.remaining == 8: v = .number("\(Double(bitPattern: try raw.getInteger(at: 0, endianness: .little, as: UInt64.self)))")
                 default: v = .string("<\(a.dtype.rawValue) scalar>")
                 }
                 metadata[keys.joined(separator: "/")] = v
@@ -146,7 +146,7 @@ public enum OrbaxReader {
                 }
                 metadata[keys.joined(separator: "/")] = strings?[param] ?? .null
             default:
-                throw OrbaxError("leaf \(param) has value_type \(type), which is not supported", file: metaPath)
+                throw OrbaxError(.unsupportedValueType(param: param, valueType: "\(type)"), file: metaPath)
             }
         }
 
@@ -157,7 +157,7 @@ public enum OrbaxReader {
         var names = Set<String>()
         let root = options.root.map { $0.split(separator: "/").map(String.init) } ?? []
         if !root.isEmpty && !arrays.contains(where: { $0.keys.starts(with: root) }) {
-            throw OrbaxError("no array is under --root \(root.joined(separator: "/"))", file: metaPath)
+            throw OrbaxError(.nothingUnderRoot(root: root.joined(separator: "/")), file: metaPath)
         }
         for (keys, param) in arrays {
             // --root: only the sub-tree at that path, named from there (openpi keeps its params
@@ -166,7 +166,7 @@ public enum OrbaxReader {
             var parts = Array(keys.dropFirst(root.count))
             if strip && parts.count > 1 && parts.last == "value" { parts.removeLast() }
             let name = parts.joined(separator: "/")
-            guard names.insert(name).inserted else { throw OrbaxError("two leaves are named \(name)", file: metaPath) }
+            guard names.insert(name).inserted else { throw OrbaxError(.duplicateLeaf(name: name), file: metaPath) }
             guard selection.includes(name) else { continue }
             var a = try zarr(param, get: get, file: dir)
             a.name = name
@@ -179,7 +179,7 @@ public enum OrbaxReader {
             let single = a.innerChunks == nil && a.chunks == a.shape && !d.shape.contains(0)
                 ? try get(param + "/" + a.chunkKey([Int](repeating: 0, count: a.shape.count))) : nil
             if a.codec == nil, case .file(let f, let o, let n)? = single {
-                guard n == d.byteCount else { throw OrbaxError("zarr: chunk holds \(n) bytes, expected \(d.byteCount)", file: dir, tensor: name) }
+                guard n == d.byteCount else { throw OrbaxError(.chunkSizeMismatch(holds: n, expected: d.byteCount), file: dir, tensor: name) }
                 plan.append((TensorHeader(d), .mapped(f, offset: o)))
             } else if a.codec == .zstd, case .file(let f, let o, let n)? = single {
                 plan.append((TensorHeader(d), .streamed { try ZarrStreamedChunk(f, offset: o, count: n, array: array, file: dir) }))
@@ -196,10 +196,10 @@ public enum OrbaxReader {
             if let v = try get(param + "/" + key) {
                 let bytes = v.withBytes { [UInt8]($0) }
                 let a = try ZarrArray.parse(bytes, name: param, file: file)
-                guard a.zarrFormat == format else { throw OrbaxError("zarr: \(key) declares zarr_format \(a.zarrFormat)", file: file, tensor: param) }
+                guard a.zarrFormat == format else { throw OrbaxError(.zarrFormatMismatch(key: key, format: a.zarrFormat), file: file, tensor: param) }
                 return a
             }
         }
-        throw OrbaxError("no zarr metadata (.zarray or zarr.json) for this array", file: file, tensor: param)
+        throw OrbaxError(.noZarrMetadata, file: file, tensor: param)
     }
 }

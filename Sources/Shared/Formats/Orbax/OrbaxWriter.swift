@@ -94,15 +94,15 @@ public final class OrbaxWriter: TensorSink {
     public func beginTensor(_ tensor: TensorHeader) throws {
         let d = tensor.descriptor
         guard let zdtype = OrbaxWriter.dtypes[d.dtype] else {
-            throw OrbaxError("dtype \(d.dtype.rawValue) has no zarr v2 name orbax reads", file: path, tensor: d.name)
+            throw OrbaxError(.noZarrDType(dtype: d.dtype.rawValue), file: path, tensor: d.name)
         }
         let keys = separator.isEmpty ? [d.name] : d.name.components(separatedBy: separator)
         guard !keys.contains(where: { $0.isEmpty || $0 == "." || $0 == ".." || $0.contains("/") && separator != "/" }) else {
-            throw OrbaxError("name has an empty or reserved key", file: path, tensor: d.name)
+            throw OrbaxError(.reservedKey, file: path, tensor: d.name)
         }
         let param = keys.joined(separator: ".")
         guard params.insert(param).inserted else {
-            throw OrbaxError("two tensors map to orbax param name \(param) (orbax joins keys with '.')", file: path, tensor: d.name)
+            throw OrbaxError(.paramNameClash(param: param), file: path, tensor: d.name)
         }
         leaves.append((keys, param, d.shape))
         descriptor = d

@@ -22,7 +22,7 @@ public struct ZarrArray: Sendable {
 
     public var descriptor: TensorDescriptor { get throws { try TensorDescriptor(name: name, dtype: dtype, shape: shape) } }
 
-    static func fail(_ name: String, _ m: String, file: String) -> OrbaxError { OrbaxError("zarr: \(m)", file: file, tensor: name) }
+    static func fail(_ name: String, _ m: String, file: String) -> OrbaxError { OrbaxError(.zarr(detail: m), file: file, tensor: name) }
 
     /// Parses `.zarray` (v2) or `zarr.json` (v3).
     public static func parse(_ json: [UInt8], name: String, file: String) throws -> ZarrArray {
@@ -317,30 +317,43 @@ public struct ZarrArray: Sendable {
     private func copyShard(_ shard: UnsafeRawBufferPointer, origin: [Int], inner: [Int], into out: AlignedBuffer, file: String, key: String) throws {
         let perAxis = zip(chunks, inner).map { $1 == 0 ? 0 : $0 / $1 + ($0 % $1 == 0 ? 0 : 1) }
         // The index has 16 bytes per inner chunk: a shard shorter than that cannot be what the
-        // metadata says (checked without overflow before anything is sized from it).
+        // metadata says (counted without overflow before anything is sized from it).
         var n = 1
         for a in perAxis {
             let (m, overflow) = n.multipliedReportingOverflow(by: a)
-            guard !overflow, m <= shard.count / 16 else { throw ZarrArray.fail(name, "shard \(key) is shorter than its index", file: file) }
+            guard !overflow, shard.count >= 4, m <= (shard.count - 4) / 16 else {
+                throw OrbaxError(.shardShorterThanIndex(key: key), file: file, tensor: name)
+            }
             n = m
         }
-        let indexBytes = 16 * n + 4
-        guard shard.count >= indexBytes else { throw ZarrArray.fail(name, "shard \(key) is shorter than its index", file: file) }
-        let index = UnsafeRawBufferPointer(rebasing: shard[(shard.count - indexBytes)..<(shard.count - 4)])
-        let stored = shard[(shard.count - 4)...].enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * UInt32($1.offset)) }
-        guard CRC32C.checksum(index) == stored else { throw ZarrArray.fail(name, "shard \(key): index crc32c mismatch", file: file) }
+        let innerBytes = inner.reduce(1, *) * dtype.size  // no overflow: checked when the metadata was read
+        // Read through a cursor: the index's offsets and lengths come from the file.
+        let bytes = ByteCursor(unsafeBytes: shard)
+        guard shard.count >= 4, n <= (shard.count - 4) / 16 else { throw OrbaxError(.shardShorterThanIndex(key: key), file: file, tensor: name) }
+        let indexStart = shard.count - 16 * n - 4
+        let stored = try bytes.getInteger(at: shard.count - 4, endianness: .little, as: UInt32.self)
+        let computed = try bytes.withUnsafeBytes(at: indexStart, count: 16 * n) { CRC32C.checksum($0) }
+        guard computed == stored else { throw OrbaxError(.shardIndexChecksumMismatch(key: key), file: file, tensor: name) }
+        var index = try bytes.getSlice(at: indexStart, count: 16 * n)
         var positions: [[Int]] = [[]]
         for a in perAxis { positions = positions.flatMap { p in (0..<a).map { p + [$0] } } }
         for (i, pos) in positions.enumerated() {
-            let offset = index.loadUnaligned(fromByteOffset: 16 * i, as: UInt64.self).littleEndian
-            let count = index.loadUnaligned(fromByteOffset: 16 * i + 8, as: UInt64.self).littleEndian
-            if offset == UInt64.max && count == UInt64.max { continue }  // empty: fill value (zeros)
-            guard offset <= UInt64(shard.count - indexBytes), count <= UInt64(shard.count - indexBytes) - offset else {
-                throw ZarrArray.fail(name, "shard \(key): inner chunk \(i) lies outside the shard", file: file)
+            let offset = try index.readInteger(endianness: .little, as: UInt64.self)
+            let count = try index.readInteger(endianness: .little, as: UInt64.self)
+            let at = zip(origin, zip(pos, inner)).map { $0 + $1.0 * $1.1 }
+            if offset == UInt64.max && count == UInt64.max {
+                // Empty: the fill value (zeros), written out since small buffers are not zeroed.
+                let zeros = try AlignedBuffer(capacity: max(innerBytes, 1))
+                zeros.pointer.initializeMemory(as: UInt8.self, repeating: 0, count: innerBytes)
+                zeros.count = innerBytes
+                place(zeros, chunkShape: inner, at: at, into: out)
+                continue
             }
-            let bytes = UnsafeRawBufferPointer(rebasing: shard[Int(offset)..<Int(offset + count)])
-            let chunk = try decode(bytes, count: inner.reduce(1, *) * dtype.size, file: file)
-            place(chunk, chunkShape: inner, at: zip(origin, zip(pos, inner)).map { $0 + $1.0 * $1.1 }, into: out)
+            guard offset <= UInt64(indexStart), count <= UInt64(indexStart) - offset else {
+                throw OrbaxError(.innerChunkOutsideShard(key: key, index: i), file: file, tensor: name)
+            }
+            let chunk = try bytes.withUnsafeBytes(at: Int(offset), count: Int(count)) { try decode($0, count: innerBytes, file: file) }
+            place(chunk, chunkShape: inner, at: at, into: out)
         }
     }
 

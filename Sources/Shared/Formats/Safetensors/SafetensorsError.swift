@@ -6,17 +6,15 @@ public struct SafetensorsError: CkptError, Equatable {
         case headerTooLarge(length: UInt64)
         case invalidHeaderLength(length: UInt64, fileSize: Int)
         case headerNotUTF8
-        case invalidHeader(String)
-        case unsupportedDType(String)
-        case invalidOffset(expectedStart: Int, got: (Int, Int))
+        case invalidHeader(detail: String)
+        case unsupportedDType(dtype: String)
+        case invalidOffset(expectedStart: Int, begin: Int, end: Int)
         case tensorInvalidInfo(dtype: String, shape: [Int], bytes: Int)
         case validationOverflow
         case dataBeyondFile(dataEnd: Int, available: Int)
-        case trailingBytes(Int)
+        case trailingBytes(count: Int)
         case duplicateTensor(otherFile: String)
-        case index(String)
-
-        public static func == (a: Reason, b: Reason) -> Bool { String(describing: a) == String(describing: b) }
+        case index(detail: String)
     }
 
     public var reason: Reason
@@ -40,8 +38,8 @@ public struct SafetensorsError: CkptError, Equatable {
         case .headerNotUTF8: return "\(prefix): header is not valid UTF-8 (InvalidHeader)"
         case .invalidHeader(let why): return "\(prefix): invalid header: \(why) (InvalidHeaderDeserialization)"
         case .unsupportedDType(let d): return "\(prefix): dtype \(d) is not supported"
-        case .invalidOffset(let expected, let got):
-            return "\(prefix): data_offsets [\(got.0), \(got.1)] should start at \(expected): tensors must be contiguous, without holes or overlaps (InvalidOffset)"
+        case .invalidOffset(let expected, let begin, let end):
+            return "\(prefix): data_offsets [\(begin), \(end)] should start at \(expected): tensors must be contiguous, without holes or overlaps (InvalidOffset)"
         case .tensorInvalidInfo(let dtype, let shape, let bytes):
             return "\(prefix): data_offsets cover \(bytes) bytes, which does not match \(dtype)\(shape) (TensorInvalidInfo)"
         case .validationOverflow: return "\(prefix): shape × dtype size overflows (ValidationOverflow)"

@@ -32,8 +32,7 @@ public struct SafetensorsHeader {
         guard fileSize >= 8 else { throw SafetensorsError(.headerTooSmall(fileSize: fileSize), file: fd.path) }
         var lengthBytes = [UInt8](repeating: 0, count: 8)
         try lengthBytes.withUnsafeMutableBytes { try fd.pread(into: $0, at: 0) }
-        var r = ByteReader(lengthBytes)
-        let n = try! r.u64()
+        let n = try! ByteCursor(lengthBytes).getInteger(at: 0, endianness: .little, as: UInt64.self)  // 8 bytes, read above
         guard n <= UInt64(maxHeaderLength) else { throw SafetensorsError(.headerTooLarge(length: n), file: fd.path) }
         guard 8 + Int(n) <= fileSize else {
             throw SafetensorsError(.invalidHeaderLength(length: n, fileSize: fileSize), file: fd.path)
@@ -50,8 +49,8 @@ public struct SafetensorsHeader {
         }
         guard String(validating: json, as: UTF8.self) != nil else { throw fail(.headerNotUTF8) }
         let root: JSONValue
-        do { root = try JSONParser.parse(json) } catch { throw fail(.invalidHeader(error.description)) }
-        guard let object = root.objectValue else { throw fail(.invalidHeader("the header is not a JSON object")) }
+        do { root = try JSONParser.parse(json) } catch { throw fail(.invalidHeader(detail: error.description)) }
+        guard let object = root.objectValue else { throw fail(.invalidHeader(detail: "the header is not a JSON object")) }
 
         var metadata: JSONObject?
         var entries: [Entry] = []
@@ -62,28 +61,28 @@ public struct SafetensorsHeader {
                 case .null: metadata = nil
                 case .object(let m):
                     for (k, v) in m where v.stringValue == nil {
-                        throw fail(.invalidHeader("__metadata__ value for \"\(k)\" is not a string"))
+                        throw fail(.invalidHeader(detail: "__metadata__ value for \"\(k)\" is not a string"))
                     }
                     metadata = m
-                default: throw fail(.invalidHeader("__metadata__ is not an object"))
+                default: throw fail(.invalidHeader(detail: "__metadata__ is not an object"))
                 }
                 continue
             }
-            guard let info = value.objectValue else { throw fail(.invalidHeader("entry is not an object"), name) }
-            guard let dtypeText = info["dtype"]?.stringValue else { throw fail(.invalidHeader("missing or non-string dtype"), name) }
+            guard let info = value.objectValue else { throw fail(.invalidHeader(detail: "entry is not an object"), name) }
+            guard let dtypeText = info["dtype"]?.stringValue else { throw fail(.invalidHeader(detail: "missing or non-string dtype"), name) }
             guard let dtype = DType(rawValue: dtypeText) else {
                 let known = ["F4", "F6_E2M3", "F6_E3M2"]
-                throw fail(known.contains(dtypeText) ? .unsupportedDType(dtypeText) : .invalidHeader("unknown dtype \"\(dtypeText)\""), name)
+                throw fail(known.contains(dtypeText) ? .unsupportedDType(dtype: dtypeText) : .invalidHeader(detail: "unknown dtype \"\(dtypeText)\""), name)
             }
-            guard let shapeValues = info["shape"]?.arrayValue else { throw fail(.invalidHeader("missing shape"), name) }
+            guard let shapeValues = info["shape"]?.arrayValue else { throw fail(.invalidHeader(detail: "missing shape"), name) }
             var shape: [Int] = []
             for d in shapeValues {
-                guard let v = d.nonNegativeIntValue else { throw fail(.invalidHeader("shape holds a value that is not a non-negative integer"), name) }
+                guard let v = d.nonNegativeIntValue else { throw fail(.invalidHeader(detail: "shape holds a value that is not a non-negative integer"), name) }
                 shape.append(v)
             }
             guard let offs = info["data_offsets"]?.arrayValue, offs.count == 2,
                   let begin = offs[0].nonNegativeIntValue, let end = offs[1].nonNegativeIntValue else {
-                throw fail(.invalidHeader("data_offsets must be two non-negative integers"), name)
+                throw fail(.invalidHeader(detail: "data_offsets must be two non-negative integers"), name)
             }
             let descriptor: TensorDescriptor
             do { descriptor = try TensorDescriptor(name: name, dtype: dtype, shape: shape) } catch { throw fail(.validationOverflow, name) }
@@ -95,7 +94,7 @@ public struct SafetensorsHeader {
         var start = 0
         for e in entries {
             guard e.begin == start, e.end >= e.begin else {
-                throw fail(.invalidOffset(expectedStart: start, got: (e.begin, e.end)), e.descriptor.name)
+                throw fail(.invalidOffset(expectedStart: start, begin: e.begin, end: e.end), e.descriptor.name)
             }
             guard e.end - e.begin == e.descriptor.byteCount else {
                 throw fail(.tensorInvalidInfo(dtype: e.descriptor.dtype.rawValue, shape: e.descriptor.shape, bytes: e.end - e.begin),
@@ -107,7 +106,7 @@ public struct SafetensorsHeader {
         if start > available {
             throw fail(.dataBeyondFile(dataEnd: start, available: available), entries.last?.descriptor.name)
         }
-        if start < available { throw fail(.trailingBytes(available - start)) }
+        if start < available { throw fail(.trailingBytes(count: available - start)) }
         return SafetensorsHeader(metadata: metadata, entries: entries, headerLength: json.count)
     }
 }

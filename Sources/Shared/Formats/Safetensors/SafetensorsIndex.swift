@@ -12,14 +12,14 @@ public struct SafetensorsIndex {
 
     public static func parse(_ bytes: [UInt8], file: String) throws(SafetensorsError) -> SafetensorsIndex {
         let root: JSONValue
-        do { root = try JSONParser.parse(bytes) } catch { throw SafetensorsError(.index("invalid JSON: \(error.description)"), file: file) }
+        do { root = try JSONParser.parse(bytes) } catch { throw SafetensorsError(.index(detail: "invalid JSON: \(error.description)"), file: file) }
         guard let obj = root.objectValue, let map = obj["weight_map"]?.objectValue else {
-            throw SafetensorsError(.index("no weight_map object"), file: file)
+            throw SafetensorsError(.index(detail: "no weight_map object"), file: file)
         }
         var pairs: [(String, String)] = []
         for (tensor, value) in map {
             guard let f = value.stringValue, !f.isEmpty, !f.contains("/"), f != ".", f != ".." else {
-                throw SafetensorsError(.index("weight_map entry is not a plain file name in the index's folder"), file: file, tensor: tensor)
+                throw SafetensorsError(.index(detail: "weight_map entry is not a plain file name in the index's folder"), file: file, tensor: tensor)
             }
             pairs.append((tensor, f))
         }
@@ -34,11 +34,11 @@ public struct SafetensorsIndex {
         for (tensor, file) in weightMap {
             listed.insert(tensor)
             guard owners[tensor] == file else {
-                throw SafetensorsError(.index("weight_map puts tensor in \(file), which does not hold it"), file: indexPath, tensor: tensor)
+                throw SafetensorsError(.index(detail: "weight_map puts tensor in \(file), which does not hold it"), file: indexPath, tensor: tensor)
             }
         }
         for (tensor, file) in owners where !listed.contains(tensor) {
-            throw SafetensorsError(.index("tensor in \(file) is missing from weight_map"), file: indexPath, tensor: tensor)
+            throw SafetensorsError(.index(detail: "tensor in \(file) is missing from weight_map"), file: indexPath, tensor: tensor)
         }
     }
 

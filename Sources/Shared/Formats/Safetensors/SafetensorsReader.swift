@@ -14,7 +14,7 @@ public enum SafetensorsReader {
             let fd = try FileDescriptor.openForReading(file)
             fd.adviseSequential()
             guard let size = try fd.regularFileSize() else {
-                throw SafetensorsError(.index("not a regular file"), file: file)
+                throw SafetensorsError(.index(detail: "not a regular file"), file: file)
             }
             let h = try SafetensorsHeader.read(from: fd, fileSize: size)
             let mapped = try MappedFile(fd, size: size)
@@ -44,14 +44,14 @@ public enum SafetensorsReader {
             let names = try listDirectory(path)
             let indexes = names.filter { $0.hasSuffix(".safetensors.index.json") }
             if indexes.count > 1 {
-                throw SafetensorsError(.index("several *.safetensors.index.json files: name one of them"), file: path)
+                throw SafetensorsError(.index(detail: "several *.safetensors.index.json files: name one of them"), file: path)
             } else if let only = indexes.first {
                 indexPath = path + "/" + only
             } else {
                 let files = names.filter { $0.hasSuffix(".safetensors") }
                 if files.contains("model.safetensors") { return ([path + "/model.safetensors"], nil) }
                 guard files.count == 1 else {
-                    throw SafetensorsError(.index(files.isEmpty ? "no .safetensors file in this folder"
+                    throw SafetensorsError(.index(detail: files.isEmpty ? "no .safetensors file in this folder"
                                                                 : "several .safetensors files and no index: name one of them"), file: path)
                 }
                 return ([path + "/" + files[0]], nil)

@@ -79,10 +79,10 @@ public final class SafetensorsWriter: FileRegionSink {
         var names = Set<String>()
         for t in tensors {
             guard names.insert(t.name).inserted else {
-                throw SafetensorsError(.index("tensor name appears twice in the stream"), file: path, tensor: t.name)
+                throw SafetensorsError(.index(detail: "tensor name appears twice in the stream"), file: path, tensor: t.name)
             }
             guard t.name != "__metadata__" else {
-                throw SafetensorsError(.index("a tensor cannot be named __metadata__ in safetensors (the header key is reserved)"),
+                throw SafetensorsError(.index(detail: "a tensor cannot be named __metadata__ in safetensors (the header key is reserved)"),
                                        file: path, tensor: t.name)
             }
         }
@@ -121,7 +121,7 @@ public final class SafetensorsWriter: FileRegionSink {
             cursor = (0, try spool.add(d, file: path))
         } else {
             guard let manifest, received < manifest.count, manifest[received] == d, let p = placement[d.name] else {
-                throw StreamError(.manifestMismatch("tensor \(d) is not the manifest's next entry"), source: path, tensor: d.name)
+                throw StreamError(.manifestMismatch(detail: "tensor \(d) is not the manifest's next entry"), source: path, tensor: d.name)
             }
             cursor = p
         }
@@ -179,7 +179,7 @@ public final class SafetensorsWriter: FileRegionSink {
             spool.remove()
             self.spool = nil
         } else if let manifest, received != manifest.count {
-            throw StreamError(.manifestMismatch("manifest lists \(manifest.count) tensors, \(received) arrived"), source: path)
+            throw StreamError(.manifestMismatch(detail: "manifest lists \(manifest.count) tensors, \(received) arrived"), source: path)
         }
         if files.count > 1 {
             // encoded() sorts the weight map's keys, as transformers writes it.

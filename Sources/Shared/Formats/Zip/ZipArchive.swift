@@ -12,10 +12,10 @@ public struct ZipError: CkptError, Equatable {
         case badCentralEntry(index: Int)
         case badLocalHeader
         case memberOutOfBounds(offset: Int, size: Int)
-        case unsupportedMethod(UInt16)
+        case unsupportedMethod(method: UInt16)
         case encrypted
         case multiDisk
-        case inflateFailed(String)
+        case inflateFailed(detail: String)
         case sizeMismatch(declared: Int, actual: Int)
         case missingMember
     }
@@ -99,10 +99,10 @@ public final class ZipArchive {
             do {
                 try ZlibCodec.inflateRaw(input, into: UnsafeMutableRawBufferPointer(start: out.pointer, count: e.size))
             } catch {
-                throw ZipError(.inflateFailed(error.description), file: path, member: e.name)
+                throw ZipError(.inflateFailed(detail: error.description), file: path, member: e.name)
             }
         default:
-            throw ZipError(.unsupportedMethod(e.method), file: path, member: e.name)
+            throw ZipError(.unsupportedMethod(method: e.method), file: path, member: e.name)
         }
         return out
     }
@@ -113,103 +113,122 @@ public final class ZipArchive {
 
     // MARK: - Parsing
 
-    static func u16(_ p: UnsafeRawBufferPointer, _ o: Int) -> Int { Int(p[o]) | Int(p[o + 1]) << 8 }
-    static func u32(_ p: UnsafeRawBufferPointer, _ o: Int) -> Int { u16(p, o) | u16(p, o + 2) << 16 }
-    static func u64(_ p: UnsafeRawBufferPointer, _ o: Int) -> UInt64 { UInt64(u32(p, o)) | UInt64(u32(p, o + 4)) << 32 }
+    /// Runs `body`; any short read in it becomes `reason` (for `member`).
+    private static func reading<T>(_ path: String, _ reason: ZipError.Reason, member: String? = nil,
+                                   _ body: () throws -> T) throws(ZipError) -> T {
+        do { return try body() } catch let e as ZipError { throw e } catch { throw ZipError(reason, file: path, member: member) }
+    }
 
-    static func readCentralDirectory(_ file: MappedFile) throws -> [Entry] {
+    static func readCentralDirectory(_ file: MappedFile) throws(ZipError) -> [Entry] {
         let path = file.descriptor.path
         let size = file.size
+        let bytes = ByteCursor(file)
         func fail(_ r: ZipError.Reason, _ member: String? = nil) -> ZipError { ZipError(r, file: path, member: member) }
+        func u16(_ c: inout ByteCursor) throws -> Int { Int(try c.readInteger(endianness: .little, as: UInt16.self)) }
+        func u32(_ c: inout ByteCursor) throws -> Int { Int(try c.readInteger(endianness: .little, as: UInt32.self)) }
+        func u64(_ c: inout ByteCursor) throws -> UInt64 { try c.readInteger(endianness: .little, as: UInt64.self) }
+
         // The end record is 22 bytes plus a comment of up to 65535 bytes, at the very end.
         guard size >= 22 else { throw fail(.noEndRecord) }
-        let tailStart = max(0, size - 22 - 65535)
-        let tail = file.bytes(at: tailStart, count: size - tailStart)
-        var eocd = -1
-        var i = tail.count - 22
-        while i >= 0 {
-            if tail[i] == 0x50 && tail[i + 1] == 0x4B && tail[i + 2] == 0x05 && tail[i + 3] == 0x06
-                && i + 22 + u16(tail, i + 20) == tail.count {
-                eocd = i
-                break
+        let eocd = try reading(path, .noEndRecord) { () throws -> Int in
+            var at = size - 22
+            while at >= max(0, size - 22 - 65535) {
+                if try bytes.getInteger(at: at, endianness: .little, as: UInt32.self) == 0x0605_4B50,
+                   at + 22 + Int(try bytes.getInteger(at: at + 20, endianness: .little, as: UInt16.self)) == size {
+                    return at
+                }
+                at -= 1
             }
-            i -= 1
+            throw fail(.noEndRecord)
         }
-        guard eocd >= 0 else { throw fail(.noEndRecord) }
-        guard u16(tail, eocd + 4) == 0, u16(tail, eocd + 6) == 0 else { throw fail(.multiDisk) }
-        var count = u16(tail, eocd + 10)
-        var cdSize = u32(tail, eocd + 12)
-        var cdOffset = u32(tail, eocd + 16)
-        let absoluteEOCD = tailStart + eocd
+        var end = try reading(path, .noEndRecord) { try bytes.getSlice(at: eocd + 4, count: 18) }
+        let (disk, cdDisk, count16, cdSize32, cdOffset32) = try reading(path, .noEndRecord) {
+            let disk = try u16(&end), cdDisk = try u16(&end)
+            try end.skip(2)  // entries on this disk
+            return (disk, cdDisk, try u16(&end), try u32(&end), try u32(&end))
+        }
+        guard disk == 0, cdDisk == 0 else { throw fail(.multiDisk) }
+        var count = count16, cdSize = cdSize32, cdOffset = cdOffset32
 
         // zip64: a locator right before the end record points at the zip64 end record.
-        if absoluteEOCD >= 20 {
-            let loc = file.bytes(at: absoluteEOCD - 20, count: 20)
-            if u32(loc, 0) == 0x0706_4B50 {
-                let z64 = u64(loc, 8)
-                guard z64 <= UInt64(size - 56) else { throw fail(.badZip64EndRecord) }
-                let r = file.bytes(at: Int(z64), count: 56)
-                guard u32(r, 0) == 0x0606_4B50 else { throw fail(.badZip64EndRecord) }
-                let c = u64(r, 32), s = u64(r, 40), o = u64(r, 48)
+        if eocd >= 20, try reading(path, .noEndRecord, { try bytes.getInteger(at: eocd - 20, endianness: .little, as: UInt32.self) }) == 0x0706_4B50 {
+            let z64 = try reading(path, .badZip64EndRecord) { try bytes.getInteger(at: eocd - 12, endianness: .little, as: UInt64.self) }
+            guard z64 <= UInt64(size) else { throw fail(.badZip64EndRecord) }
+            (count, cdSize, cdOffset) = try reading(path, .badZip64EndRecord) { () throws -> (Int, Int, Int) in
+                var r = try bytes.getSlice(at: Int(z64), count: 56)
+                guard try u32(&r) == 0x0606_4B50 else { throw fail(.badZip64EndRecord) }
+                try r.skip(28)  // record size, versions, disk numbers, entries on this disk
+                let c = try u64(&r), s = try u64(&r), o = try u64(&r)
                 guard c <= UInt64(size), s <= UInt64(size), o <= UInt64(size) else { throw fail(.badZip64EndRecord) }
-                count = Int(c)
-                cdSize = Int(s)
-                cdOffset = Int(o)
+                return (Int(c), Int(s), Int(o))
             }
         }
         guard cdOffset + cdSize <= size, cdOffset >= 0 else { throw fail(.centralDirectoryOutOfBounds(offset: cdOffset, size: cdSize)) }
         // Each entry takes at least 46 bytes: refuse counts the directory cannot hold.
         guard count <= cdSize / 46 else { throw fail(.badCentralEntry(index: cdSize / 46)) }
 
-        let cd = file.bytes(at: cdOffset, count: cdSize)
+        var cd = try reading(path, .centralDirectoryOutOfBounds(offset: cdOffset, size: cdSize)) { try bytes.getSlice(at: cdOffset, count: cdSize) }
         var entries: [Entry] = []
         entries.reserveCapacity(count)
-        var p = 0
         for index in 0..<count {
-            guard p + 46 <= cd.count, u32(cd, p) == 0x0201_4B50 else { throw fail(.badCentralEntry(index: index)) }
-            let flags = u16(cd, p + 8), method = u16(cd, p + 10)
-            let crc = UInt32(u32(cd, p + 16))
-            var csize = u32(cd, p + 20), usize = u32(cd, p + 24)
-            let nameLen = u16(cd, p + 28), extraLen = u16(cd, p + 30), commentLen = u16(cd, p + 32)
-            var localOffset = u32(cd, p + 42)
-            guard p + 46 + nameLen + extraLen + commentLen <= cd.count else { throw fail(.badCentralEntry(index: index)) }
-            let name = String(decoding: UnsafeRawBufferPointer(rebasing: cd[(p + 46)..<(p + 46 + nameLen)]), as: UTF8.self)
+            let bad = ZipError.Reason.badCentralEntry(index: index)
+            // The fixed 46 bytes, then the name, extra field and comment they announce.
+            var (flags, method, crc, csize, usize, localOffset) = (0, 0, 0, 0, 0, 0)
+            var nameBytes: [UInt8] = []
+            var extra = bytes
+            try reading(path, bad) {
+                guard try u32(&cd) == 0x0201_4B50 else { throw fail(bad) }
+                try cd.skip(4)  // versions made by and needed
+                flags = try u16(&cd)
+                method = try u16(&cd)
+                try cd.skip(4)  // time, date
+                crc = try u32(&cd)
+                csize = try u32(&cd)
+                usize = try u32(&cd)
+                let nameLength = try u16(&cd), extraLength = try u16(&cd), commentLength = try u16(&cd)
+                try cd.skip(8)  // disk, internal and external attributes
+                localOffset = try u32(&cd)
+                nameBytes = try cd.readBytes(nameLength)
+                extra = try cd.readSlice(extraLength)
+                try cd.skip(commentLength)
+            }
+            let name = String(decoding: nameBytes, as: UTF8.self)
             if flags & 1 != 0 { throw fail(.encrypted, name) }
             // zip64 extra: the 64-bit values appear only for fields set to 0xFFFFFFFF, in order.
-            var e = p + 46 + nameLen
-            let extraEnd = e + extraLen
-            while e + 4 <= extraEnd {
-                let id = u16(cd, e), len = u16(cd, e + 2)
-                guard e + 4 + len <= extraEnd else { throw fail(.badCentralEntry(index: index), name) }
-                if id == 1 {
-                    var q = e + 4
+            try reading(path, bad, member: name) {
+                while extra.remaining >= 4 {
+                    let id = try u16(&extra), length = try u16(&extra)
+                    var field = try extra.readSlice(length)
+                    guard id == 1 else { continue }
                     func next() throws -> Int {
-                        guard q + 8 <= e + 4 + len else { throw fail(.badCentralEntry(index: index), name) }
-                        let v = u64(cd, q)
-                        q += 8
-                        guard v <= UInt64(Int.max) else { throw fail(.badCentralEntry(index: index), name) }
+                        let v = try u64(&field)
+                        guard v <= UInt64(Int.max) else { throw fail(bad, name) }
                         return Int(v)
                     }
                     if usize == 0xFFFF_FFFF { usize = try next() }
                     if csize == 0xFFFF_FFFF { csize = try next() }
                     if localOffset == 0xFFFF_FFFF { localOffset = try next() }
                 }
-                e += 4 + len
             }
-            guard method == 0 || method == 8 else { throw fail(.unsupportedMethod(UInt16(method)), name) }
+            guard method == 0 || method == 8 else { throw fail(.unsupportedMethod(method: UInt16(method)), name) }
             if method == 0 && csize != usize { throw fail(.sizeMismatch(declared: usize, actual: csize), name) }
             // The data starts after the local header, whose name and extra lengths may differ
             // from the central directory's (torch pads there).
-            guard localOffset + 30 <= size else { throw fail(.memberOutOfBounds(offset: localOffset, size: 30), name) }
-            let lh = file.bytes(at: localOffset, count: 30)
-            guard u32(lh, 0) == 0x0403_4B50 else { throw fail(.badLocalHeader, name) }
-            let dataOffset = localOffset + 30 + u16(lh, 26) + u16(lh, 28)
+            var local = try reading(path, .memberOutOfBounds(offset: localOffset, size: 30), member: name) {
+                try bytes.getSlice(at: localOffset, count: 30)
+            }
+            let (signature, localNameLength, localExtraLength) = try reading(path, .badLocalHeader, member: name) {
+                let signature = try u32(&local)
+                try local.skip(22)
+                return (signature, try u16(&local), try u16(&local))
+            }
+            guard signature == 0x0403_4B50 else { throw fail(.badLocalHeader, name) }
+            let dataOffset = localOffset + 30 + localNameLength + localExtraLength
             guard dataOffset <= size, csize <= size - dataOffset else {
                 throw fail(.memberOutOfBounds(offset: dataOffset, size: csize), name)
             }
-            entries.append(Entry(name: name, method: UInt16(method), crc32: crc, compressedSize: csize, size: usize,
+            entries.append(Entry(name: name, method: UInt16(method), crc32: UInt32(crc), compressedSize: csize, size: usize,
                                  localHeaderOffset: localOffset, dataOffset: dataOffset))
-            p += 46 + nameLen + extraLen + commentLen
         }
         return entries
     }
