@@ -58,6 +58,21 @@ import Testing
         #expect(try load([0x4A, 0xFE, 0xFF, 0xFF, 0xFF, 0x2E]).intValue == -2)
     }
 
+    @Test func everyTruncationAndCorruptionIsAnErrorNotATrap() throws {
+        let whole = Self.handMade
+        for n in 0..<whole.count {
+            // A cut anywhere: an error (mostly .truncated), never a value and never a trap.
+            do { _ = try load(Array(whole.prefix(n))); Issue.record("a pickle cut at \(n) loaded") } catch is PickleError {}
+        }
+        for i in whole.indices {
+            for flip: UInt8 in [0x01, 0x80, 0xFF] {
+                var b = whole
+                b[i] ^= flip
+                do { _ = try load(b) } catch is PickleError {}  // read or refused, nothing else
+            }
+        }
+    }
+
     @Test func malformedPicklesHaveTheirErrors() {
         #expect(reason([0x80, 0x02, 0x4B]) == .truncated)
         #expect(reason([0x80, 0x02, 0x58, 0xFF, 0xFF, 0xFF, 0x7F, 0x2E]) == .truncated)  // a 2 GiB string in 8 bytes
@@ -121,13 +136,13 @@ import Testing
     }
 
     @Test func protocol0TextArguments() throws {
-        func esc(_ s: String) -> String? { Array(s.utf8).withUnsafeBytes { Unpickler.rawUnicodeEscape($0) } }
+        func esc(_ s: String) -> String? { Unpickler.rawUnicodeEscape(Array(s.utf8)) }
         #expect(esc("a.weight") == "a.weight")
         #expect(esc(#"caf\u00e9 \u005c"#) == "café \\")
         #expect(esc(#"\U0001F600"#) == "\u{1F600}")
         #expect(esc(#"\u12"#) == nil)
-        #expect([UInt8]([0x61, 0xE9]).withUnsafeBytes { Unpickler.rawUnicodeEscape($0) } == "aé")  // Latin-1 bytes
-        func quoted(_ s: String) -> [UInt8]? { Array(s.utf8).withUnsafeBytes { Unpickler.quotedString($0) } }
+        #expect(Unpickler.rawUnicodeEscape([0x61, 0xE9]) == "aé")  // Latin-1 bytes
+        func quoted(_ s: String) -> [UInt8]? { Unpickler.quotedString(Array(s.utf8)) }
         #expect(quoted("'ab'") == [0x61, 0x62])
         #expect(quoted("'\\x00\\n\\'\\\\'") == [0x00, 0x0A, 0x27, 0x5C])
         #expect(quoted("'\\101\\q'") == [0x41, 0x5C, 0x71])

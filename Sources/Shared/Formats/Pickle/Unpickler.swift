@@ -181,9 +181,11 @@ public struct Unpickler {
         var depth: Int
     }
 
-    private let bytes: UnsafeRawBufferPointer
+    /// The pickle's bytes, read only through this bounds-checked cursor.
+    private var cursor: ByteCursor
     private let file: String
-    private var pos: Int
+    /// Where the next opcode or argument is read.
+    private var pos: Int { cursor.readerIndex }
     private var stack: [Entry] = []
     private var marks: [Int] = []
     private var memo: [Int: Entry] = [:]
@@ -196,7 +198,9 @@ public struct Unpickler {
     /// Unpickles one pickle starting at `offset`; returns the value and the offset after STOP.
     public static func load(_ bytes: UnsafeRawBufferPointer, at offset: Int = 0, file: String,
                             persistentLoad: @escaping PersistentLoad) throws -> (PickleValue, Int) {
-        var u = Unpickler(bytes: bytes, file: file, pos: offset, persistentLoad: persistentLoad)
+        var cursor = ByteCursor(unsafeBytes: bytes)
+        do { try cursor.moveReaderIndex(to: offset) } catch { throw PickleError(reason: .truncated, file: file, offset: offset) }
+        var u = Unpickler(cursor: cursor, file: file, persistentLoad: persistentLoad)
         do {
             let v = try u.run()
             try u.checkShape(v, at: offset)
@@ -209,10 +213,9 @@ public struct Unpickler {
         }
     }
 
-    private init(bytes: UnsafeRawBufferPointer, file: String, pos: Int, persistentLoad: @escaping PersistentLoad) {
-        self.bytes = bytes
+    private init(cursor: ByteCursor, file: String, persistentLoad: @escaping PersistentLoad) {
+        self.cursor = cursor
         self.file = file
-        self.pos = pos
         self.persistentLoad = persistentLoad
     }
 
@@ -220,35 +223,42 @@ public struct Unpickler {
         PickleError(reason: r, file: file, offset: at ?? pos)
     }
 
-    // MARK: reading
+    // MARK: reading (every length comes from the file: the cursor checks it against what is there)
 
-    private mutating func take(_ n: Int) throws -> UnsafeRawBufferPointer {
-        // Lengths come from the file: check them against what is there before using them.
-        guard n >= 0, n <= bytes.count - pos else { throw fail(.truncated) }
-        defer { pos += n }
-        return UnsafeRawBufferPointer(rebasing: bytes[pos..<pos + n])
+    /// A read past the end: the pickle is truncated where that read started.
+    private func truncated(_ e: ByteCursorError) -> PickleError { fail(.truncated, at: e.offset) }
+
+    private mutating func bytes(_ n: Int) throws -> [UInt8] {
+        do { return try cursor.readBytes(n) } catch { throw truncated(error) }
     }
 
-    private mutating func u8() throws -> Int { Int(try take(1)[0]) }
-
-    private mutating func uint(_ n: Int) throws -> UInt64 {
-        let b = try take(n)
-        var v: UInt64 = 0
-        for i in (0..<n).reversed() { v = v << 8 | UInt64(b[i]) }
-        return v
+    private mutating func skip(_ n: Int) throws {
+        do { try cursor.skip(n) } catch { throw truncated(error) }
     }
 
-    private mutating func length(_ n: Int) throws -> Int {
-        let v = try uint(n)
-        guard v <= UInt64(bytes.count - pos) else { throw fail(.truncated) }
+    private mutating func u8() throws -> Int {
+        do { return Int(try cursor.readByte()) } catch { throw truncated(error) }
+    }
+
+    private mutating func integer<T: FixedWidthInteger>(_: T.Type, _ endianness: Endianness = .little) throws -> T {
+        do { return try cursor.readInteger(endianness: endianness, as: T.self) } catch { throw truncated(error) }
+    }
+
+    /// A little-endian length of `width` bytes (4 or 8) that must fit in what is left.
+    private mutating func length(_ width: Int) throws -> Int {
+        let at = pos
+        let v = width == 4 ? UInt64(try integer(UInt32.self)) : try integer(UInt64.self)
+        guard v <= UInt64(cursor.remaining) else { throw fail(.truncated, at: at) }
         return Int(v)
     }
 
-    /// The bytes up to the next newline (protocol 0's text arguments).
-    private mutating func lineBytes() throws -> UnsafeRawBufferPointer {
-        guard pos < bytes.count, let nl = bytes[pos...].firstIndex(of: 0x0A) else { throw fail(.truncated) }
-        defer { pos = nl + 1 }
-        return UnsafeRawBufferPointer(rebasing: bytes[pos..<nl])
+    /// The bytes up to the next newline, which is consumed (protocol 0's text arguments).
+    private mutating func lineBytes() throws -> [UInt8] {
+        let newline = try cursor.withUnsafeBytes(at: pos, count: cursor.remaining) { $0.firstIndex(of: 0x0A) }
+        guard let newline else { throw fail(.truncated) }
+        let line = try bytes(newline)
+        try skip(1)
+        return line
     }
 
     /// A text argument: ASCII in every pickle Python writes (module names, numbers, keys).
@@ -256,7 +266,9 @@ public struct Unpickler {
 
     private mutating func utf8(_ n: Int) throws -> String {
         let at = pos
-        guard let s = String(validating: try take(n), as: UTF8.self) else { throw fail(.badValue("string is not valid UTF-8"), at: at) }
+        let s: String?
+        do { s = try cursor.readUTF8(n) } catch { throw truncated(error) }
+        guard let s else { throw fail(.badValue("string is not valid UTF-8"), at: at) }
         return s
     }
 
@@ -388,7 +400,7 @@ public struct Unpickler {
             case 0x80: // PROTO
                 let p = try u8()
                 guard p <= 5 else { throw fail(.unsupportedProtocol(p), at: at) }
-            case 0x95: _ = try take(8) // FRAME: framing is transparent to a reader with the whole pickle
+            case 0x95: try skip(8) // FRAME: framing is transparent to a reader with the whole pickle
             case 0x2E: // STOP
                 guard let e = stack.popLast() else { throw fail(.stackUnderflow("STOP")) }
                 return e.value
@@ -399,12 +411,12 @@ public struct Unpickler {
                 guard let e = stack.last else { throw fail(.stackUnderflow("DUP")) }
                 try push(e.value, depth: Unpickler.depth(e))
             // Integers
-            case 0x4A: try push(.int(Int(Int32(bitPattern: UInt32(try uint(4))))))  // BININT
+            case 0x4A: try push(.int(Int(try integer(Int32.self))))  // BININT
             case 0x4B: try push(.int(try u8()))  // BININT1
-            case 0x4D: try push(.int(Int(try uint(2))))  // BININT2
+            case 0x4D: try push(.int(Int(try integer(UInt16.self))))  // BININT2
             case 0x8A, 0x8B: // LONG1, LONG4
                 let n = op == 0x8A ? try u8() : try length(4)
-                try push(Unpickler.long(Array(try take(n))))
+                try push(Unpickler.long(try bytes(n)))
             case 0x49: // INT (text); "00"/"01" are False/True
                 let s = try line()
                 if s == "00" { try push(.bool(false)) } else if s == "01" { try push(.bool(true)) } else {
@@ -420,7 +432,7 @@ public struct Unpickler {
             case 0x89: try push(.bool(false))
             case 0x4E: try push(.none)
             // Floats
-            case 0x47: try push(.float(Double(bitPattern: try uint(8).byteSwapped)))  // BINFLOAT, big-endian
+            case 0x47: try push(.float(Double(bitPattern: try integer(UInt64.self, .big))))  // BINFLOAT, big-endian
             case 0x46:
                 let s = try line()
                 guard let v = Double(s) else { throw fail(.badValue("invalid FLOAT \(s)"), at: at) }
@@ -432,15 +444,15 @@ public struct Unpickler {
             case 0x56: // UNICODE: raw-unicode-escape
                 guard let s = Unpickler.rawUnicodeEscape(try lineBytes()) else { throw fail(.badValue("invalid UNICODE escape"), at: at) }
                 try push(.string(s))
-            case 0x54: try push(.bytes(Array(try take(try length(4)))))  // BINSTRING (py2 str)
-            case 0x55: try push(.bytes(Array(try take(try u8()))))  // SHORT_BINSTRING
+            case 0x54: try push(.bytes(try bytes(try length(4))))  // BINSTRING (py2 str)
+            case 0x55: try push(.bytes(try bytes(try u8())))  // SHORT_BINSTRING
             case 0x53: // STRING: a quoted Python 2 literal
                 guard let b = Unpickler.quotedString(try lineBytes()) else { throw fail(.badValue("invalid STRING literal"), at: at) }
                 try push(.bytes(b))
-            case 0x42: try push(.bytes(Array(try take(try length(4)))))  // BINBYTES
-            case 0x43: try push(.bytes(Array(try take(try u8()))))  // SHORT_BINBYTES
-            case 0x8E: try push(.bytes(Array(try take(try length(8)))))  // BINBYTES8
-            case 0x96: try push(.bytes(Array(try take(try length(8)))))  // BYTEARRAY8
+            case 0x42: try push(.bytes(try bytes(try length(4))))  // BINBYTES
+            case 0x43: try push(.bytes(try bytes(try u8())))  // SHORT_BINBYTES
+            case 0x8E: try push(.bytes(try bytes(try length(8))))  // BINBYTES8
+            case 0x96: try push(.bytes(try bytes(try length(8))))  // BYTEARRAY8
             // Containers
             case 0x29: try push(.tuple([]), depth: 1)
             case 0x74: // TUPLE
@@ -483,13 +495,13 @@ public struct Unpickler {
                 guard let k = Int(try line()) else { throw fail(.badValue("invalid PUT key"), at: at) }
                 try memoize(k)
             case 0x71: try memoize(try u8())  // BINPUT
-            case 0x72: try memoize(Int(try uint(4)))  // LONG_BINPUT
+            case 0x72: try memoize(Int(try integer(UInt32.self)))  // LONG_BINPUT
             case 0x94: try memoize(memo.count)  // MEMOIZE
             case 0x67: // GET (text)
                 guard let k = Int(try line()) else { throw fail(.badValue("invalid GET key"), at: at) }
                 try get(k)
             case 0x68: try get(try u8())
-            case 0x6A: try get(Int(try uint(4)))
+            case 0x6A: try get(Int(try integer(UInt32.self)))
             // Names: resolved against the allowlist, nothing is imported or called.
             case 0x63: // GLOBAL "module\nname\n"
                 let module = try line(), name = try line()
@@ -601,13 +613,13 @@ public struct Unpickler {
 
     /// UNICODE's raw-unicode-escape: bytes are Latin-1 characters except `\uXXXX` and
     /// `\UXXXXXXXX` (how pickle writes backslashes, newlines and characters beyond Latin-1).
-    static func rawUnicodeEscape(_ b: UnsafeRawBufferPointer) -> String? {
+    static func rawUnicodeEscape(_ b: [UInt8]) -> String? {
         var out = String.UnicodeScalarView()
         var i = 0
         while i < b.count {
             if b[i] == 0x5C, i + 1 < b.count, b[i + 1] == UInt8(ascii: "u") || b[i + 1] == UInt8(ascii: "U") {
                 let n = b[i + 1] == UInt8(ascii: "u") ? 4 : 8
-                guard i + 2 + n <= b.count, let v = UInt32(String(decoding: UnsafeRawBufferPointer(rebasing: b[(i + 2)..<(i + 2 + n)]), as: UTF8.self), radix: 16),
+                guard i + 2 + n <= b.count, let v = UInt32(String(decoding: b[(i + 2)..<(i + 2 + n)], as: UTF8.self), radix: 16),
                       let scalar = Unicode.Scalar(v) else { return nil }
                 out.append(scalar)
                 i += 2 + n
@@ -620,7 +632,7 @@ public struct Unpickler {
     }
 
     /// STRING's argument: a Python 2 `repr` of a byte string, quotes included.
-    static func quotedString(_ b: UnsafeRawBufferPointer) -> [UInt8]? {
+    static func quotedString(_ b: [UInt8]) -> [UInt8]? {
         guard b.count >= 2, let q = b.first, q == UInt8(ascii: "'") || q == UInt8(ascii: "\""), b[b.count - 1] == q else { return nil }
         var out: [UInt8] = []
         var i = 1
