@@ -53,11 +53,9 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
     /// first byte alone can: 0x80 opens a msgpack map and a protocol-2+ pickle; a safetensors
     /// length can start with any byte).
     static func detectFile(_ path: String) throws -> CheckpointFormat {
-        let fd = try FileDescriptor.openForReading(path)
-        defer { fd.close() }
-        guard let size = try fd.regularFileSize() else { throw FormatDetectionError(file: path, reason: .notARegularFile) }
+        guard let file = try MappedFile.open(path) else { throw FormatDetectionError(file: path, reason: .notARegularFile) }
+        let size = file.size
         guard size > 0 else { throw FormatDetectionError(file: path, reason: .empty) }
-        let file = try MappedFile(try FileDescriptor.openForReading(path), size: size)
         let head = file.bytes(at: 0, count: min(size, TorchReader.legacyMagicPrefix))
         if head.starts(with: StreamFormat.magic) { return .ckpts }
         if head.starts(with: NpyHeader.magic) { return .npy }

@@ -12,6 +12,8 @@ public final class MappedFile: @unchecked Sendable {
     private var releasedUpTo = 0
     private static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
 
+    /// Maps `descriptor`, which the mapping then owns (closed when it goes); on failure the
+    /// caller still owns it.
     public init(_ descriptor: FileDescriptor, size: Int) throws {
         self.descriptor = descriptor
         self.size = size
@@ -26,7 +28,27 @@ public final class MappedFile: @unchecked Sendable {
         base = p
     }
 
-    deinit { if let base { munmap(base, size) } }
+    /// Opens and maps `path`; nil when it is not a regular file. The descriptor belongs to the
+    /// mapping from then on, and is closed on every failure.
+    public static func open(_ path: String) throws -> MappedFile? {
+        let fd = try FileDescriptor.openForReading(path)
+        do {
+            guard let size = try fd.regularFileSize() else {
+                fd.close()
+                return nil
+            }
+            return try MappedFile(fd, size: size)
+        } catch {
+            fd.close()
+            throw error
+        }
+    }
+
+    /// The mapping owns its descriptor (kept open for splicing by offset): both go together.
+    deinit {
+        if let base { munmap(base, size) }
+        descriptor.close()
+    }
 
     /// Bytes `[offset, offset + count)`; the caller has checked the range against `size`.
     public func bytes(at offset: Int, count: Int) -> UnsafeRawBufferPointer {

@@ -23,9 +23,8 @@ public enum FlaxMsgpackReader {
     /// - Parameter separator: joins the map keys of a path into a tensor name (`/`, as JAX trees).
     public static func open(path: String, selection: TensorSelection = .all, separator: String = "/",
                             producer: String) throws -> PlannedSource {
-        let fd = try FileDescriptor.openForReading(path)
-        guard let size = try fd.regularFileSize() else { throw MsgpackError(.notARegularFile, file: path, offset: 0) }
-        let file = try MappedFile(fd, size: size)
+        guard let file = try MappedFile.open(path) else { throw MsgpackError(.notARegularFile, file: path, offset: 0) }
+        let size = file.size
         var cursor = MsgpackCursor(ByteCursor(file), file: path)
         var plan: [(TensorHeader, TensorData)] = []
         var metadata = JSONObject()

@@ -252,9 +252,8 @@ public enum NumPyReader {
     /// A .npy file (one tensor, named by `name` or the file's base name) or a .npz archive.
     public static func open(path: String, selection: TensorSelection = .all, hints: DTypeHints = DTypeHints(),
                             producer: String) throws -> PlannedSource {
-        let fd = try FileDescriptor.openForReading(path)
-        guard let size = try fd.regularFileSize() else { throw NumPyError(.notARegularFile, file: path) }
-        let file = try MappedFile(fd, size: size)
+        guard let file = try MappedFile.open(path) else { throw NumPyError(.notARegularFile, file: path) }
+        let size = file.size
         var plan: [(TensorHeader, TensorData)] = []
         let format: String
         if size >= 6, file.bytes(at: 0, count: 6).starts(with: NpyHeader.magic) {

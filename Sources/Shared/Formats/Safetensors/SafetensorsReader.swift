@@ -11,13 +11,12 @@ public enum SafetensorsReader {
         var owner: [String: String] = [:]
         var plan: [(TensorHeader, TensorData)] = []
         for (i, file) in files.enumerated() {
-            let fd = try FileDescriptor.openForReading(file)
-            fd.adviseSequential()
-            guard let size = try fd.regularFileSize() else {
+            guard let mapped = try MappedFile.open(file) else {
                 throw SafetensorsError(.index(detail: "not a regular file"), file: file)
             }
+            let fd = mapped.descriptor, size = mapped.size
+            fd.adviseSequential()
             let h = try SafetensorsHeader.read(from: fd, fileSize: size)
-            let mapped = try MappedFile(fd, size: size)
             if i == 0, let m = h.metadata { metadata = m }
             for e in h.entries {
                 if let other = owner[e.descriptor.name] {

@@ -111,9 +111,8 @@ public enum TorchReader {
 
     public static func open(path: String, selection: TensorSelection = .all, options: Options = Options(),
                             producer: String) throws -> PlannedSource {
-        let fd = try FileDescriptor.openForReading(path)
-        guard let size = try fd.regularFileSize() else { throw TorchError(.notARegularFile, file: path) }
-        let file = try MappedFile(fd, size: size)
+        guard let file = try MappedFile.open(path) else { throw TorchError(.notARegularFile, file: path) }
+        let size = file.size
         let head = file.bytes(at: 0, count: min(size, legacyMagicPrefix))
         if head.starts(with: [0x50, 0x4B, 0x03, 0x04]) {
             return try openZip(file, path: path, selection: selection, options: options, producer: producer)
