@@ -17,7 +17,7 @@ private final class MakeLog: @unchecked Sendable {
         }
         usleep(20_000)  // long enough that a tensor made ahead overlaps this one
         lock.withLock { running -= 1 }
-        if fail { throw OrbaxError(.zarr(detail: "made to fail"), file: "test", tensor: "t\(i)") }
+        if fail { throw OrbaxError(.zarr(.doesNotDecompress(detail: "made to fail")), file: "test", tensor: "t\(i)") }
         let b = try AlignedBuffer(capacity: bytes)
         b.count = bytes
         for k in 0..<bytes { b.pointer.storeBytes(of: UInt8(truncatingIfNeeded: i &* 31 &+ k), toByteOffset: k, as: UInt8.self) }
@@ -94,7 +94,7 @@ private final class CountingProducer: ChunkProducer {
         return n
     }
     func finish() throws {
-        if failAtEnd { throw OrbaxError(.zarr(detail: "trailing data"), file: "test", tensor: "s") }
+        if failAtEnd { throw OrbaxError(.zarr(.doesNotDecompress(detail: "trailing data")), file: "test", tensor: "s") }
     }
 }
 

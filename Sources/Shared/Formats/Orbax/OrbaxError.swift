@@ -53,8 +53,8 @@ public struct OrbaxError: CkptError, Equatable {
         case shardShorterThanIndex(key: String)
         case shardIndexChecksumMismatch(key: String)
         case innerChunkOutsideShard(key: String, index: Int)
-        /// The other zarr rules, still described by text while ZarrArray's checks are rewritten.
-        case zarr(detail: String)
+        /// A zarr array's rules (`ZarrProblem`).
+        case zarr(ZarrProblem)
 
         // Writing
         case noZarrDType(dtype: String)
@@ -143,7 +143,7 @@ public struct OrbaxError: CkptError, Equatable {
         case .shardShorterThanIndex(let key): return "zarr: shard \(key) is shorter than its index"
         case .shardIndexChecksumMismatch(let key): return "zarr: shard \(key): index crc32c mismatch"
         case .innerChunkOutsideShard(let key, let i): return "zarr: shard \(key): inner chunk \(i) lies outside the shard"
-        case .zarr(let detail): return "zarr: \(detail)"
+        case .zarr(let problem): return "zarr: \(problem)"
 
         case .noZarrDType(let dtype): return "dtype \(dtype) has no zarr v2 name orbax reads"
         case .reservedKey: return "name has an empty or reserved key"

@@ -4,6 +4,68 @@ import Dispatch
 // (`zarr.json`, zarr spec v3 with the `sharding_indexed` codec). Chunks are row-major,
 // full-size at the edges (padding cropped here), and decoded one at a time.
 
+/// What is wrong with a zarr array, one case per rule (carried by `OrbaxError.Reason.zarr`).
+public enum ZarrProblem: Equatable, Sendable, CustomStringConvertible {
+    // Metadata (.zarray, zarr.json)
+    case metadataNotJSON(detail: String)
+    case metadataNotObject
+    case fieldMissing(key: String)
+    case fieldNotIntegers(key: String)
+    case structuredDType
+    /// Zarr that orbax never writes and this reader does not read (the phrase names it).
+    case unsupported(String)
+    case compressorWithoutID
+    case codecWithoutName
+    case chunksDoNotFitShape
+    case chunkShapeRankMismatch
+    case innerChunksDoNotFitShape(inner: [Int])
+    case chunkTooLarge(chunks: [Int], dtype: DType)
+    // The declared chunk grid against the store
+    case gridUncountable(grid: [Int])
+    case gridLargerThanStore(shape: [Int], chunks: [Int], count: Int, stored: Int)
+    case missingChunk(key: String)
+    // Chunk contents
+    case chunkSize(key: String?, holds: Int, needs: Int)
+    case zstdDeclaredSize(key: String?, declared: Int, needs: Int)
+    case zstdWithoutSizeTooSmall(key: String, stored: Int, needs: Int)
+    case cannotInflate(key: String, stored: Int, needs: Int)
+    case storedCannotHold(stored: Int, dtype: DType, shape: [Int], bytes: Int)
+    case doesNotDecompress(detail: String)
+    case endsEarly(produced: Int, expected: Int)
+
+    public var description: String {
+        switch self {
+        case .metadataNotJSON(let detail): return "metadata is not JSON: \(detail)"
+        case .metadataNotObject: return "metadata is not an object"
+        case .fieldMissing(let key): return "\(key) is missing"
+        case .fieldNotIntegers(let key): return "\(key) holds a non-integer"
+        case .structuredDType: return "dtype is not a plain string (structured dtypes are not supported)"
+        case .unsupported(let what): return what
+        case .compressorWithoutID: return "compressor has no id"
+        case .codecWithoutName: return "codec without a name"
+        case .chunksDoNotFitShape: return "chunks do not fit the shape"
+        case .chunkShapeRankMismatch: return "chunk shape does not fit the shape"
+        case .innerChunksDoNotFitShape(let inner): return "inner chunk shape \(inner) does not fit the shape"
+        case .chunkTooLarge(let chunks, let dtype): return "chunk shape \(chunks) of \(dtype.rawValue) is too large to address"
+        case .gridUncountable(let grid): return "chunk grid \(grid) has more chunks than can be counted"
+        case .gridLargerThanStore(let shape, let chunks, let count, let stored):
+            return "shape \(shape) in chunks of \(chunks) makes \(count) chunks, the store holds \(stored) (orbax never leaves chunks out)"
+        case .missingChunk(let key): return "chunk \(key) is missing (orbax never leaves chunks out)"
+        case .chunkSize(let key?, let holds, let needs): return "chunk \(key) holds \(holds) bytes, the chunk shape needs \(needs)"
+        case .chunkSize(nil, let holds, let needs): return "chunk holds \(holds) bytes, expected \(needs)"
+        case .zstdDeclaredSize(let key?, let declared, let needs): return "zstd chunk \(key) declares \(declared) bytes, the chunk shape needs \(needs)"
+        case .zstdDeclaredSize(nil, let declared, let needs): return "zstd chunk declares \(declared) bytes, the chunk shape needs \(needs)"
+        case .zstdWithoutSizeTooSmall(let key, let stored, let needs):
+            return "zstd chunk \(key) (\(stored) bytes, no size recorded) cannot hold the \(needs) its shape declares"
+        case .cannotInflate(let key, let stored, let needs): return "chunk \(key) (\(stored) bytes) cannot inflate to the \(needs) its shape declares"
+        case .storedCannotHold(let stored, let dtype, let shape, let bytes):
+            return "\(stored) stored bytes cannot hold \(dtype.rawValue)\(shape) (\(bytes) bytes)"
+        case .doesNotDecompress(let detail): return "chunk does not decompress: \(detail)"
+        case .endsEarly(let produced, let expected): return "chunk does not decompress: the data ends after \(produced) of \(expected) bytes"
+        }
+    }
+}
+
 /// A zarr array's metadata and how to turn its chunks into the array's row-major bytes.
 public struct ZarrArray: Sendable {
     public enum Codec: Equatable, Sendable {
@@ -22,81 +84,81 @@ public struct ZarrArray: Sendable {
 
     public var descriptor: TensorDescriptor { get throws { try TensorDescriptor(name: name, dtype: dtype, shape: shape) } }
 
-    static func fail(_ name: String, _ m: String, file: String) -> OrbaxError { OrbaxError(.zarr(detail: m), file: file, tensor: name) }
+    static func fail(_ name: String, _ p: ZarrProblem, file: String) -> OrbaxError { OrbaxError(.zarr(p), file: file, tensor: name) }
 
     /// Parses `.zarray` (v2) or `zarr.json` (v3).
     public static func parse(_ json: [UInt8], name: String, file: String) throws -> ZarrArray {
-        func fail(_ m: String) -> OrbaxError { ZarrArray.fail(name, m, file: file) }
+        func fail(_ p: ZarrProblem) -> OrbaxError { ZarrArray.fail(name, p, file: file) }
         let v: JSONValue
-        do { v = try JSONParser.parse(json) } catch { throw fail("metadata is not JSON: \(error.description)") }
-        guard let o = v.objectValue else { throw fail("metadata is not an object") }
+        do { v = try JSONParser.parse(json) } catch { throw fail(.metadataNotJSON(detail: error.description)) }
+        guard let o = v.objectValue else { throw fail(.metadataNotObject) }
         func ints(_ key: String, _ from: JSONObject) throws -> [Int] {
-            guard let a = from[key]?.arrayValue else { throw fail("\(key) is missing") }
-            return try a.map { guard let i = $0.nonNegativeIntValue else { throw fail("\(key) holds a non-integer") }; return i }
+            guard let a = from[key]?.arrayValue else { throw fail(.fieldMissing(key: key)) }
+            return try a.map { guard let i = $0.nonNegativeIntValue else { throw fail(.fieldNotIntegers(key: key)) }; return i }
         }
         let format = o["zarr_format"]?.nonNegativeIntValue ?? 0
         switch format {
         case 2:
-            guard let dt = o["dtype"]?.stringValue else { throw fail("dtype is not a plain string (structured dtypes are not supported)") }
+            guard let dt = o["dtype"]?.stringValue else { throw fail(.structuredDType) }
             let dtype = try dtype2(dt, fail)
-            if let order = o["order"]?.stringValue, order != "C" { throw fail("order \(order) is not supported (only C)") }
-            if let f = o["filters"], f != .null { throw fail("filters are not supported") }
+            if let order = o["order"]?.stringValue, order != "C" { throw fail(.unsupported("order \(order) is not supported (only C)")) }
+            if let f = o["filters"], f != .null { throw fail(.unsupported("filters are not supported")) }
             var codec: Codec?
             if let c = o["compressor"], c != .null {
-                guard let id = c.objectValue?["id"]?.stringValue else { throw fail("compressor has no id") }
+                guard let id = c.objectValue?["id"]?.stringValue else { throw fail(.compressorWithoutID) }
                 switch id {
                 case "zstd": codec = .zstd
                 case "zlib": codec = .zlib
                 case "gzip": codec = .gzip
-                default: throw fail("compressor \(id) is not supported (zstd, zlib, gzip)")
+                default: throw fail(.unsupported("compressor \(id) is not supported (zstd, zlib, gzip)"))
                 }
             }
-            if let sep = o["dimension_separator"]?.stringValue, sep != "." { throw fail("dimension_separator \(sep) is not supported") }
+            if let sep = o["dimension_separator"]?.stringValue, sep != "." { throw fail(.unsupported("dimension_separator \(sep) is not supported")) }
             let shape = try ints("shape", o), chunks = try ints("chunks", o)
-            guard shape.count == chunks.count, !chunks.contains(0) || shape.contains(0) else { throw fail("chunks do not fit the shape") }
+            guard shape.count == chunks.count, !chunks.contains(0) || shape.contains(0) else { throw fail(.chunksDoNotFitShape) }
             let a = ZarrArray(name: name, dtype: dtype, shape: shape, chunks: chunks, codec: codec, zarrFormat: 2, innerChunks: nil)
             try a.checkChunkSizes(fail)
             return a
         case 3:
-            guard let dt = o["data_type"]?.stringValue, let dtype = dtype3[dt] else { throw fail("data_type \(o["data_type"].map { "\($0)" } ?? "?") is not supported") }
+            guard let dt = o["data_type"]?.stringValue, let dtype = dtype3[dt] else { throw fail(.unsupported("data_type \(o["data_type"].map { "\($0)" } ?? "?") is not supported")) }
             let shape = try ints("shape", o)
             guard let grid = o["chunk_grid"]?.objectValue, grid["name"]?.stringValue == "regular",
-                  let conf = grid["configuration"]?.objectValue else { throw fail("only regular chunk grids are supported") }
+                  let conf = grid["configuration"]?.objectValue else { throw fail(.unsupported("only regular chunk grids are supported")) }
             let chunks = try ints("chunk_shape", conf)
-            if let enc = o["chunk_key_encoding"]?.objectValue, enc["name"]?.stringValue != "default" { throw fail("chunk_key_encoding must be default") }
+            if let enc = o["chunk_key_encoding"]?.objectValue, enc["name"]?.stringValue != "default" { throw fail(.unsupported("chunk_key_encoding must be default")) }
             if let sep = o["chunk_key_encoding"]?.objectValue?["configuration"]?.objectValue?["separator"]?.stringValue, sep != "/" {
-                throw fail("chunk key separator \(sep) is not supported")
+                throw fail(.unsupported("chunk key separator \(sep) is not supported"))
             }
-            guard let codecs = o["codecs"]?.arrayValue else { throw fail("codecs are missing") }
+            guard let codecs = o["codecs"]?.arrayValue else { throw fail(.fieldMissing(key: "codecs")) }
             var a = ZarrArray(name: name, dtype: dtype, shape: shape, chunks: chunks, codec: nil, zarrFormat: 3, innerChunks: nil)
             var pipeline = codecs
             if codecs.count == 1, let s = codecs[0].objectValue, s["name"]?.stringValue == "sharding_indexed" {
-                guard let c = s["configuration"]?.objectValue, let inner = c["codecs"]?.arrayValue else { throw fail("sharding_indexed without codecs") }
-                if let loc = c["index_location"]?.stringValue, loc != "end" { throw fail("shard index at the \(loc) is not supported") }
+                guard let c = s["configuration"]?.objectValue, let inner = c["codecs"]?.arrayValue else { throw fail(.fieldMissing(key: "sharding_indexed codecs")) }
+                if let loc = c["index_location"]?.stringValue, loc != "end" { throw fail(.unsupported("shard index at the \(loc) is not supported")) }
                 let index = c["index_codecs"]?.arrayValue?.compactMap { $0.objectValue?["name"]?.stringValue } ?? []
-                guard index == ["bytes", "crc32c"] else { throw fail("shard index codecs \(index) are not supported (bytes, crc32c)") }
+                guard index == ["bytes", "crc32c"] else { throw fail(.unsupported("shard index codecs \(index) are not supported (bytes, crc32c)")) }
                 a.innerChunks = try ints("chunk_shape", c)
                 pipeline = inner
             }
             for codec in pipeline {
-                guard let co = codec.objectValue, let n = co["name"]?.stringValue else { throw fail("codec without a name") }
+                guard let co = codec.objectValue, let n = co["name"]?.stringValue else { throw fail(.codecWithoutName) }
                 switch n {
                 case "bytes":
                     if let e = co["configuration"]?.objectValue?["endian"]?.stringValue, e != "little", dtype.size > 1 {
-                        throw fail("big-endian bytes codec is not supported")
+                        throw fail(.unsupported("big-endian bytes codec is not supported"))
                     }
                 case "zstd": a.codec = .zstd
                 case "gzip": a.codec = .gzip
-                case "crc32c": throw fail("crc32c on chunk data is not supported")
-                default: throw fail("codec \(n) is not supported")
+                case "crc32c": throw fail(.unsupported("crc32c on chunk data is not supported"))
+                default: throw fail(.unsupported("codec \(n) is not supported"))
                 }
             }
-            guard shape.count == chunks.count else { throw fail("chunk shape does not fit the shape") }
-            if let inner = a.innerChunks, inner.count != shape.count || inner.contains(0) { throw fail("inner chunk shape \(inner) does not fit the shape") }
+            guard shape.count == chunks.count else { throw fail(.chunkShapeRankMismatch) }
+            if let inner = a.innerChunks, inner.count != shape.count || inner.contains(0) { throw fail(.innerChunksDoNotFitShape(inner: inner)) }
             try a.checkChunkSizes(fail)
             return a
         default:
-            throw fail("zarr_format \(format) is not supported")
+            throw fail(.unsupported("zarr_format \(format) is not supported"))
         }
     }
 
@@ -106,7 +168,7 @@ public struct ZarrArray: Sendable {
         "float8_e4m3fn": .f8e4m3, "float8_e5m2": .f8e5m2,
     ]
 
-    static func dtype2(_ s: String, _ fail: (String) -> OrbaxError) throws -> DType {
+    static func dtype2(_ s: String, _ fail: (ZarrProblem) -> OrbaxError) throws -> DType {
         switch s {
         case "|b1": return .bool
         case "|i1": return .i8
@@ -124,7 +186,7 @@ public struct ZarrArray: Sendable {
         case "bfloat16": return .bf16
         case "float8_e4m3fn": return .f8e4m3
         case "float8_e5m2": return .f8e5m2
-        default: throw fail("dtype \(s) is not supported")
+        default: throw fail(.unsupported("dtype \(s) is not supported"))
         }
     }
 
@@ -161,10 +223,10 @@ public struct ZarrArray: Sendable {
     }
 
     /// A chunk's (and inner chunk's) size in bytes must be a number before anything is sized from it.
-    func checkChunkSizes(_ fail: (String) -> OrbaxError) throws {
+    func checkChunkSizes(_ fail: (ZarrProblem) -> OrbaxError) throws {
         for c in [chunks] + (innerChunks.map { [$0] } ?? []) {
             guard let n = ZarrArray.product(c), !n.multipliedReportingOverflow(by: dtype.size).overflow else {
-                throw fail("chunk shape \(c) of \(dtype.rawValue) is too large to address")
+                throw fail(.chunkTooLarge(chunks: c, dtype: dtype))
             }
         }
     }
@@ -176,9 +238,9 @@ public struct ZarrArray: Sendable {
     /// metadata of a few bytes can declare 10^11 chunks, and orbax never leaves one out, so a
     /// grid larger than the stored chunks is refused here, in time proportional to what exists.
     func checkGrid(stored: Int, file: String) throws {
-        guard let n = chunkCount else { throw ZarrArray.fail(name, "chunk grid \(grid) has more chunks than can be counted", file: file) }
+        guard let n = chunkCount else { throw ZarrArray.fail(name, .gridUncountable(grid: grid), file: file) }
         guard n <= stored else {
-            throw ZarrArray.fail(name, "shape \(shape) in chunks of \(chunks) makes \(n) chunks, the store holds \(stored) (orbax never leaves chunks out)", file: file)
+            throw ZarrArray.fail(name, .gridLargerThanStore(shape: shape, chunks: chunks, count: n, stored: stored), file: file)
         }
     }
 
@@ -194,7 +256,7 @@ public struct ZarrArray: Sendable {
             out.count = count
             do {
                 try ZstdCodec.decompress(f, offset: o, count: n, into: UnsafeMutableRawBufferPointer(start: out.pointer, count: count))
-            } catch { throw ZarrArray.fail(name, "chunk does not decompress: \(error)", file: file) }
+            } catch { throw ZarrArray.fail(name, .doesNotDecompress(detail: "\(error)"), file: file) }
             return out
         }
         return try value.withBytes { try decode($0, count: count, file: file) }
@@ -208,18 +270,18 @@ public struct ZarrArray: Sendable {
         do {
             switch codec {
             case nil:
-                guard stored.count == count else { throw ZarrArray.fail(name, "chunk holds \(stored.count) bytes, expected \(count)", file: file) }
+                guard stored.count == count else { throw ZarrArray.fail(name, .chunkSize(key: nil, holds: stored.count, needs: count), file: file) }
                 if count > 0 { out.pointer.copyMemory(from: stored.baseAddress!, byteCount: count) }
             case .zstd:
                 if let declared = ZstdCodec.declaredSize(stored), declared != count {
-                    throw ZarrArray.fail(name, "zstd chunk declares \(declared) bytes, the chunk shape needs \(count)", file: file)
+                    throw ZarrArray.fail(name, .zstdDeclaredSize(key: nil, declared: declared, needs: count), file: file)
                 }
                 try ZstdCodec.decompress(stored, into: target)
             case .zlib: try ZlibCodec.decompress(stored, into: target)
             case .gzip: try ZlibCodec.inflate(stored, into: target, windowBits: 31)
             }
         } catch let e as OrbaxError { throw e } catch {
-            throw ZarrArray.fail(name, "chunk does not decompress: \(error)", file: file)
+            throw ZarrArray.fail(name, .doesNotDecompress(detail: "\(error)"), file: file)
         }
         return out
     }
@@ -233,30 +295,30 @@ public struct ZarrArray: Sendable {
         var stored = 0
         try forEachChunkIndex { index in
             let key = chunkKey(index)
-            guard let v = try get(key) else { throw ZarrArray.fail(name, "chunk \(key) is missing (orbax never leaves chunks out)", file: file) }
+            guard let v = try get(key) else { throw ZarrArray.fail(name, .missingChunk(key: key), file: file) }
             stored += v.count
             guard innerChunks == nil else { return }
             switch codec {
             case nil:
-                guard v.count == chunkBytes else { throw ZarrArray.fail(name, "chunk \(key) holds \(v.count) bytes, the chunk shape needs \(chunkBytes)", file: file) }
+                guard v.count == chunkBytes else { throw ZarrArray.fail(name, .chunkSize(key: key, holds: v.count, needs: chunkBytes), file: file) }
             case .zstd:
                 let declared = v.withBytes { ZstdCodec.declaredSize($0) }
                 if let declared, declared != chunkBytes {
-                    throw ZarrArray.fail(name, "zstd chunk \(key) declares \(declared) bytes, the chunk shape needs \(chunkBytes)", file: file)
+                    throw ZarrArray.fail(name, .zstdDeclaredSize(key: key, declared: declared, needs: chunkBytes), file: file)
                 }
                 // tensorstore always records the size; a frame without it gets deflate's bound.
                 guard declared != nil || v.count * 1032 + 1024 >= chunkBytes else {
-                    throw ZarrArray.fail(name, "zstd chunk \(key) (\(v.count) bytes, no size recorded) cannot hold the \(chunkBytes) its shape declares", file: file)
+                    throw ZarrArray.fail(name, .zstdWithoutSizeTooSmall(key: key, stored: v.count, needs: chunkBytes), file: file)
                 }
             case .zlib, .gzip:
                 guard v.count * 1032 + 1024 >= chunkBytes else {
-                    throw ZarrArray.fail(name, "chunk \(key) (\(v.count) bytes) cannot inflate to the \(chunkBytes) its shape declares", file: file)
+                    throw ZarrArray.fail(name, .cannotInflate(key: key, stored: v.count, needs: chunkBytes), file: file)
                 }
             }
         }
         let d = try descriptor
         guard stored * 1032 + 1024 * max(1, chunkCount ?? 1) >= d.byteCount else {
-            throw ZarrArray.fail(name, "\(stored) stored bytes cannot hold \(dtype.rawValue)\(shape) (\(d.byteCount) bytes)", file: file)
+            throw ZarrArray.fail(name, .storedCannotHold(stored: stored, dtype: dtype, shape: shape, bytes: d.byteCount), file: file)
         }
     }
 
@@ -281,7 +343,7 @@ public struct ZarrArray: Sendable {
         try forEachChunkIndex { index in
             let key = chunkKey(index)
             guard let stored = try get(key) else {
-                throw ZarrArray.fail(name, "chunk \(key) is missing (orbax never leaves chunks out)", file: file)
+                throw ZarrArray.fail(name, .missingChunk(key: key), file: file)
             }
             work.append((key, zip(index, chunks).map { $0 * $1 }, stored))
         }
@@ -397,20 +459,20 @@ final class ZarrStreamedChunk: ChunkProducer {
         do {
             decoder = try ZstdCodec.FileDecoder(mapped, offset: offset, count: count, expected: try array.descriptor.byteCount)
         } catch let e as ZstdCodec.Failure {
-            throw ZarrArray.fail(name, "chunk does not decompress: \(e)", file: file)
+            throw ZarrArray.fail(name, .doesNotDecompress(detail: "\(e)"), file: file)
         }
     }
 
     func produce(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         let n: Int
-        do { n = try decoder.read(into: buffer) } catch { throw ZarrArray.fail(name, "chunk does not decompress: \(error)", file: file) }
+        do { n = try decoder.read(into: buffer) } catch { throw ZarrArray.fail(name, .doesNotDecompress(detail: "\(error)"), file: file) }
         if n < buffer.count {
-            throw ZarrArray.fail(name, "chunk does not decompress: the data ends after \(decoder.produced) of \(decoder.expected) bytes", file: file)
+            throw ZarrArray.fail(name, .endsEarly(produced: decoder.produced, expected: decoder.expected), file: file)
         }
         return n
     }
 
     func finish() throws {
-        do { try decoder.finish() } catch { throw ZarrArray.fail(name, "chunk does not decompress: \(error)", file: file) }
+        do { try decoder.finish() } catch { throw ZarrArray.fail(name, .doesNotDecompress(detail: "\(error)"), file: file) }
     }
 }
