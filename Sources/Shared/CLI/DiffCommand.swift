@@ -16,7 +16,7 @@ public struct DiffCommand: ParsableCommand {
 
             Examples:
               ckpt-diff original.safetensors converted.safetensors
-              ckpt-diff --rules rules/bert-torch-to-flax.rules model.safetensors flax_params.msgpack
+              ckpt-diff --rules bert-torch-to-flax model.safetensors flax_params.msgpack
               ckpt-diff --rtol 1e-5 --atol 1e-6 --json a.pt b.safetensors
             """,
         version: Tool.version)
@@ -33,7 +33,7 @@ public struct DiffCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Absolute tolerance.", valueName: "x"))
     public var atol: Double = 0
 
-    @Option(name: .long, help: ArgumentHelp("Apply this slice rule file to A first, to compare across layouts (repeatable).", valueName: "file"))
+    @Option(name: .long, help: ArgumentHelp("Apply this rule set (a shipped name, see ckpt-slice --list-rules, or a file) to A first, to compare across layouts (repeatable).", valueName: "name|file"))
     public var rules: [String] = []
 
     @Flag(help: "Print JSON instead of a table.")
@@ -69,7 +69,7 @@ public struct DiffCommand: ParsableCommand {
         var sourceA = try openSource(a, options: ReadOptions(), producer: "ckpt-diff")
         if !rules.isEmpty {
             var all: [SliceRule] = []
-            for file in rules { all += try SliceRuleParser.parse(file: file) }
+            for name in rules { all += try SliceRuleParser.parse(file: try RuleLibrary.resolve(name)) }
             sourceA = try SliceSource(upstream: sourceA, rules: all, keepUnmatched: false)
         }
         let sourceB = try openSource(b, options: ReadOptions(), producer: "ckpt-diff")

@@ -13,13 +13,18 @@ public struct SliceCommand: ParsableCommand {
             or a shape an expression does not fit, is an error naming the rule's file and line.
 
             Examples:
-              ckpt-read flax.msgpack | ckpt-slice --rules rules/flax-to-torch.rules | ckpt-write model.safetensors
-              ckpt-slice --plan --rules rules/bert-torch-to-flax.rules --input model.safetensors
+              ckpt-read flax.msgpack | ckpt-slice --rules flax-to-torch | ckpt-write model.safetensors
+              ckpt-slice --plan --rules bert-torch-to-flax --input model.safetensors
+              ckpt-slice --rules my-model.rules --rules torch-to-flax ...   # your rules first, then a shipped set
+              ckpt-slice --list-rules
             """,
         version: Tool.version)
 
-    @Option(name: .long, help: ArgumentHelp("A rule file (repeatable; earlier files' rules match first).", valueName: "file"))
+    @Option(name: .long, help: ArgumentHelp("A shipped rule set by name (see --list-rules) or a rule file (repeatable; earlier ones' rules match first).", valueName: "name|file"))
     public var rules: [String] = []
+
+    @Flag(help: "List the shipped rule sets (name and what each converts) and where they were found.")
+    public var listRules = false
 
     @Flag(help: "Print what each input becomes (names, types, shapes) and the memory the plan holds, reading no data.")
     public var plan = false
@@ -39,7 +44,7 @@ public struct SliceCommand: ParsableCommand {
     public init() {}
 
     public func validate() throws {
-        if rules.isEmpty { throw ValidationError("give at least one --rules FILE") }
+        if rules.isEmpty && !listRules { throw ValidationError("give at least one --rules NAME or FILE (--list-rules shows the shipped ones)") }
         if let cast, DType(userName: cast).map(SliceCast.supported(to:)) != true {
             throw ValidationError("--cast takes F32, F64, BF16, F16, F8_E4M3 or F8_E5M2, not '\(cast)'")
         }
@@ -47,8 +52,14 @@ public struct SliceCommand: ParsableCommand {
 
     public func run() throws {
         try Tool.run("ckpt-slice") {
+            if listRules {
+                let sets = RuleLibrary.list()
+                guard !sets.isEmpty else { throw UsageError("no shipped rule sets found (searched: \(RuleLibrary.folders().joined(separator: ", ")); CKPT_RULES_PATH adds folders)") }
+                print(RuleLibrary.render(sets), terminator: "")
+                return
+            }
             var all: [SliceRule] = []
-            for file in rules { all += try SliceRuleParser.parse(file: file) }
+            for name in rules { all += try SliceRuleParser.parse(file: try RuleLibrary.resolve(name)) }
             if plan, input != "-", let bytes = try? readWholeFile(input, limit: 1 << 28),
                let table = String(validating: bytes, as: UTF8.self).flatMap(TensorTable.parse) {
                 // A `ckpt-read --list` table saved earlier: plan against it.
