@@ -51,6 +51,27 @@ import Testing
 }
 
 @Suite struct RuleFileTests {
+    @Test func defaultsAndSetValuesFillNames() throws {
+        let text = """
+            default h=8
+            default n=2
+            a -> b | rearrange "(n h) d -> n d h" h=${h}
+            c -> d | rearrange "(n h) -> n h" n=${n}
+            """
+        let rules = try SliceRuleParser.parse(text, file: "t.rules")
+        #expect(rules[0].ops == [.rearrange(try Rearrange("(n h) d -> n d h", sizes: ["h": 8]))])
+        // --set wins over the file's default.
+        let set = try SliceRuleParser.parse(text, file: "t.rules", values: ["h": "256"])
+        #expect(set[0].ops == [.rearrange(try Rearrange("(n h) d -> n d h", sizes: ["h": 256]))])
+        #expect(set[1].ops == [.rearrange(try Rearrange("(n h) -> n h", sizes: ["n": 2]))])
+        func reason(_ t: String) -> RuleError.Reason? {
+            do { _ = try SliceRuleParser.parse(t, file: "t.rules"); return nil } catch let e as RuleError { return e.reason } catch { return nil }
+        }
+        #expect(reason(#"a -> b | rearrange "(n h) -> n h" h=${missing}"#) == .undefinedName(name: "missing"))
+        #expect(reason("default h") == .malformedDefault)
+        #expect(reason("default a-b=1") == .malformedDefault)
+    }
+
     @Test func parsesRulesOpsCommentsAndKeywords() throws {
         let rules = try SliceRuleParser.parse("""
             # a comment

@@ -123,6 +123,84 @@ def test_openpi_recipe_lora_checkpoint_to_pytorch(tmp_path, pi05):
     assert 1e-5 < max(worst16.values()) < 2e-2
 
 
+def back_to_openpi(pt_dir, out, *args):
+    """scripts/pytorch-to-openpi.sh, with this test tree's head sizes (openpi's are the defaults)."""
+    from test_slice_openpi import NV
+    env = dict(os.environ, CKPT_BIN=BIN)
+    sizes = ["--set", f"llm_head_dim={H}", "--set", f"expert_head_dim={HE}", "--set", f"vision_heads={NV}"]
+    return subprocess.run(["bash", os.path.join(ROOT, "scripts", "pytorch-to-openpi.sh"), str(pt_dir), str(out), *sizes, *args],
+                          capture_output=True, env=env)
+
+
+def orbax_params(step):
+    """What openpi's restore_params does: the PyTree under "params", flattened with "/"."""
+    import orbax.checkpoint as ocp
+    restored = ocp.PyTreeCheckpointer().restore(os.path.abspath(os.path.join(step, "params")))
+    assert list(restored) == ["params"]
+    flat = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, prefix + k + "/")
+            else:
+                flat[prefix + k] = np.asarray(v)
+    walk(restored["params"], "")
+    return flat
+
+
+@pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
+def test_openpi_round_trip_jax_pytorch_jax(tmp_path, pi05):
+    # JAX LoRA step -> PyTorch (merged, f32) -> JAX step: every array of the LoRA-merged
+    # source comes back, key for key and bit for bit, in openpi's JAX layout, restorable by orbax.
+    step = tmp_path / "30000"
+    openpi_lora_checkpoint(str(step), pi05)
+    merged = tmp_path / "merged.safetensors"
+    lora = ["--config", f"*_1/*=rank={R_EXP},alpha={ALPHA_EXP:g}", "--config", f"rank={R_LLM},alpha={ALPHA_LLM:g}"]
+    p = subprocess.run(["bash", "-o", "pipefail", "-c",
+                        f"{BIN}/ckpt-read --root params {step}/params | {BIN}/lora-merge --scheme openpi {' '.join(lora)} --dtype F32 "
+                        f"| {BIN}/ckpt-write {merged}"], capture_output=True)
+    assert p.returncode == 0, p.stderr.decode()
+    source = load_file(str(merged))
+    assert not any("lora" in k for k in source)
+    torch_dir = tmp_path / "torch"
+    assert recipe(step, torch_dir).returncode == 0
+
+    back = tmp_path / "back"
+    p = back_to_openpi(torch_dir, back)
+    assert p.returncode == 0, p.stderr.decode()
+    assert f"{'pi05' if pi05 else 'pi0'}, float32" in p.stderr.decode()
+    got = orbax_params(str(back))
+    assert sorted(got) == sorted(source)
+    for k, v in source.items():
+        assert got[k].dtype == np.float32 and got[k].shape == v.shape and np.array_equal(got[k], v), k
+    assert (back / "assets" / "robot" / "norm_stats.json").exists()
+
+    # What openpi's PyTorch training (and LeRobot) saves: every key under "model.", plus the
+    # tied lm_head; the same JAX tree comes back.
+    from safetensors.numpy import save_file
+    prefixed = tmp_path / "prefixed"
+    prefixed.mkdir()
+    weights = {"model." + k: v for k, v in load_file(str(torch_dir / "model.safetensors")).items()}
+    weights["model.paligemma_with_expert.paligemma.lm_head.weight"] = weights["model.paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"]
+    save_file(weights, str(prefixed / "model.safetensors"))
+    p = back_to_openpi(prefixed, tmp_path / "back2")
+    assert p.returncode == 0, p.stderr.decode()
+    got2 = orbax_params(str(tmp_path / "back2"))
+    assert sorted(got2) == sorted(source) and all(np.array_equal(got2[k], source[k]) for k in source)
+
+
+def test_pytorch_to_openpi_refuses_a_key_it_cannot_place(tmp_path):
+    from safetensors.numpy import save_file
+    pt = tmp_path / "pt"
+    pt.mkdir()
+    save_file({"action_in_proj.weight": np.ones((4, 7), np.float32), "something.else.entirely": np.ones(3, np.float32)},
+              str(pt / "model.safetensors"))
+    p = back_to_openpi(pt, tmp_path / "out")
+    assert p.returncode != 0 and b"something.else.entirely" in p.stderr
+    assert not (tmp_path / "out" / "params").exists()
+
+
 def test_openpi_recipe_refuses_what_it_cannot_place(tmp_path):
     step = tmp_path / "1"
     openpi_lora_checkpoint(str(step), False)

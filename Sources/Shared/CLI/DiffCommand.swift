@@ -36,6 +36,9 @@ public struct DiffCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Apply this rule set (a shipped name, see ckpt-slice --list-rules, or a file) to A first, to compare across layouts (repeatable).", valueName: "name|file"))
     public var rules: [String] = []
 
+    @Option(name: .customLong("set"), help: ArgumentHelp("A value for ${NAME} in the rules (repeatable).", valueName: "NAME=VALUE"))
+    public var values: [String] = []
+
     @Flag(help: "Print JSON instead of a table.")
     public var json = false
 
@@ -69,7 +72,8 @@ public struct DiffCommand: ParsableCommand {
         var sourceA = try openSource(a, options: ReadOptions(), producer: "ckpt-diff")
         if !rules.isEmpty {
             var all: [SliceRule] = []
-            for name in rules { all += try SliceRuleParser.parse(file: try RuleLibrary.resolve(name)) }
+            let given = try SliceCommand.parseValues(values)
+            for name in rules { all += try SliceRuleParser.parse(file: try RuleLibrary.resolve(name), values: given) }
             sourceA = try SliceSource(upstream: sourceA, rules: all, keepUnmatched: false)
         }
         let sourceB = try openSource(b, options: ReadOptions(), producer: "ckpt-diff")

@@ -26,6 +26,9 @@ public struct SliceCommand: ParsableCommand {
     @Flag(help: "List the shipped rule sets (name and what each converts) and where they were found.")
     public var listRules = false
 
+    @Option(name: .customLong("set"), help: ArgumentHelp("A value for ${NAME} in the rules (repeatable), over the files' 'default NAME=VALUE'.", valueName: "NAME=VALUE"))
+    public var values: [String] = []
+
     @Flag(help: "Print what each input becomes (names, types, shapes) and the memory the plan holds, reading no data.")
     public var plan = false
 
@@ -44,6 +47,7 @@ public struct SliceCommand: ParsableCommand {
     public init() {}
 
     public func validate() throws {
+        _ = try SliceCommand.parseValues(values)
         if rules.isEmpty && !listRules { throw ValidationError("give at least one --rules NAME or FILE (--list-rules shows the shipped ones)") }
         if let cast, DType(userName: cast).map(SliceCast.supported(to:)) != true {
             throw ValidationError("--cast takes F32, F64, BF16, F16, F8_E4M3 or F8_E5M2, not '\(cast)'")
@@ -59,7 +63,8 @@ public struct SliceCommand: ParsableCommand {
                 return
             }
             var all: [SliceRule] = []
-            for name in rules { all += try SliceRuleParser.parse(file: try RuleLibrary.resolve(name)) }
+            let given = try SliceCommand.parseValues(values)
+            for name in rules { all += try SliceRuleParser.parse(file: try RuleLibrary.resolve(name), values: given) }
             if plan, input != "-", let bytes = try? readWholeFile(input, limit: 1 << 28),
                let table = String(validating: bytes, as: UTF8.self).flatMap(TensorTable.parse) {
                 // A `ckpt-read --list` table saved earlier: plan against it.
@@ -79,6 +84,17 @@ public struct SliceCommand: ParsableCommand {
             let writer = try stream.makeWriter(producer: "ckpt-slice \(Tool.version)")
             try pump(from: source, to: writer, progress: progressOptions.makeProgress(label: "ckpt-slice"))
         }
+    }
+
+    /// `--set NAME=VALUE` items as a dictionary.
+    public static func parseValues(_ items: [String]) throws -> [String: String] {
+        var out: [String: String] = [:]
+        for item in items {
+            let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
+            guard kv.count == 2, !kv[0].isEmpty, !kv[1].isEmpty else { throw ValidationError("--set takes NAME=VALUE, not '\(item)'") }
+            out[kv[0]] = kv[1]
+        }
+        return out
     }
 
     static func render(_ plan: SlicePlan, inputs: [TensorDescriptor]) -> String {

@@ -30,7 +30,7 @@ public struct WriteCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Read the stream from FILE instead of stdin.", valueName: "file"))
     public var input: String = "-"
 
-    @Option(help: ArgumentHelp("torch: nest the tensors under this key, e.g. model → {\"model\": {...}}.", valueName: "key"))
+    @Option(help: ArgumentHelp("torch, orbax, msgpack: nest the tensors under this key, e.g. model → {\"model\": {...}} (openpi's Orbax params: --nest params).", valueName: "key"))
     public var nest: String?
 
     @Option(help: ArgumentHelp("msgpack, orbax: split tensor names into nested keys on this separator.", valueName: "sep"))
@@ -78,7 +78,7 @@ public struct WriteCommand: ParsableCommand {
             guard CheckpointFormat.writable.contains(fmt) else {
                 throw NotImplementedError("writing \(fmt.rawValue)")
             }
-            if nest != nil && fmt != .torch { throw UsageError("--nest applies to torch output only") }
+            if nest != nil && ![.torch, .orbax, .msgpack].contains(fmt) { throw UsageError("--nest applies to torch, orbax and msgpack output") }
             if path == "-" && fmt != .ckpts {
                 throw UsageError("\(fmt.rawValue) output needs a file: it cannot be written to stdout")
             }
@@ -97,10 +97,10 @@ public struct WriteCommand: ParsableCommand {
             case .npy, .npz:
                 sink = NumPyWriter(path: path, single: fmt == .npy, overwrite: force)
             case .orbax:
-                sink = OrbaxWriter(path: out, separator: sep, maxChunkBytes: orbaxChunk.flatMap(parseByteSize) ?? (2 << 30), overwrite: force,
+                sink = OrbaxWriter(path: out, separator: sep, nest: nest, maxChunkBytes: orbaxChunk.flatMap(parseByteSize) ?? (2 << 30), overwrite: force,
                                    directIO: !bufferedIO)
             case .msgpack:
-                sink = FlaxMsgpackWriter(path: path, separator: sep, maxChunkSize: msgpackChunk.flatMap(parseByteSize) ?? FlaxMsgpack.maxChunkSize,
+                sink = FlaxMsgpackWriter(path: path, separator: sep, nest: nest, maxChunkSize: msgpackChunk.flatMap(parseByteSize) ?? FlaxMsgpack.maxChunkSize,
                                          overwrite: force, log: { if !quiet { Tool.note("ckpt-write", $0) } })
             case .ckpts:
                 // (Not through a StreamOutputOptions made here: property wrappers of an

@@ -12,6 +12,9 @@ public struct RuleError: CkptError, Equatable {
         /// A pattern that does not parse (`RulePattern.ParseError`'s text).
         case invalidPattern(detail: String)
         case malformedLine
+        /// `${name}` with no `default name=...` before it and no `ckpt-slice --set name=...`.
+        case undefinedName(name: String)
+        case malformedDefault
         case targetCaptureUnbound(capture: String)
         case stackedAxesNotLeading(captures: [String])
         // An operation
@@ -89,6 +92,9 @@ public struct RuleError: CkptError, Equatable {
         case .takesOnePattern(let keyword): return "\(keyword) takes one pattern"
         case .invalidPattern(let detail): return detail
         case .malformedLine: return "expected 'SOURCE -> TARGET | op | ...', 'drop SOURCE' or 'keep SOURCE'"
+        case .undefinedName(let name):
+            return "${\(name)} is not defined: add 'default \(name)=VALUE' to the rule file, or give ckpt-slice --set \(name)=VALUE"
+        case .malformedDefault: return "default takes NAME=VALUE (letters, digits and _ in the name)"
         case .targetCaptureUnbound(let c): return "target {\(c)} is neither captured by the source nor an axis of the last rearrange's right side"
         case .stackedAxesNotLeading(let c):
             return "stacking along \(c.joined(separator: ", ")): the first rearrange must start with those axes (\"\(c.joined(separator: " ")) ...\")"

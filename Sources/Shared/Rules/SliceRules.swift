@@ -46,30 +46,43 @@ public struct SliceRule: Sendable {
 
 /// Parses rule files (docs/rules.md).
 public enum SliceRuleParser {
-    public static func parse(file path: String, including: [String] = []) throws -> [SliceRule] {
+    /// - Parameter values: `--set NAME=VALUE` from the command line, for `${NAME}` in the rules;
+    ///   they win over the files' `default NAME=VALUE` lines.
+    public static func parse(file path: String, including: [String] = [], values: [String: String] = [:]) throws -> [SliceRule] {
         guard !including.contains(path) else { throw RuleError(.includeCycle(chain: including + [path])) }
         let bytes: [UInt8]
         do { bytes = try readWholeFile(path, limit: 1 << 24) } catch {
             throw RuleError(.unreadable(detail: "\(error)"), file: path)
         }
         guard let text = String(validating: bytes, as: UTF8.self) else { throw RuleError(.notUTF8, file: path) }
-        return try parse(text, file: path, including: including)
+        return try parse(text, file: path, including: including, values: values)
     }
 
-    public static func parse(_ text: String, file: String, including: [String] = []) throws -> [SliceRule] {
+    public static func parse(_ text: String, file: String, including: [String] = [], values given: [String: String] = [:]) throws -> [SliceRule] {
         var rules: [SliceRule] = []
+        var values = given
         let dir = file.contains("/") ? String(file[..<file.lastIndex(of: "/")!]) : "."
         for (n, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
             let lineNumber = n + 1
-            let line = stripComment(String(raw)).trimmingCharacters(in: " ").replacingTabs()
-            if line.isEmpty { continue }
             func fail(_ r: RuleError.Reason) -> RuleError { RuleError(r, file: file, line: lineNumber) }
+            let stripped = stripComment(String(raw)).trimmingCharacters(in: " ").replacingTabs()
+            if stripped.isEmpty { continue }
+            if stripped.hasPrefix("default ") {
+                // `default NAME=VALUE`: a value for `${NAME}` unless the command line set one.
+                let kv = stripped.dropFirst("default ".count).trimmingCharacters(in: " ").split(separator: "=", maxSplits: 1).map(String.init)
+                guard kv.count == 2, !kv[0].isEmpty, kv[0].allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_") }), !kv[1].isEmpty else {
+                    throw fail(.malformedDefault)
+                }
+                if values[kv[0]] == nil { values[kv[0]] = kv[1] }
+                continue
+            }
+            let line = try substitute(stripped, values, fail)
             let words = line.split(separator: " ", maxSplits: 1).map(String.init)
             switch words[0] {
             case "include":
                 guard words.count == 2 else { throw fail(.includeWithoutFile) }
                 let name = words[1].trimmingCharacters(in: " ")
-                rules += try parse(file: name.hasPrefix("/") ? name : dir + "/" + name, including: including + [file])
+                rules += try parse(file: name.hasPrefix("/") ? name : dir + "/" + name, including: including + [file], values: values)
                 continue
             case "drop", "keep":
                 guard words.count == 2, !words[1].contains("->") else { throw fail(.takesOnePattern(keyword: words[0])) }
@@ -97,6 +110,28 @@ public enum SliceRuleParser {
             rules.append(SliceRule(action: .map, source: source, target: target, ops: ops, file: file, line: lineNumber))
         }
         return rules
+    }
+
+    /// Replaces every `${NAME}` by its value.
+    static func substitute(_ line: String, _ values: [String: String], _ fail: (RuleError.Reason) -> RuleError) throws -> String {
+        guard line.contains("${") else { return line }
+        var out = ""
+        var chars = Array(line)[...]
+        while let dollar = chars.firstIndex(of: "$") {
+            out += String(chars[..<dollar])
+            guard chars.index(after: dollar) < chars.endIndex, chars[chars.index(after: dollar)] == "{" else {
+                out.append("$")
+                chars = chars[chars.index(after: dollar)...]
+                continue
+            }
+            let nameStart = dollar + 2
+            guard let close = chars[nameStart...].firstIndex(of: "}") else { throw fail(.undefinedName(name: String(chars[nameStart...]))) }
+            let name = String(chars[nameStart..<close])
+            guard let value = values[name] else { throw fail(.undefinedName(name: name)) }
+            out += value
+            chars = chars[(close + 1)...]
+        }
+        return out + String(chars)
     }
 
     /// What can be told from the rule alone: every target capture must come from the source

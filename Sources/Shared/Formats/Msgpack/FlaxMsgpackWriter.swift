@@ -12,6 +12,8 @@ public final class FlaxMsgpackWriter: TensorSink {
     public let separator: String
     public let maxChunkSize: Int
     public let overwrite: Bool
+    /// A top-level key every name goes under (`--nest params`).
+    public let nest: String?
     private let log: (String) -> Void
     private var output: AtomicOutput?
     private var spool: Spool?
@@ -22,10 +24,11 @@ public final class FlaxMsgpackWriter: TensorSink {
     private var written = 0
     private var spoolOffset = 0
 
-    public init(path: String, separator: String = "/", maxChunkSize: Int = FlaxMsgpack.maxChunkSize, overwrite: Bool,
+    public init(path: String, separator: String = "/", nest: String? = nil, maxChunkSize: Int = FlaxMsgpack.maxChunkSize, overwrite: Bool,
                 log: @escaping (String) -> Void) {
         self.path = path
         self.separator = separator
+        self.nest = nest
         self.maxChunkSize = maxChunkSize
         self.overwrite = overwrite
         self.log = log
@@ -39,7 +42,7 @@ public final class FlaxMsgpackWriter: TensorSink {
     /// Plans every byte of the file, writes everything but the array data, and records where
     /// each tensor's data goes.
     private func layOut(_ tensors: [TensorDescriptor]) throws {
-        let tree = try Tree(tensors, separator: separator, file: path)
+        let tree = try Tree(tensors, separator: separator, nest: nest, file: path)
         var skeleton: [(offset: Int, bytes: [UInt8])] = []
         var pending: [UInt8] = []
         var position = 0
@@ -189,7 +192,7 @@ public final class FlaxMsgpackWriter: TensorSink {
         }
         let root: Node
 
-        init(_ tensors: [TensorDescriptor], separator: String, file: String) throws {
+        init(_ tensors: [TensorDescriptor], separator: String, nest: String? = nil, file: String) throws {
             final class Builder {
                 var keys: [String] = []
                 var children: [String: Builder] = [:]
@@ -197,7 +200,7 @@ public final class FlaxMsgpackWriter: TensorSink {
             }
             let top = Builder()
             for (i, d) in tensors.enumerated() {
-                let parts = separator.isEmpty ? [d.name] : d.name.components(separatedBy: separator)
+                let parts = (nest.map { [$0] } ?? []) + (separator.isEmpty ? [d.name] : d.name.components(separatedBy: separator))
                 var node = top
                 for (depth, part) in parts.enumerated() {
                     guard node.tensor == nil else {

@@ -15,6 +15,8 @@ import Glibc
 public final class OrbaxWriter: TensorSink {
     public let path: String
     public let separator: String
+    /// A top-level key every name goes under (`--nest params`: openpi's `{"params": ...}`).
+    public let nest: String?
     public let overwrite: Bool
     /// Arrays larger than this are cut into chunks along axis 0 (orbax keeps chunks under 2 GiB).
     public let maxChunkBytes: Int
@@ -65,10 +67,11 @@ public final class OrbaxWriter: TensorSink {
         registered = []
     }
 
-    public init(path: String, separator: String = "/", maxChunkBytes: Int = 2 << 30, overwrite: Bool,
+    public init(path: String, separator: String = "/", nest: String? = nil, maxChunkBytes: Int = 2 << 30, overwrite: Bool,
                 directIO: Bool = true, directThreshold: Int = DirectFileWriter.defaultThreshold) {
         self.path = path
         self.separator = separator
+        self.nest = nest
         self.maxChunkBytes = maxChunkBytes
         self.overwrite = overwrite
         self.directIO = directIO
@@ -96,7 +99,7 @@ public final class OrbaxWriter: TensorSink {
         guard let zdtype = OrbaxWriter.dtypes[d.dtype] else {
             throw OrbaxError(.noZarrDType(dtype: d.dtype.rawValue), file: path, tensor: d.name)
         }
-        let keys = separator.isEmpty ? [d.name] : d.name.components(separatedBy: separator)
+        let keys = (nest.map { [$0] } ?? []) + (separator.isEmpty ? [d.name] : d.name.components(separatedBy: separator))
         guard !keys.contains(where: { $0.isEmpty || $0 == "." || $0 == ".." || $0.contains("/") && separator != "/" }) else {
             throw OrbaxError(.reservedKey, file: path, tensor: d.name)
         }
