@@ -48,3 +48,14 @@ if ! .venv-tf4/bin/python -c "import transformers, flax, torch, safetensors" 2>/
     .venv-tf4/bin/pip install -q --disable-pip-version-check \
         transformers==4.57.6 huggingface_hub==0.36.2 flax==0.12.8 jax==0.10.2 torch==2.13.0 numpy==2.4.6 safetensors==0.8.0
 fi
+# equimo (Equinox, the JAX model the eqx output is for) needs Python >= 3.12: a third
+# environment, which the eqx tests call through files.
+if [ ! -x .venv-eqx/bin/python ]; then
+    PY312="$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1 || true)"
+    [ -n "$PY312" ] || { echo "setup: Python 3.12 is needed for .venv-eqx (equimo)" >&2; exit 69; }
+    "$PY312" -m venv .venv-eqx
+fi
+if ! .venv-eqx/bin/python -c "import equinox, equimo" 2>/dev/null; then
+    echo "setup: pip install into .venv-eqx (equimo, equinox, jax for the eqx tests)"
+    .venv-eqx/bin/pip install -q --disable-pip-version-check equimo==2.7.0 equinox==0.13.8 jax==0.12.1 jaxlib==0.12.1 numpy==2.5.5
+fi

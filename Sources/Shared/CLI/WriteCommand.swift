@@ -45,6 +45,12 @@ public struct WriteCommand: ParsableCommand {
     @Flag(help: ArgumentHelp("safetensors, orbax: write through the page cache. By default files of 64 MiB and more bypass it (O_DIRECT) where the file system allows."))
     public var bufferedIO = false
 
+    @Option(help: ArgumentHelp("eqx: the template folder (weights.eqx and leaves.json of the target model) that gives the leaves' order, shapes and non-array values.", valueName: "dir"))
+    public var like: String?
+
+    @Option(help: ArgumentHelp("eqx: copy array leaves matching GLOB from the template (buffers the source does not store; repeatable).", valueName: "glob"))
+    public var keep: [String] = []
+
     @Flag(help: "Replace existing output files.")
     public var force = false
 
@@ -66,7 +72,7 @@ public struct WriteCommand: ParsableCommand {
             var path = out
             var isDir = false
             var st = stat()
-            if stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR && format != "orbax" { isDir = true }
+            if stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR && format != "orbax" && format != "eqx" { isDir = true }
             let fmt: CheckpointFormat
             if let format { fmt = CheckpointFormat(rawValue: format)! } else if isDir { fmt = .safetensors } else {
                 guard let f = CheckpointFormat.forOutput(path) else {
@@ -82,6 +88,8 @@ public struct WriteCommand: ParsableCommand {
             if path == "-" && fmt != .ckpts {
                 throw UsageError("\(fmt.rawValue) output needs a file: it cannot be written to stdout")
             }
+            if fmt == .eqx && like == nil { throw UsageError("eqx output needs --like TEMPLATE_DIR (weights.eqx and leaves.json of the target model)") }
+            if fmt != .eqx && (like != nil || !keep.isEmpty) { throw UsageError("--like and --keep apply to eqx output") }
             if maxShardSize != nil && fmt != .safetensors {
                 throw UsageError("--max-shard-size applies to safetensors output only")
             }
@@ -102,6 +110,10 @@ public struct WriteCommand: ParsableCommand {
             case .msgpack:
                 sink = FlaxMsgpackWriter(path: path, separator: sep, nest: nest, maxChunkSize: msgpackChunk.flatMap(parseByteSize) ?? FlaxMsgpack.maxChunkSize,
                                          overwrite: force, log: { if !quiet { Tool.note("ckpt-write", $0) } })
+            case .eqx:
+                guard let like else { throw UsageError("eqx output needs --like TEMPLATE_DIR") }
+                sink = EqxWriter(folder: out, template: try EqxTemplate(folder: like), keep: keep, overwrite: force,
+                                 log: { if !quiet { Tool.note("ckpt-write", $0) } })
             case .ckpts:
                 // (Not through a StreamOutputOptions made here: property wrappers of an
                 // unparsed ParsableArguments cannot be read.)

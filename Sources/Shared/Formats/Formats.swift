@@ -13,9 +13,11 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
     case msgpack
     /// An Orbax PyTree checkpoint folder.
     case orbax
+    /// Equinox's `tree_serialise_leaves` (`weights.eqx`, written against a template model).
+    case eqx
 
     /// What `ckpt-write` can produce so far.
-    public static let writable: [CheckpointFormat] = [.safetensors, .torch, .npz, .npy, .msgpack, .orbax, .ckpts]
+    public static let writable: [CheckpointFormat] = [.safetensors, .torch, .npz, .npy, .msgpack, .orbax, .eqx, .ckpts]
 
     /// Guesses the format of an output path from its name.
     public static func forOutput(_ path: String) -> CheckpointFormat? {
@@ -136,6 +138,7 @@ public func openSource(_ path: String, options: ReadOptions, producer: String) t
     case .npy, .npz: return try NumPyReader.open(path: path, selection: options.selection, hints: options.hints, producer: producer)
     case .msgpack: return try FlaxMsgpackReader.open(path: path, selection: options.selection, producer: producer)
     case .orbax: return try OrbaxReader.open(path: path, selection: options.selection, options: options.orbax, producer: producer)
+    case .eqx: throw NotImplementedError("reading weights.eqx (its leaves have no names)")
     }
 }
 
