@@ -169,4 +169,26 @@ import Testing
         let expected = values.map { FloatConversion.bfloat16Bits($0) }.withUnsafeBytes { [UInt8]($0) }
         #expect(sink.tensors[0].1 == expected)
     }
+
+    @Test func insertZerosMakesTheFusedBiasOfAMissingPart() throws {
+        // q and v biases (no k bias, as DINOv3) -> one fused [q, 0, v].
+        let q: [Float] = [1, 2, 3], v: [Float] = [7, 8, 9]
+        let source = MemorySource([tensor("a.q_bias", .f32, [3], q.withUnsafeBytes { [UInt8]($0) }),
+                                   tensor("a.v_bias", .f32, [3], v.withUnsafeBytes { [UInt8]($0) })], chunk: 5)
+        let rules = try SliceRuleParser.parse(#"a.{s=q,v}_bias -> a.qkv.bias | insert-zeros 0 1 | rearrange "s o -> (s o)""#, file: "t.rules")
+        let sink = CollectingSink()
+        try pump(from: try SliceSource(upstream: source, rules: rules, keepUnmatched: false), to: sink)
+        #expect(sink.tensors.map(\.0.descriptor.shape) == [[9]])
+        #expect(sink.tensors[0].1 == ([1, 2, 3, 0, 0, 0, 7, 8, 9] as [Float]).withUnsafeBytes { [UInt8]($0) })
+        // Along an inner axis, and at the end.
+        let m = MemorySource([tensor("m", .f32, [2, 2], ([1, 2, 3, 4] as [Float]).withUnsafeBytes { [UInt8]($0) })], chunk: 16)
+        let sink2 = CollectingSink()
+        try pump(from: try SliceSource(upstream: m, rules: try SliceRuleParser.parse("m -> n | insert-zeros 1 2", file: "t.rules"), keepUnmatched: false), to: sink2)
+        #expect(sink2.tensors[0].1 == ([1, 2, 0, 3, 4, 0] as [Float]).withUnsafeBytes { [UInt8]($0) })
+        // Out of range is a plan error naming the rule.
+        let bad = try SliceRuleParser.parse("m -> n | insert-zeros 1 3", file: "t.rules")
+        #expect(throws: RuleError.self) {
+            try SliceSource(upstream: MemorySource([tensor("m", .f32, [2, 2], [UInt8](repeating: 0, count: 16))], chunk: 16), rules: bad, keepUnmatched: false)
+        }
+    }
 }

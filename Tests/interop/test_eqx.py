@@ -91,3 +91,29 @@ def test_refusals_leave_nothing(template, tmp_path):
     (bad / "weights.eqx").write_bytes((tdir / "weights.eqx").read_bytes()[:-10])
     (bad / "leaves.json").write_bytes((tdir / "leaves.json").read_bytes())
     refused(f"ckpt-read {new} | ckpt-write --format eqx --like {bad} --keep '*.freqs' {out}", EX_DATAERR, "weights.eqx")
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["mlp", "swiglu"])
+def test_dinov3_from_transformers_runs_in_equimo_as_in_transformers(tmp_path, gated):
+    # Oracle: transformers 5's DINOv3ViTModel forward (torch side) against equimo's forward on the
+    # converted weights (JAX side), all tokens, tiny random model with random layer scales.
+    script = os.path.join(ROOT, "scripts", "dinov3_equimo.py")
+    flag = ["gated"] if gated else []
+    p = subprocess.run([os.path.join(ROOT, ".venv", "bin", "python"), script, "hf", str(tmp_path), *flag], capture_output=True)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    p = subprocess.run([EQX_PY, script, "template", str(tmp_path), *flag], capture_output=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    sets = "--set mlp_up=w2 --set mlp_down=w3" if gated else ""
+    p = shell(f"ckpt-read {tmp_path}/model.safetensors | ckpt-slice --rules dinov3-hf-to-equimo {sets} "
+              f"| ckpt-write --format eqx --like {tmp_path}/template --keep '*.freqs' {tmp_path}/converted")
+    assert p.returncode == 0, p.stderr.decode()
+    p = subprocess.run([EQX_PY, script, "check", str(tmp_path)], capture_output=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    diff = float(p.stdout.decode().strip().splitlines()[-1])
+    print(f"\nDINOv3 {'swiglu' if gated else 'mlp'}: equimo vs transformers, max abs difference {diff:.1e}")
+    assert diff < 2e-5
+    # The MLP names are the one thing the rules cannot tell from a tensor: the wrong choice is refused.
+    wrong = "" if gated else "--set mlp_up=w2 --set mlp_down=w3"
+    p = shell(f"ckpt-read {tmp_path}/model.safetensors | ckpt-slice --rules dinov3-hf-to-equimo {wrong} "
+              f"| ckpt-write --format eqx --like {tmp_path}/template --keep '*.freqs' {tmp_path}/wrong")
+    assert p.returncode == EX_DATAERR and b"no leaf of the template is named" in p.stderr

@@ -188,6 +188,9 @@ public final class SliceSource: TensorSource {
                 let v = try IndexView(items, shape: shape)
                 data = try SliceSource.gather(data, dtype.size, offset: v.offset, shape: v.shape, strides: v.strides)
                 shape = v.shape
+            case .insertZeros(let axis, let index):
+                data = try SliceSource.insertZeros(data, dtype.size, shape: shape, axis: axis, index: index)
+                shape[axis] += 1
             case .cast, .castFloats, .scale, .add:
                 (data, dtype) = try SliceSource.elementwise(op, data, dtype, count: count)
             case .where: break
@@ -209,6 +212,26 @@ public final class SliceSource: TensorSource {
         for (out, b) in zip(g.outputs, try SliceSource.unstack(data, dtype.size, shape: shape, axes: g.unstackAxes)) {
             queue.append((TensorHeader(out), b))
         }
+    }
+
+    /// `data` (row-major `shape`) with a slice of zeros inserted before `index` along `axis`.
+    static func insertZeros(_ data: AlignedBuffer, _ elementSize: Int, shape: [Int], axis: Int, index: Int) throws -> AlignedBuffer {
+        let outer = shape[..<axis].reduce(1, *)
+        let slice = shape[(axis + 1)...].reduce(1, *) * elementSize
+        let before = index * slice, after = (shape[axis] - index) * slice
+        let out = try AlignedBuffer.reusable(capacity: max(outer * (before + slice + after), 1))
+        out.count = outer * (before + slice + after)
+        withExtendedLifetime(data) {
+            var from = data.pointer, to = out.pointer
+            for _ in 0..<outer {
+                to.copyMemory(from: from, byteCount: before)
+                (to + before).initializeMemory(as: UInt8.self, repeating: 0, count: slice)
+                (to + before + slice).copyMemory(from: from + before, byteCount: after)
+                from += before + after
+                to += before + slice + after
+            }
+        }
+        return out
     }
 
     /// One tensor per index of the `axes` (positions in `shape`), in row-major order over them.

@@ -223,6 +223,12 @@ public struct SlicePlan {
                 let v = try IndexView(items, shape: current.shape)
                 current.names = v.kept.map { current.names[$0] }
                 current.shape = v.shape
+            case .insertZeros(let axis, let index):
+                elementwiseOnly = false
+                guard axis < current.shape.count, index <= current.shape[axis] else {
+                    throw fail(.indexOutOfRange(index: index, axis: axis, size: axis < current.shape.count ? current.shape[axis] : 0, shape: current.shape))
+                }
+                current.shape[axis] += 1
             case .cast(let d):
                 guard SliceCast.supported(from: current.dtype) else { throw fail(.castNotFloat(dtype: current.dtype.rawValue)) }
                 current.dtype = d
@@ -280,7 +286,12 @@ public struct SlicePlan {
         if stacked.isEmpty, g.operands.isEmpty, unstack.first?.position == 0,
            case .rearrange(let r)? = g.ops.first(where: { if case .where = $0 { return false } else { return true } }),
            r.left.first == .axis(unstack[0].name),
-           g.ops.filter({ if case .rearrange = $0 { return true }; if case .index = $0 { return true }; if case .mul = $0 { return true }; return false }).count == 1,
+           g.ops.filter({
+               switch $0 {
+               case .rearrange, .index, .mul, .insertZeros: return true
+               default: return false
+               }
+           }).count == 1,
            let per = r.droppingLeadingAxis() {
             g.perSlice = per
         }

@@ -15,6 +15,9 @@ public enum SliceOp: Equatable, Sendable {
     case mul(RulePattern, optional: Bool)
     /// A condition on the input: the rule matches only tensors of this rank and/or type.
     case `where`(rank: Int?, dtype: DType?)
+    /// `insert-zeros AXIS INDEX`: a slice of zeros inserted before `index` along `axis` (a
+    /// part the source does not store, e.g. the zero k bias of a fused qkv bias `[q, 0, v]`).
+    case insertZeros(axis: Int, index: Int)
 
     public enum IndexItem: Equatable, Sendable {
         case all
@@ -193,6 +196,12 @@ public enum SliceRuleParser {
             return parts[0] == "scale" ? .scale(x) : .add(x)
         case "mul", "mul?":
             do { return .mul(try RulePattern(arg), optional: parts[0] == "mul?") } catch { throw RuleError(.invalidPattern(detail: error.description)) }
+        case "insert-zeros":
+            let numbers = arg.split(separator: " ").map { Int($0) }
+            guard numbers.count == 2, let axis = numbers[0], let index = numbers[1], axis >= 0, index >= 0 else {
+                throw RuleError(.numberExpected(operation: "insert-zeros", argument: arg))
+            }
+            return .insertZeros(axis: axis, index: index)
         case "where":
             var rank: Int?, dtype: DType?
             for cond in arg.split(separator: " ") {
