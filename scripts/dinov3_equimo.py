@@ -5,7 +5,10 @@ VisionTransformer as a template for `ckpt-write --format eqx --like`, then runs 
 on the converted weights and compares.
 
   dinov3_equimo.py hf DIR [gated]          (.venv)      DIR/model.safetensors, image.npy, expected.npy
-  dinov3_equimo.py template DIR [gated]    (.venv-eqx)  DIR/template/{weights.eqx,leaves.json}
+  dinov3_equimo.py timm DIR [gated|bias]   (.venv-timm) the same from timm's vit_small(_plus)_patch16_dinov3
+                                         (bias: with q_bias and v_bias, as DINOv3's own weights have)
+  dinov3_equimo.py template DIR [gated [MLP_RATIO]]  (.venv-eqx)  DIR/template/{weights.eqx,leaves.json}
+                                         (timm's "plus" SwiGLU: MLP_RATIO 6; transformers' here: 4)
   dinov3_equimo.py check DIR               (.venv-eqx)  prints the max abs difference on all tokens
 """
 import json
@@ -43,35 +46,64 @@ def hf(out, gated):
     np.save(os.path.join(out, "expected.npy"), tokens)
 
 
-def equimo_model(gated):
+def timm(out, gated, qkv_bias=False):
+    import torch
+    # The PyPI torchvision's C extension is built for CUDA torch and does not load with the CPU
+    # wheel: declare the two operator schemas its Python side registers, then import timm.
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import timm as timm_models
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    name = "vit_small_plus_patch16_dinov3" if gated else "vit_small_patch16_dinov3"
+    model = timm_models.create_model(name, pretrained=False, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, img_size=IMG,
+                                     num_classes=0, qkv_bias=qkv_bias).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "gamma" in pname:
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"))
+    image = torch.randn(1, 3, IMG, IMG, generator=g)
+    with torch.no_grad():
+        tokens = model.forward_features(image)[0].numpy()
+    np.save(os.path.join(out, "image.npy"), image[0].numpy())
+    np.save(os.path.join(out, "expected.npy"), tokens)
+
+
+def equimo_model(gated, mlp_ratio=4.0):
     import jax
     from equimo.vision.models.vit import _DINOV3_BASE_CFG, VisionTransformer
     cfg = dict(_DINOV3_BASE_CFG)
     cfg.update(img_size=IMG, dim=DIM, num_heads=HEADS, depths=[DEPTH], patch_size=PATCH)
     if gated:
-        cfg.update(ffn_layer="swiglu")
+        cfg.update(ffn_layer="swiglu", mlp_ratio=mlp_ratio)
     return VisionTransformer(**cfg, key=jax.random.PRNGKey(0))
 
 
-def template(out, gated):
+def template(out, gated, mlp_ratio):
     import equinox as eqx
     from eqx_template import saved_leaves
-    m = equimo_model(gated)
+    m = equimo_model(gated, mlp_ratio)
     d = os.path.join(out, "template")
     os.makedirs(d, exist_ok=True)
     eqx.tree_serialise_leaves(os.path.join(d, "weights.eqx"), m)
     with open(os.path.join(d, "leaves.json"), "w") as f:
         json.dump([{"path": p, "shape": list(np.shape(v)), "dtype": np.asarray(v).dtype.name} for p, v in saved_leaves(m)], f)
     with open(os.path.join(out, "gated"), "w") as f:
-        f.write("1" if gated else "0")
+        f.write(f"{1 if gated else 0} {mlp_ratio}")
 
 
 def check(out):
     import equinox as eqx
     import jax
     import jax.numpy as jnp
-    gated = open(os.path.join(out, "gated")).read() == "1"
-    m = eqx.tree_deserialise_leaves(os.path.join(out, "converted", "weights.eqx"), equimo_model(gated))
+    gated, mlp_ratio = open(os.path.join(out, "gated")).read().split()
+    m = eqx.tree_deserialise_leaves(os.path.join(out, "converted", "weights.eqx"), equimo_model(gated == "1", float(mlp_ratio)))
     x = jnp.asarray(np.load(os.path.join(out, "image.npy")))
     # transformers' last_hidden_state is after the final LayerNorm; equimo's features are before it.
     got = np.asarray(jax.vmap(m.norm)(m.features(x, key=jax.random.PRNGKey(0), inference=True)))
@@ -84,4 +116,6 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     cmd, out = sys.argv[1], sys.argv[2]
     gated = len(sys.argv) > 3 and sys.argv[3] == "gated"
-    {"hf": lambda: hf(out, gated), "template": lambda: template(out, gated), "check": lambda: check(out)}[cmd]()
+    ratio = float(sys.argv[4]) if len(sys.argv) > 4 else 4.0
+    {"hf": lambda: hf(out, gated), "timm": lambda: timm(out, gated, qkv_bias=len(sys.argv) > 3 and sys.argv[3] == "bias"), "template": lambda: template(out, gated, ratio),
+     "check": lambda: check(out)}[cmd]()

@@ -59,3 +59,12 @@ if ! .venv-eqx/bin/python -c "import equinox, equimo" 2>/dev/null; then
     echo "setup: pip install into .venv-eqx (equimo, equinox, jax for the eqx tests)"
     .venv-eqx/bin/pip install -q --disable-pip-version-check equimo==2.7.0 equinox==0.13.8 jax==0.12.1 jaxlib==0.12.1 numpy==2.5.5
 fi
+# timm (the reference for the DINOv3 rules from timm's names) needs torchvision, whose PyPI
+# build breaks transformers' imports in .venv: a fourth, small environment.
+if [ ! -x .venv-timm/bin/python ]; then
+    python3 -m venv .venv-timm
+fi
+if ! .venv-timm/bin/python -c "import importlib.util as u; assert u.find_spec('timm') and u.find_spec('safetensors')" 2>/dev/null; then
+    echo "setup: pip install into .venv-timm (timm for the DINOv3 rules)"
+    .venv-timm/bin/pip install -q --disable-pip-version-check torch==2.13.0 torchvision==0.28.0 timm==1.0.31 numpy==2.4.6 safetensors==0.8.0
+fi

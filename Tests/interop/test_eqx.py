@@ -84,7 +84,7 @@ def test_refusals_leave_nothing(template, tmp_path):
             "leaf head.bias is F32[3] in the template, the stream has F32[4]")
     # Usage.
     refused(f"ckpt-read {new} | ckpt-write --format eqx {out}", EX_USAGE, "--like")
-    refused(f"ckpt-read {new} | ckpt-write --keep '*' {tmp_path}/x.safetensors", EX_USAGE, "--like and --keep apply to eqx")
+    refused(f"ckpt-read {new} | ckpt-write --keep '*' {tmp_path}/x.safetensors", EX_USAGE, "--like, --keep and --zeros apply to eqx")
     # A template whose leaves.json and weights.eqx disagree.
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -93,27 +93,44 @@ def test_refusals_leave_nothing(template, tmp_path):
     refused(f"ckpt-read {new} | ckpt-write --format eqx --like {bad} --keep '*.freqs' {out}", EX_DATAERR, "weights.eqx")
 
 
-@pytest.mark.parametrize("gated", [False, True], ids=["mlp", "swiglu"])
-def test_dinov3_from_transformers_runs_in_equimo_as_in_transformers(tmp_path, gated):
-    # Oracle: transformers 5's DINOv3ViTModel forward (torch side) against equimo's forward on the
-    # converted weights (JAX side), all tokens, tiny random model with random layer scales.
+DINOV3_CASES = {
+    # id: (torch side, its venv, variant flag, equimo template args, ckpt-slice extra, ckpt-write extra)
+    "hf-mlp": ("hf", ".venv", [], [], "dinov3-hf-to-equimo", "", "--keep '*.freqs'"),
+    "hf-swiglu": ("hf", ".venv", ["gated"], ["gated", "4"], "dinov3-hf-to-equimo", "--set mlp_up=w2 --set mlp_down=w3", "--keep '*.freqs'"),
+    "timm-mlp": ("timm", ".venv-timm", [], [], "dinov3-timm-to-equimo", "",
+                 "--keep '*.freqs' --keep mask_token --zeros '*.attn.qkv.bias'"),
+    "timm-qv-bias": ("timm", ".venv-timm", ["bias"], [], "dinov3-timm-to-equimo", "", "--keep '*.freqs' --keep mask_token"),
+    "timm-swiglu": ("timm", ".venv-timm", ["gated"], ["gated", "6"], "dinov3-timm-to-equimo", "--set mlp_down=w3",
+                    "--keep '*.freqs' --keep mask_token --zeros '*.attn.qkv.bias'"),
+}
+
+
+@pytest.mark.parametrize("case", list(DINOV3_CASES))
+def test_dinov3_runs_in_equimo_as_in_timm_and_transformers(tmp_path, case):
+    # Oracle: timm's / transformers 5's forward (torch side) against equimo's forward on the
+    # converted weights (JAX side), all tokens after the final norm, tiny random models with
+    # random layer scales.
+    side, venv, flag, template_args, rules, slice_extra, write_extra = DINOV3_CASES[case]
     script = os.path.join(ROOT, "scripts", "dinov3_equimo.py")
-    flag = ["gated"] if gated else []
-    p = subprocess.run([os.path.join(ROOT, ".venv", "bin", "python"), script, "hf", str(tmp_path), *flag], capture_output=True)
+    py = os.path.join(ROOT, venv, "bin", "python")
+    if not os.path.exists(py):
+        pytest.fail(f"{venv} is missing: run scripts/setup.sh")
+    jax_env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([py, script, side, str(tmp_path), *flag], capture_output=True)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
-    p = subprocess.run([EQX_PY, script, "template", str(tmp_path), *flag], capture_output=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    p = subprocess.run([EQX_PY, script, "template", str(tmp_path), *template_args], capture_output=True, env=jax_env)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
-    sets = "--set mlp_up=w2 --set mlp_down=w3" if gated else ""
-    p = shell(f"ckpt-read {tmp_path}/model.safetensors | ckpt-slice --rules dinov3-hf-to-equimo {sets} "
-              f"| ckpt-write --format eqx --like {tmp_path}/template --keep '*.freqs' {tmp_path}/converted")
+    p = shell(f"ckpt-read {tmp_path}/model.safetensors | ckpt-slice --rules {rules} {slice_extra} "
+              f"| ckpt-write --format eqx --like {tmp_path}/template {write_extra} {tmp_path}/converted")
     assert p.returncode == 0, p.stderr.decode()
-    p = subprocess.run([EQX_PY, script, "check", str(tmp_path)], capture_output=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    p = subprocess.run([EQX_PY, script, "check", str(tmp_path)], capture_output=True, env=jax_env)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     diff = float(p.stdout.decode().strip().splitlines()[-1])
-    print(f"\nDINOv3 {'swiglu' if gated else 'mlp'}: equimo vs transformers, max abs difference {diff:.1e}")
+    print(f"\nDINOv3 {case}: equimo vs {side}, max abs difference {diff:.1e}")
     assert diff < 2e-5
-    # The MLP names are the one thing the rules cannot tell from a tensor: the wrong choice is refused.
-    wrong = "" if gated else "--set mlp_up=w2 --set mlp_down=w3"
-    p = shell(f"ckpt-read {tmp_path}/model.safetensors | ckpt-slice --rules dinov3-hf-to-equimo {wrong} "
-              f"| ckpt-write --format eqx --like {tmp_path}/template --keep '*.freqs' {tmp_path}/wrong")
-    assert p.returncode == EX_DATAERR and b"no leaf of the template is named" in p.stderr
+    if "swiglu" in case or case == "hf-mlp":
+        # The MLP names are the one thing the rules cannot tell from a tensor: the wrong choice is refused.
+        wrong = "" if "swiglu" in case else "--set mlp_up=w2 --set mlp_down=w3"
+        p = shell(f"ckpt-read {tmp_path}/model.safetensors | ckpt-slice --rules {rules} {wrong} "
+                  f"| ckpt-write --format eqx --like {tmp_path}/template {write_extra} {tmp_path}/wrong")
+        assert p.returncode == EX_DATAERR and b"no leaf of the template is named" in p.stderr, p.stderr.decode()

@@ -51,6 +51,9 @@ public struct WriteCommand: ParsableCommand {
     @Option(help: ArgumentHelp("eqx: copy array leaves matching GLOB from the template (buffers the source does not store; repeatable).", valueName: "glob"))
     public var keep: [String] = []
 
+    @Option(help: ArgumentHelp("eqx: write array leaves matching GLOB as zeros (parts the source model does not have; repeatable).", valueName: "glob"))
+    public var zeros: [String] = []
+
     @Flag(help: "Replace existing output files.")
     public var force = false
 
@@ -89,7 +92,7 @@ public struct WriteCommand: ParsableCommand {
                 throw UsageError("\(fmt.rawValue) output needs a file: it cannot be written to stdout")
             }
             if fmt == .eqx && like == nil { throw UsageError("eqx output needs --like TEMPLATE_DIR (weights.eqx and leaves.json of the target model)") }
-            if fmt != .eqx && (like != nil || !keep.isEmpty) { throw UsageError("--like and --keep apply to eqx output") }
+            if fmt != .eqx && (like != nil || !keep.isEmpty || !zeros.isEmpty) { throw UsageError("--like, --keep and --zeros apply to eqx output") }
             if maxShardSize != nil && fmt != .safetensors {
                 throw UsageError("--max-shard-size applies to safetensors output only")
             }
@@ -112,7 +115,7 @@ public struct WriteCommand: ParsableCommand {
                                          overwrite: force, log: { if !quiet { Tool.note("ckpt-write", $0) } })
             case .eqx:
                 guard let like else { throw UsageError("eqx output needs --like TEMPLATE_DIR") }
-                sink = EqxWriter(folder: out, template: try EqxTemplate(folder: like), keep: keep, overwrite: force,
+                sink = EqxWriter(folder: out, template: try EqxTemplate(folder: like), keep: keep, zeros: zeros, overwrite: force,
                                  log: { if !quiet { Tool.note("ckpt-write", $0) } })
             case .ckpts:
                 // (Not through a StreamOutputOptions made here: property wrappers of an

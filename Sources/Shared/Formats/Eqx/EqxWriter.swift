@@ -4,7 +4,9 @@ import Glibc
 /// (`ckpt-write --format eqx --like TEMPLATE OUT`): each leaf's blob, in leaf order, from the
 /// stream tensor of that leaf's path (shape and dtype checked), from the template for scalar
 /// leaves and for leaves matching `keep` (buffers a source does not store, e.g. RoPE
-/// frequencies). A stream tensor no leaf takes, or an array leaf nothing fills, is an error.
+/// frequencies), and zeros for leaves matching `zeros` (parts the source model does not have,
+/// e.g. a qkv bias of a model built without one). A stream tensor no leaf takes, or an array
+/// leaf nothing fills, is an error.
 ///
 /// With a manifest every blob's place is known before any data arrives (NPY headers of numpy's
 /// exact padding, written first), and each chunk goes straight to its place; without one the
@@ -14,6 +16,7 @@ public final class EqxWriter: TensorSink {
     public let folder: String
     public let template: EqxTemplate
     public let keep: [String]
+    public let zeros: [String]
     public let overwrite: Bool
     private let log: (String) -> Void
 
@@ -29,10 +32,12 @@ public final class EqxWriter: TensorSink {
     private var spoolOffset = 0
     private var size = 0
 
-    public init(folder: String, template: EqxTemplate, keep: [String] = [], overwrite: Bool, log: @escaping (String) -> Void) {
+    public init(folder: String, template: EqxTemplate, keep: [String] = [], zeros: [String] = [], overwrite: Bool,
+                log: @escaping (String) -> Void) {
         self.folder = folder
         self.template = template
         self.keep = keep
+        self.zeros = zeros
         self.overwrite = overwrite
         self.log = log
     }
@@ -75,6 +80,12 @@ public final class EqxWriter: TensorSink {
                 let header = NumPyWriter.header(d)
                 skeleton.append((position, nil, header))
                 places[i] = position + header.count
+                position += header.count + d.byteCount
+            } else if zeros.contains(where: { globMatches($0, leaf.path) }) {
+                // The header only: the file is sized with ftruncate, so the data reads as zeros.
+                let d = try TensorDescriptor(name: leaf.path, dtype: leaf.dtype, shape: leaf.shape)
+                let header = NumPyWriter.header(d)
+                skeleton.append((position, nil, header))
                 position += header.count + d.byteCount
             } else if leaf.isScalar || keep.contains(where: { globMatches($0, leaf.path) }) {
                 skeleton.append((position, template.weights.bytes(at: leaf.blob.lowerBound, count: leaf.blob.count), []))
