@@ -21,19 +21,15 @@ DIM, HEADS, DEPTH, PATCH, IMG = 64, 2, 2, 16, 64
 HIDDEN_PLAIN, HIDDEN_GATED = 256, 176  # equimo SwiGLU hidden for mlp_ratio 4: int(256 * 2 / 3) = 170, rounded up to 8
 
 
-def hf(out, gated):
+def randomize_and_run(model, out, layer_scale, tokens):
+    """Random weights (layer scales in [0.5, 1.5], the rest N(0, 0.2)), saved with the model's
+    tokens after the final norm on a random image."""
     import torch
     from safetensors.torch import save_file
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel
-    torch.manual_seed(0)
-    cfg = DINOv3ViTConfig(hidden_size=DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
-                          intermediate_size=HIDDEN_GATED if gated else HIDDEN_PLAIN, image_size=IMG, patch_size=PATCH,
-                          num_register_tokens=4, use_gated_mlp=gated, hidden_act="silu" if gated else "gelu", layer_norm_eps=1e-5)
-    model = DINOv3ViTModel(cfg).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "layer_scale" in name:
+            if layer_scale in name:
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
@@ -41,9 +37,19 @@ def hf(out, gated):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"))
     image = torch.randn(1, 3, IMG, IMG, generator=g)
     with torch.no_grad():
-        tokens = model(pixel_values=image).last_hidden_state[0].numpy()
+        np.save(os.path.join(out, "expected.npy"), tokens(image).numpy())
     np.save(os.path.join(out, "image.npy"), image[0].numpy())
-    np.save(os.path.join(out, "expected.npy"), tokens)
+
+
+def hf(out, gated):
+    import torch
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+    torch.manual_seed(0)
+    cfg = DINOv3ViTConfig(hidden_size=DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                          intermediate_size=HIDDEN_GATED if gated else HIDDEN_PLAIN, image_size=IMG, patch_size=PATCH,
+                          num_register_tokens=4, use_gated_mlp=gated, hidden_act="silu" if gated else "gelu", layer_norm_eps=1e-5)
+    model = DINOv3ViTModel(cfg).eval()
+    randomize_and_run(model, out, "layer_scale", lambda image: model(pixel_values=image).last_hidden_state[0])
 
 
 def timm(out, gated, qkv_bias=False):
@@ -54,25 +60,11 @@ def timm(out, gated, qkv_bias=False):
     lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     import timm as timm_models
-    from safetensors.torch import save_file
     torch.manual_seed(0)
     name = "vit_small_plus_patch16_dinov3" if gated else "vit_small_patch16_dinov3"
     model = timm_models.create_model(name, pretrained=False, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, img_size=IMG,
                                      num_classes=0, qkv_bias=qkv_bias).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "gamma" in pname:
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    os.makedirs(out, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"))
-    image = torch.randn(1, 3, IMG, IMG, generator=g)
-    with torch.no_grad():
-        tokens = model.forward_features(image)[0].numpy()
-    np.save(os.path.join(out, "image.npy"), image[0].numpy())
-    np.save(os.path.join(out, "expected.npy"), tokens)
+    randomize_and_run(model, out, "gamma", lambda image: model.forward_features(image)[0])
 
 
 def equimo_model(gated, mlp_ratio=4.0):

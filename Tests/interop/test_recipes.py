@@ -137,6 +137,11 @@ def orbax_params(step):
     import orbax.checkpoint as ocp
     restored = ocp.PyTreeCheckpointer().restore(os.path.abspath(os.path.join(step, "params")))
     assert list(restored) == ["params"]
+    return flatten_tree(restored["params"])
+
+
+def flatten_tree(tree):
+    """A nested dict of arrays as {"a/b/c": array}."""
     flat = {}
 
     def walk(node, prefix):
@@ -145,7 +150,7 @@ def orbax_params(step):
                 walk(v, prefix + k + "/")
             else:
                 flat[prefix + k] = np.asarray(v)
-    walk(restored["params"], "")
+    walk(tree, "")
     return flat
 
 
@@ -340,14 +345,7 @@ def test_pytorch_to_jax_recipe_dinov3_vit(tmp_path, fmt):
     else:
         from flax.serialization import msgpack_restore
         tree = msgpack_restore(out.read_bytes())
-    flat = {}
-    def walk(node, prefix):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, prefix + k + "/")
-            else:
-                flat[prefix + k] = np.asarray(v)
-    walk(tree, "")
+    flat = flatten_tree(tree)
     img = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
     with torch.no_grad():
         ref = model(torch.from_numpy(img)).numpy()

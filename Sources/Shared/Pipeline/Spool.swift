@@ -55,3 +55,19 @@ public final class Spool {
 
     public func remove() { output.abort() }
 }
+
+extension Spool {
+    /// For a writer that laid out its file from the manifest: tensor `d` must be entry `index`.
+    static func checkNext(_ d: TensorDescriptor, at index: Int, of manifest: [TensorDescriptor]?, file: String) throws {
+        guard let manifest, index < manifest.count, manifest[index] == d else {
+            throw StreamError(.manifestMismatch(detail: "tensor \(d) is not the manifest's next entry"), source: file, tensor: d.name)
+        }
+    }
+
+    /// ... and all its entries must have arrived.
+    static func checkComplete(_ arrived: Int, of manifest: [TensorDescriptor]?, file: String) throws {
+        if let manifest, arrived != manifest.count {
+            throw StreamError(.manifestMismatch(detail: "manifest lists \(manifest.count) tensors, \(arrived) arrived"), source: file)
+        }
+    }
+}

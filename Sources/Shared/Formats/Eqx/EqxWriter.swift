@@ -117,9 +117,7 @@ public final class EqxWriter: TensorSink {
         if let spool {
             spoolOffset = try spool.add(d, file: weightsPath)
         } else {
-            guard let manifest, index < manifest.count, manifest[index] == d else {
-                throw StreamError(.manifestMismatch(detail: "tensor \(d) is not the manifest's next entry"), source: weightsPath, tensor: d.name)
-            }
+            try Spool.checkNext(d, at: index, of: manifest, file: weightsPath)
         }
     }
 
@@ -146,8 +144,8 @@ public final class EqxWriter: TensorSink {
             }
             spool.remove()
             self.spool = nil
-        } else if let manifest, index + 1 != manifest.count {
-            throw StreamError(.manifestMismatch(detail: "manifest lists \(manifest.count) tensors, \(index + 1) arrived"), source: weightsPath)
+        } else {
+            try Spool.checkComplete(index + 1, of: manifest, file: weightsPath)
         }
         if case .object(var meta)? = template.metadata {
             if meta["weights_sha256"] != nil { meta["weights_sha256"] = .string(try digest(weights!)) }

@@ -132,9 +132,7 @@ public final class FlaxMsgpackWriter: TensorSink {
         if let spool {
             spoolOffset = try spool.add(d, file: path)
         } else {
-            guard let manifest, index < manifest.count, manifest[index] == d else {
-                throw StreamError(.manifestMismatch(detail: "tensor \(d) is not the manifest's next entry"), source: path, tensor: d.name)
-            }
+            try Spool.checkNext(d, at: index, of: manifest, file: path)
         }
     }
 
@@ -173,8 +171,8 @@ public final class FlaxMsgpackWriter: TensorSink {
             }
             spool.remove()
             self.spool = nil
-        } else if let manifest, index + 1 != manifest.count {
-            throw StreamError(.manifestMismatch(detail: "manifest lists \(manifest.count) tensors, \(index + 1) arrived"), source: path)
+        } else {
+            try Spool.checkComplete(index + 1, of: manifest, file: path)
         }
         try output!.commit()
     }

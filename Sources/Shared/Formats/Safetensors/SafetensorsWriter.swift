@@ -120,7 +120,8 @@ public final class SafetensorsWriter: FileRegionSink {
         if let spool {
             cursor = (0, try spool.add(d, file: path))
         } else {
-            guard let manifest, received < manifest.count, manifest[received] == d, let p = placement[d.name] else {
+            try Spool.checkNext(d, at: received, of: manifest, file: path)
+            guard let p = placement[d.name] else {
                 throw StreamError(.manifestMismatch(detail: "tensor \(d) is not the manifest's next entry"), source: path, tensor: d.name)
             }
             cursor = p
@@ -178,8 +179,8 @@ public final class SafetensorsWriter: FileRegionSink {
             }
             spool.remove()
             self.spool = nil
-        } else if let manifest, received != manifest.count {
-            throw StreamError(.manifestMismatch(detail: "manifest lists \(manifest.count) tensors, \(received) arrived"), source: path)
+        } else {
+            try Spool.checkComplete(received, of: manifest, file: path)
         }
         if files.count > 1 {
             // encoded() sorts the weight map's keys, as transformers writes it.
