@@ -279,3 +279,27 @@ def test_lerobot_loads_the_folder(converted, tmp_path):
     if pi05:
         centre = ((np.float32(a["q99"]) - np.float32(a["q01"])) / 2 + np.float32(a["q01"])).tolist()
     np.testing.assert_allclose(r["unnormalized_zero"], centre, rtol=1e-6)
+
+
+def test_stats_rounding_to_float32(tmp_path):
+    """The awk converter gives the float32 torch.tensor(values, dtype=float32) gives, byte for byte
+    in the file: round to nearest even, subnormals, the overflow edge, signed zero, exponents."""
+    import torch
+    from safetensors.torch import save_file
+    rng = np.random.default_rng(7)
+    edge = [0.0, -0.0, 1.0, -1.0, 0.1, 2.5e-06, 16777217.0, 3.4028235e38, 3.4028236e38, 1e39, 1e-45, 7e-46, 7.1e-46,
+            1.4e-45, 1.1754942e-38, 1.17549435e-38, 0.30000001192092896, 1 + 2.0 ** -24, 1 + 3 * 2.0 ** -24, 123456789]
+    values = edge + (rng.standard_normal(300) * 10.0 ** rng.integers(-46, 39, 300)).tolist()
+    path = tmp_path / "norm_stats.json"
+    path.write_text(json.dumps({"norm_stats": {"state": {"mean": values, "std": None}, "actions": {"q99": values[::-1]}}}))
+    p = subprocess.run(["awk", "-v", "map=state=observation.state,actions=action", "-f",
+                        os.path.join(ROOT, "scripts", "lib", "norm-stats-safetensors.awk"), str(path)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert f"dims\tobservation.state\t{len(values)}" in lines and "note\tnorm_stats.state.std is null: left out" in lines
+    escaped = next(l for l in lines if l.startswith("file\t"))[5:]
+    got = subprocess.run(["bash", "-c", 'printf "%b" "$1"', "-", escaped], capture_output=True).stdout
+    want = tmp_path / "want.safetensors"
+    save_file({"observation.state.mean": torch.tensor(values, dtype=torch.float32),
+               "action.q99": torch.tensor(values[::-1], dtype=torch.float32)}, str(want))
+    assert got == want.read_bytes()
