@@ -7,7 +7,9 @@
 #
 # lerobot==0.4.4 cannot be installed with its own dependencies here (it pins torch < 2.11 and a
 # patched transformers), so it goes in with --no-deps beside the torch these machines have
-# (2.13.0, CPU) and the packages its policy, config and processor modules import. About 1.6 GB.
+# (2.13.0, CPU) and the packages its policy, config and processor modules import. About 1.6 GB,
+# a few minutes. pip then lists lerobot's unmet pins (torch, torchvision, wandb, gymnasium, ...):
+# expected; none of them is imported by the modules the tests use.
 # torchvision's C extension is built for CUDA torch and does not load with the CPU wheel: the
 # check in Tests/interop/test_lerobot.py declares the two operator schemas torchvision registers
 # (torchvision::nms, torchvision::qnms) with torch.library before lerobot is imported, and stands
