@@ -9,19 +9,29 @@
 #                                  rank 16, alpha 16); e.g. rank=16,alpha=32[,rslora]
 #   --expert-lora CONFIG           LoRA config of the action expert (default gemma_300m_lora)
 #   --action-horizon N             written to config.json (not stored in the weights; default 50)
+#   --lerobot                      write a LeRobot 0.4.x policy folder instead (LeRobot's config.json,
+#                                  policy_preprocessor/postprocessor .json and normalizer stats)
+#   --asset-id ID                  (--lerobot) the stats in assets/ID/norm_stats.json (default: the
+#                                  one folder under assets/ that has norm_stats.json)
+#   --cameras A,B,C                (--lerobot) the image features observation.images.A, ...
+#                                  (default openpi's base_0_rgb,left_wrist_0_rgb,right_wrist_0_rgb)
 #
 # The variant (pi0 or pi0.5) and LoRA are told from the keys, never from the path: pi0.5 has
 # time_mlp_in and adaptive norms; LoRA checkpoints have lora_a/lora_b leaves. Every key must be
 # consumed: an adapter lora-merge could not place, or a key no rule converts, fails the run and
 # no output is left.
 set -euo pipefail
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 64; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 64; }
 [ $# -ge 2 ] || usage
 CKPT="$1" OUT="$2"
 shift 2
 PRECISION=float32 LLM_LORA=gemma_2b_lora EXPERT_LORA=gemma_300m_lora HORIZON=50
+LEROBOT=0 ASSET_ID="" CAMERAS=base_0_rgb,left_wrist_0_rgb,right_wrist_0_rgb
 while [ $# -gt 0 ]; do
     case "$1" in
+    --lerobot) LEROBOT=1; shift ;;
+    --asset-id) ASSET_ID="$2"; shift 2 ;;
+    --cameras) CAMERAS="$2"; shift 2 ;;
     --precision) PRECISION="$2"; shift 2 ;;
     --llm-lora) LLM_LORA="$2"; shift 2 ;;
     --expert-lora) EXPERT_LORA="$2"; shift 2 ;;
@@ -29,6 +39,7 @@ while [ $# -gt 0 ]; do
     *) usage ;;
     esac
 done
+[ $LEROBOT = 1 ] || [ -z "$ASSET_ID" ] || { echo "openpi-to-pytorch: --asset-id goes with --lerobot" >&2; exit 64; }
 case "$PRECISION" in float32) DTYPE=F32 ;; bfloat16) DTYPE=BF16 ;; *) echo "openpi-to-pytorch: --precision is float32 or bfloat16" >&2; exit 64 ;; esac
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="${CKPT_BIN:-$HERE/.build/release}"
@@ -40,7 +51,15 @@ PARAMS="$CKPT/params"
 KEYS="$("$BIN/ckpt-read" --root params --list "$PARAMS" | awk 'NR > 1 && NF == 4 { print $1 }')"
 if grep -q '^time_mlp_in/kernel$' <<<"$KEYS"; then VARIANT=pi05; else VARIANT=pi0; fi
 if grep -qE '(/|_)lora_a$' <<<"$KEYS"; then LORA=1; else LORA=0; fi
-ACTION_DIM="$("$BIN/ckpt-read" --root params --list "$PARAMS" | awk '$1 == "action_in_proj/kernel" { gsub(/[][]/, "", $3); split($3, s, ","); print s[1] }')"
+LISTING="$("$BIN/ckpt-read" --root params --list "$PARAMS")"
+first_dim() { awk -v k="$1" '$1 == k { gsub(/[][]/, "", $3); split($3, s, ","); print s[1] }' <<<"$LISTING"; }
+ACTION_DIM="$(first_dim action_in_proj/kernel)"
+if [ $LEROBOT = 1 ]; then
+    # Stats first: a folder LeRobot cannot normalize with is not worth the conversion.
+    # shellcheck source=lib/lerobot.sh
+    . "$HERE/scripts/lib/lerobot.sh"
+    lerobot_stats
+fi
 echo "openpi-to-pytorch: $VARIANT, $([ $LORA = 1 ] && echo "LoRA ($LLM_LORA; expert $EXPERT_LORA) merged" || echo "no LoRA"), $PRECISION" >&2
 
 mkdir -p "$OUT"
@@ -55,6 +74,11 @@ merge() {
     | merge \
     | "$BIN/ckpt-slice" --rules "$HERE/rules/openpi-$VARIANT-jax-to-pytorch.rules" --cast "$DTYPE" \
     | "$BIN/ckpt-write" --force "$OUT/model.safetensors"
+
+if [ $LEROBOT = 1 ]; then
+    lerobot_write
+    exit 0
+fi
 
 # What openpi's own converter writes beside the weights (PaliGemma is gemma_2b, the expert
 # gemma_300m: the PyTorch model has no LoRA modules, the adapters are merged).
