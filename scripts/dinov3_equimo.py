@@ -1,8 +1,10 @@
 """The DINOv3 -> equimo oracle, in two Python environments that meet through files: the torch
 side (.venv: transformers 5) builds a tiny random DINOv3ViTModel, saves its weights and its
 output on a random image; the JAX side (.venv-eqx: equimo) builds the same-shaped equimo
-VisionTransformer as a template for `ckpt-write --format eqx --like`, then runs equimo's forward
-on the converted weights and compares.
+VisionTransformer and saves it with equimo's own save_model as the template for `ckpt-write
+--format eqx --like` (plus leaves.json), then loads the converted folder with equimo's own
+load_weights (which checks the versioned metadata: model signature, weights_sha256), runs its
+forward and compares.
 
   dinov3_equimo.py hf DIR [gated]          (.venv)      DIR/model.safetensors, image.npy, expected.npy
   dinov3_equimo.py timm DIR [gated|bias]   (.venv-timm) the same from timm's vit_small(_plus)_patch16_dinov3
@@ -78,12 +80,16 @@ def equimo_model(gated, mlp_ratio=4.0):
 
 
 def template(out, gated, mlp_ratio):
-    import equinox as eqx
+    """equimo's own save_model (weights.eqx and its versioned metadata.json), plus leaves.json."""
+    from pathlib import Path
+
+    from equimo.serialization import save_model
     from eqx_template import saved_leaves
     m = equimo_model(gated, mlp_ratio)
     d = os.path.join(out, "template")
-    os.makedirs(d, exist_ok=True)
-    eqx.tree_serialise_leaves(os.path.join(d, "weights.eqx"), m)
+    config = {"dim": DIM, "num_heads": HEADS, "depths": [DEPTH], "patch_size": PATCH, "img_size": IMG, "gated": gated,
+              "mlp_ratio": mlp_ratio}
+    save_model(Path(d), m, config, compression=False)
     with open(os.path.join(d, "leaves.json"), "w") as f:
         json.dump([{"path": p, "shape": list(np.shape(v)), "dtype": np.asarray(v).dtype.name} for p, v in saved_leaves(m)], f)
     with open(os.path.join(out, "gated"), "w") as f:
@@ -91,11 +97,14 @@ def template(out, gated, mlp_ratio):
 
 
 def check(out):
-    import equinox as eqx
     import jax
     import jax.numpy as jnp
+    from pathlib import Path
+
+    from equimo.serialization import load_weights
     gated, mlp_ratio = open(os.path.join(out, "gated")).read().split()
-    m = eqx.tree_deserialise_leaves(os.path.join(out, "converted", "weights.eqx"), equimo_model(gated == "1", float(mlp_ratio)))
+    # equimo's own loader: it checks the versioned metadata (model signature, weights_sha256).
+    m = load_weights(equimo_model(gated == "1", float(mlp_ratio)), path=Path(out, "converted"))
     x = jnp.asarray(np.load(os.path.join(out, "image.npy")))
     # transformers' last_hidden_state is after the final LayerNorm; equimo's features are before it.
     got = np.asarray(jax.vmap(m.norm)(m.features(x, key=jax.random.PRNGKey(0), inference=True)))
