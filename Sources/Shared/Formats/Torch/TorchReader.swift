@@ -31,6 +31,7 @@ public struct TorchError: CkptError, Equatable {
         case storagePastEnd(key: String, elements: Int)
         case trailingBytes(count: Int)
         case storageNotInFile(key: String)
+        case storageDescribedTwoWays(key: String)
         case duplicateName
         case unsupportedDictKey(type: String, under: String)
         case bareStorage
@@ -71,6 +72,7 @@ public struct TorchError: CkptError, Equatable {
         case .storagePastEnd(let key, let elements): return "storage \(key) (\(elements) elements) runs past the end of the file"
         case .trailingBytes(let count): return "\(count) unexpected bytes after the last storage"
         case .storageNotInFile(let key): return "storage \(key) is not in the file"
+        case .storageDescribedTwoWays(let key): return "storage \(key) is described with different sizes or types by different tensors"
         case .duplicateName: return "two entries flatten to the same name"
         case .unsupportedDictKey(let type, let under): return "dict key of type \(type) under \"\(under)\""
         case .bareStorage: return "a bare storage (not inside a tensor) is not supported"
@@ -260,8 +262,14 @@ public enum TorchReader {
         let (tensors, metadata) = try namedTensors(root, options, selection, path)
         var plan: [(TensorHeader, TensorData)] = []
         for (name, t, descriptor) in tensors {
-            guard let base = dataOffset[t.storage.key] else {
+            guard let base = dataOffset[t.storage.key], let root = storages[t.storage.key] else {
                 throw TorchError(.storageNotInFile(key: t.storage.key), file: path, tensor: name)
+            }
+            // Every persistent id naming a key must describe the storage the file holds for it
+            // (the first one sized it): a later one claiming more elements would read past it.
+            guard t.storage.dtype.size == root.dtype.size, t.storage.rootNumel == root.rootNumel,
+                  t.storage.offset + t.storage.numel <= root.rootNumel else {
+                throw TorchError(.storageDescribedTwoWays(key: t.storage.key), file: path, tensor: name)
             }
             let viewOffset = t.storage.offset
             let start = base + (viewOffset + t.storageOffset) * t.dtype.size
