@@ -4,11 +4,14 @@ still has the Flax models); Tests/interop/test_hf_bridge.py calls it with subpro
 
     python scripts/hf_oracle.py make OUT [CASE ...]    # every case when none is named
     python scripts/hf_oracle.py load DIR [DIR ...]     # from_pretrained each, print loading info (JSON)
+    python scripts/hf_oracle.py flaxload OUT CASE DIR [CASE DIR ...]  # FlaxX.from_pretrained(DIR) == OUT/CASE's expected tree?
+    python scripts/hf_oracle.py forward CASE PT_FILE FLAX_FILE [...]  # both models on one input: max |difference|, max |output|
     python scripts/hf_oracle.py list
 
 For each case `make` writes OUT/CASE/:
   pt/config.json, pt/model.safetensors         a random PyTorch model (every tensor random)
   flax-expected.safetensors                    FlaxX.from_pretrained(pt, from_pt=True).params, "/" names
+                                               (what it converts; info.json lists what it leaves random)
   flax/config.json, flax/flax_model.msgpack    a random Flax model (every leaf random)
   pt-expected.safetensors                      load_flax_weights_in_pytorch_model(X(config), that tree),
                                                as save_pretrained writes it (tied copies left out)
@@ -16,22 +19,23 @@ For each case `make` writes OUT/CASE/:
 import json
 import os
 import sys
+import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import jax.numpy as jnp  # noqa: E402
 
-# transformers 4.57's Flax T5/LongT5 call jnp.clip(x, a_max=...), which jax 0.10 removed
-# (min=/max=). A shim so the oracle's Flax models build; the conversion code is untouched.
-_clip = jnp.clip
+def jax_compat():
+    """transformers 4.57's Flax T5/LongT5 call jnp.clip(x, a_max=...), which jax 0.10 removed
+    (min=/max=): a shim so the oracle's Flax models trace; the conversion code is untouched."""
+    import jax.numpy as jnp
+    clip = jnp.clip
 
+    def clip_compat(x, min=None, max=None, a_min=None, a_max=None, **kw):
+        return clip(x, min=a_min if min is None else min, max=a_max if max is None else max, **kw)
 
-def _clip_compat(x, min=None, max=None, a_min=None, a_max=None, **kw):
-    return _clip(x, min=a_min if min is None else min, max=a_max if max is None else max, **kw)
+    jnp.clip = clip_compat
 
-
-jnp.clip = _clip_compat
 
 TEXT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
             max_position_embeddings=64)
@@ -128,9 +132,9 @@ def make(out, case):
     import jax
     import torch
     import transformers
-    from flax.traverse_util import flatten_dict
+    from flax.traverse_util import flatten_dict, unflatten_dict
     from safetensors.numpy import load_file, save_file
-    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model, load_pytorch_checkpoint_in_flax_state_dict
 
     model_type, kwargs, pt_name, flax_name = CASES[case]
     config = transformers.AutoConfig.for_model(model_type, **kwargs)
@@ -146,25 +150,96 @@ def make(out, case):
         for v in list(pt.parameters()) + list(pt.buffers()):
             if v.is_floating_point():
                 v.copy_(torch.randn(v.shape, generator=g, dtype=v.dtype))
+        for name, v in pt.named_buffers():
+            if name.endswith("running_var"):  # a variance, so that BatchNorm computes numbers
+                v.abs_().add_(0.5)
     pt.save_pretrained(os.path.join(d, "pt"), safe_serialization=True)
-    fx = flax_cls.from_pretrained(os.path.join(d, "pt"), from_pt=True)
-    save_file({k: np.asarray(v) for k, v in flatten_dict(fx.params, sep="/").items()}, os.path.join(d, "flax-expected.safetensors"))
+    # What FlaxX.from_pretrained(d/pt, from_pt=True) does, without compiling the model: its
+    # loader and converter on the model's parameter shapes (jax.eval_shape, as from_pretrained
+    # with _do_init=False has them), then, as from_pretrained does, the keys the model does not
+    # have are dropped. Keys the model has and the conversion did not make are recorded: there
+    # from_pretrained would put random values.
+    try:
+        fx = flax_cls(config, seed=0, _do_init=False)
+    except ValueError:  # the encoder-decoder wrappers insist on initializing
+        fx = flax_cls(config, seed=0)
+    shapes = fx.params_shape_tree
+    shim = types.SimpleNamespace(params=shapes, base_model_prefix=fx.base_model_prefix)
+    state = flatten_dict(load_pytorch_checkpoint_in_flax_state_dict(shim, os.path.join(d, "pt", "model.safetensors"), False))
+    required = set(flatten_dict(shapes))
+    save_file({"/".join(k): np.asarray(v) for k, v in state.items() if k in required}, os.path.join(d, "flax-expected.safetensors"))
+    not_converted = sorted("/".join(k) for k in required - set(state))
 
-    # Flax -> PyTorch: a random Flax model, every leaf random.
-    fx = flax_cls(config, seed=0)
-    leaves, tree = jax.tree_util.tree_flatten(fx.params)
+    # Flax -> PyTorch: a random Flax tree of the model's shapes, every leaf random.
     rng = np.random.default_rng(2)
-    fx.params = jax.tree_util.tree_unflatten(tree, [jnp.asarray(rng.standard_normal(np.shape(x)).astype(np.asarray(x).dtype))
-                                                    for x in leaves])
-    fx.save_pretrained(os.path.join(d, "flax"))
+    tree = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in flatten_dict(shapes).items()}
+    tree = unflatten_dict({k: np.abs(v) + 0.5 if k[-1] == "var" else v for k, v in tree.items()})
+    fx.save_pretrained(os.path.join(d, "flax"), params=tree)
     torch.manual_seed(0)
     pt = pt_cls(config).eval()
-    load_flax_weights_in_pytorch_model(pt, fx.params)
+    load_flax_weights_in_pytorch_model(pt, tree)
     pt.save_pretrained(os.path.join(d, "pt-ref"), safe_serialization=True)
     os.replace(os.path.join(d, "pt-ref", "model.safetensors"), os.path.join(d, "pt-expected.safetensors"))
     sd = load_file(os.path.join(d, "pt-expected.safetensors"))
-    json.dump({"pt_class": pt_name, "flax_class": flax_name, "model_type": model_type, "pt_expected": len(sd)},
+    json.dump({"pt_class": pt_name, "flax_class": flax_name, "model_type": model_type, "pt_expected": len(sd),
+               "flax_not_converted": not_converted},
               open(os.path.join(d, "info.json"), "w"))
+
+
+def flat_flax(path):
+    """A Flax tree from flax_model.msgpack, or from a safetensors file of "/" names."""
+    from flax.serialization import msgpack_restore
+    from flax.traverse_util import flatten_dict, unflatten_dict
+    if path.endswith(".msgpack"):
+        return flatten_dict(msgpack_restore(open(path, "rb").read()), sep="/")
+    from safetensors.numpy import load_file
+    return load_file(path)
+
+
+def flax_load(out, case, d):
+    """FlaxX.from_pretrained(d) (d: config.json + our flax_model.msgpack): is every leaf the
+    expected one? (Flax fills leaves missing from the file at random and drops unexpected ones.)"""
+    import numpy as np
+    import transformers
+    from flax.traverse_util import flatten_dict
+    from safetensors.numpy import load_file
+    _, params = getattr(transformers, CASES[case][3]).from_pretrained(d, _do_init=False)
+    got = {k: np.asarray(v) for k, v in flatten_dict(params, sep="/").items()}
+    exp = load_file(os.path.join(out, case, "flax-expected.safetensors"))
+    return {"missing": sorted(set(exp) - set(got)), "unexpected": sorted(set(got) - set(exp)),
+            "different": sorted(k for k in exp if k in got and not (got[k].dtype == exp[k].dtype and np.array_equal(got[k], exp[k])))}
+
+
+def forward(case, pairs):
+    """Both frameworks' models on one random input, the PyTorch one with a pair's state dict
+    file (strict), the Flax one with its tree: per pair, the largest difference of their
+    outputs and the largest output."""
+    import jax
+    import numpy as np
+    import torch
+    import transformers
+    from flax.traverse_util import flatten_dict, unflatten_dict
+    from safetensors.torch import load_file
+    model_type, kwargs, pt_name, flax_name = CASES[case]
+    config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    fx = getattr(transformers, flax_name)(config, seed=0, _do_init=False)
+    run = jax.jit(lambda params, x: fx(x, params=params)[0])
+    x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    res = []
+    for pt_file, flax_file in pairs:
+        pt = getattr(transformers, pt_name)(config).eval()
+        pt.load_state_dict(load_file(pt_file), strict=True)
+        flat = flat_flax(flax_file)
+        # Parameters the file lacks are random, as from_pretrained leaves them.
+        rng = np.random.default_rng(4)
+        for k, v in flatten_dict(fx.params_shape_tree, sep="/").items():
+            if k not in flat:
+                flat[k] = rng.standard_normal(v.shape).astype(v.dtype)
+        with torch.no_grad():
+            a = pt(torch.from_numpy(x))[0].numpy()
+        b = np.asarray(run(unflatten_dict(flat, sep="/"), x))
+        res.append((float(np.max(np.abs(a - b.reshape(a.shape)))), float(np.max(np.abs(a)))))
+    return res
 
 
 def load(dirs):
@@ -179,13 +254,17 @@ def load(dirs):
 
 
 if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "list":
+        print("\n".join(CASES))
+        sys.exit()
     import logging
     import transformers
     transformers.logging.set_verbosity_error()
     logging.disable(logging.WARNING)
-    cmd, args = sys.argv[1], sys.argv[2:]
+    jax_compat()
     if cmd == "list":
-        print("\n".join(CASES))
+        pass
     elif cmd == "make":
         failed = {}
         for case in args[1:] or list(CASES):
@@ -197,5 +276,9 @@ if __name__ == "__main__":
         print(json.dumps(failed, indent=1))
     elif cmd == "load":
         load(args)
+    elif cmd == "flaxload":  # OUT CASE DIR [CASE DIR ...]
+        print(json.dumps({c: flax_load(args[0], c, d) for c, d in zip(args[1::2], args[2::2])}))
+    elif cmd == "forward":  # CASE PT_FILE FLAX_FILE [PT_FILE FLAX_FILE ...]
+        print(json.dumps(forward(args[0], list(zip(args[1::2], args[2::2])))))
     else:
         sys.exit(f"unknown command {cmd}")
