@@ -161,3 +161,17 @@ def test_the_comparison_sees_a_wrong_rule(made, tmp_path):
     ours = load_file(str(convert(made / "albert" / "pt" / "model.safetensors", "torch-to-flax.rules", tmp_path / "f.safetensors")))
     theirs = load_file(str(made / "albert" / "flax-expected.safetensors"))
     assert "encoder/embedding_hidden_mapping_in/kernel" in theirs and "encoder/embedding_hidden_mapping_in/kernel" not in ours
+
+
+def test_real_minilm_there_and_back(tmp_path, minilm):
+    """The real all-MiniLM-L6-v2: hf-pt-to-flax gives what bert-torch-to-flax gives (proven
+    against FlaxBertModel in test_slice.py), and hf-flax-to-pt brings every tensor back
+    bit for bit (but the position_ids buffer, which BertModel makes itself)."""
+    ours = load_file(str(convert(minilm, "hf-pt-to-flax.rules", tmp_path / "flax.safetensors")))
+    bert = load_file(str(convert(minilm, "bert-torch-to-flax.rules", tmp_path / "bert.safetensors")))
+    assert sorted(ours) == sorted(bert) and len(ours) == 103
+    assert all(same_bits(ours[k], v) for k, v in bert.items())
+    back = load_file(str(convert(tmp_path / "flax.safetensors", "hf-flax-to-pt.rules", tmp_path / "back.safetensors")))
+    orig = load_file(minilm)
+    assert sorted(back) == sorted(set(orig) - {"embeddings.position_ids"})
+    assert all(same_bits(v, orig[k]) for k, v in back.items())
