@@ -49,7 +49,7 @@ VISION = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_h
               intermediate_size=37)
 
 # case -> (model_type, config kwargs, PyTorch class, Flax class)
-CASES = {
+CASES_BASE = {
     "albert": ("albert", dict(TEXT, embedding_size=16), "AlbertModel", "FlaxAlbertModel"),
     "bart": ("bart", SEQ2SEQ, "BartModel", "FlaxBartModel"),
     "beit": ("beit", dict(VISION, use_relative_position_bias=True, use_mask_token=True), "BeitModel", "FlaxBeitModel"),
@@ -125,6 +125,38 @@ CASES = {
              "XGLMModel", "FlaxXGLMModel"),
     "xlm-roberta": ("xlm-roberta", TEXT, "XLMRobertaModel", "FlaxXLMRobertaModel"),
 }
+
+# Heads: (architecture)-(head) -> its PyTorch class and Flax class; and two more classes.
+CASES = dict(CASES_BASE, **{
+    **{f"{arch}-{head}": (CASES_BASE[arch][0], dict(CASES_BASE[arch][1], **extra), pt, "Flax" + pt)
+       for arch, head, pt, extra in [
+           ("albert", "pretraining", "AlbertForPreTraining", {}),
+           ("beit", "cls", "BeitForImageClassification", {"num_labels": 3}),
+           ("big_bird", "qa", "BigBirdForQuestionAnswering", {}),
+           ("blenderbot", "lm", "BlenderbotForConditionalGeneration", {}),
+           ("bloom", "lm", "BloomForCausalLM", {}),
+           ("dinov2", "cls", "Dinov2ForImageClassification", {"num_labels": 3}),
+           ("distilbert", "mlm", "DistilBertForMaskedLM", {}),
+           ("electra", "pretraining", "ElectraForPreTraining", {}),
+           ("gpt_neo", "lm", "GPTNeoForCausalLM", {}),
+           ("gptj", "lm", "GPTJForCausalLM", {}),
+           ("longt5", "lm", "LongT5ForConditionalGeneration", {}),
+           ("marian", "mt", "MarianMTModel", {}),
+           ("mbart", "lm", "MBartForConditionalGeneration", {}),
+           ("mistral", "lm", "MistralForCausalLM", {}),
+           ("mt5", "lm", "MT5ForConditionalGeneration", {}),
+           ("pegasus", "lm", "PegasusForConditionalGeneration", {}),
+           ("roberta", "mlm", "RobertaForMaskedLM", {}),
+           ("roberta", "tokcls", "RobertaForTokenClassification", {"num_labels": 3}),
+           ("bert", "seqcls", "BertForSequenceClassification", {"num_labels": 3}),
+           ("wav2vec2", "pretraining", "Wav2Vec2ForPreTraining", {}),
+           ("whisper", "lm", "WhisperForConditionalGeneration", {}),
+           ("xglm", "lm", "XGLMForCausalLM", {}),
+       ]},
+    "clip-vision": ("clip_vision_model", dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                              intermediate_size=37), "CLIPVisionModel", "FlaxCLIPVisionModel"),
+    "t5-encoder": ("t5", T5, "T5EncoderModel", "FlaxT5EncoderModel"),
+})
 
 
 def make(out, case):
