@@ -156,6 +156,14 @@ CASES = dict(CASES_BASE, **{
     "clip-vision": ("clip_vision_model", dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                               intermediate_size=37), "CLIPVisionModel", "FlaxCLIPVisionModel"),
     "t5-encoder": ("t5", T5, "T5EncoderModel", "FlaxT5EncoderModel"),
+    "speech-encoder-decoder": ("speech-encoder-decoder",
+                               dict(encoder=dict(CASES_BASE["wav2vec2"][1], model_type="wav2vec2"),
+                                    decoder=dict(SEQ2SEQ, model_type="bart", is_decoder=True, add_cross_attention=True,
+                                                max_position_embeddings=128)),
+                               "SpeechEncoderDecoderModel", "FlaxSpeechEncoderDecoderModel"),
+    "vision-text-dual-encoder": ("vision-text-dual-encoder", dict(vision_config=dict(VISION, model_type="vit"),
+                                                                  text_config=dict(TEXT, model_type="bert"), projection_dim=16),
+                                 "VisionTextDualEncoderModel", "FlaxVisionTextDualEncoderModel"),
 })
 
 
