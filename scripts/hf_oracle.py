@@ -167,9 +167,16 @@ CASES = dict(CASES_BASE, **{
 })
 
 
+# Cases whose checkpoints are bfloat16 (PyTorch and Flax).
+BF16 = {"llama-lm-bf16", "gemma-lm-bf16"}
+CASES["llama-lm-bf16"] = CASES["llama-lm"]
+CASES["gemma-lm-bf16"] = CASES["gemma-lm"]
+
+
 def make(out, case):
     import numpy as np
     import jax
+    import jax.numpy as jnp
     import torch
     import transformers
     from flax.traverse_util import flatten_dict, unflatten_dict
@@ -193,6 +200,8 @@ def make(out, case):
         for name, v in pt.named_buffers():
             if name.endswith("running_var"):  # a variance, so that BatchNorm computes numbers
                 v.abs_().add_(0.5)
+    if case in BF16:
+        pt = pt.to(torch.bfloat16)
     pt.save_pretrained(os.path.join(d, "pt"), safe_serialization=True)
     # What FlaxX.from_pretrained(d/pt, from_pt=True) does, without compiling the model: its
     # loader and converter on the model's parameter shapes (jax.eval_shape, as from_pretrained
@@ -214,6 +223,8 @@ def make(out, case):
     rng = np.random.default_rng(2)
     tree = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in flatten_dict(shapes).items()}
     tree = unflatten_dict({k: np.abs(v) + 0.5 if k[-1] == "var" else v for k, v in tree.items()})
+    if case in BF16:  # a bfloat16 tree: from_flax casts it to float32
+        tree = jax.tree_util.tree_map(lambda v: v.astype(jnp.bfloat16), tree)
     fx.save_pretrained(os.path.join(d, "flax"), params=tree)
     torch.manual_seed(0)
     pt = pt_cls(config).eval()

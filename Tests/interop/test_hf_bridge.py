@@ -14,7 +14,6 @@ import subprocess
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 import hf_oracle
 from conftest import ROOT, shell
@@ -62,12 +61,21 @@ def made(tmp_path_factory):
     return out
 
 
+def load_file(path):
+    """A safetensors file as numpy arrays, bfloat16 as ml_dtypes.bfloat16 (safetensors.numpy has none)."""
+    import ml_dtypes
+    import torch
+    from safetensors.torch import load_file as load_torch
+    return {k: t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+            for k, t in load_torch(str(path)).items()}
+
+
 def same_bits(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))
 
 
-def convert(src, rules, out, fmt=""):
-    p = shell(f"ckpt-read '{src}' | ckpt-slice --rules '{RULES}/{rules}' | ckpt-write {fmt} '{out}'")
+def convert(src, rules, out, fmt="", args=""):
+    p = shell(f"ckpt-read '{src}' | ckpt-slice {args} --rules '{RULES}/{rules}' | ckpt-write {fmt} '{out}'")
     assert p.returncode == 0, p.stderr.decode()
     return out
 
@@ -98,7 +106,9 @@ def to_pytorch(made, tmp_path_factory):
         d.mkdir(parents=True)
         shutil.copy(made / case / "flax" / "config.json", d / "config.json")
         shutil.copy(made / case / "info.json", out / case / "info.json")
-        convert(made / case / "flax" / "flax_model.msgpack", FLAX_TO_PT.get(case, "hf-flax-to-pt.rules"), d / "model.safetensors")
+        # bfloat16 trees: from_flax casts every tensor to float32 first, so does --cast F32.
+        convert(made / case / "flax" / "flax_model.msgpack", FLAX_TO_PT.get(case, "hf-flax-to-pt.rules"), d / "model.safetensors",
+                args="--cast F32" if case in hf_oracle.BF16 else "")
     return out, json.loads(oracle("load", *[out / c / "model" for c in CASES]))
 
 
@@ -169,3 +179,13 @@ def test_real_minilm_there_and_back(tmp_path, minilm):
     orig = load_file(minilm)
     assert sorted(back) == sorted(set(orig) - {"embeddings.position_ids"})
     assert all(same_bits(v, orig[k]) for k, v in back.items())
+
+
+def test_bfloat16_cases_are_bfloat16(made):
+    """The bf16 cases test what they say: from_pt keeps bfloat16 (and so do the rules), from_flax
+    gives float32 (and so does --cast F32)."""
+    import ml_dtypes
+    for case in sorted(hf_oracle.BF16):
+        assert {v.dtype for v in load_file(made / case / "pt" / "model.safetensors").values()} == {np.dtype(ml_dtypes.bfloat16)}
+        assert {v.dtype for v in load_file(made / case / "flax-expected.safetensors").values()} == {np.dtype(ml_dtypes.bfloat16)}
+        assert {v.dtype for v in load_file(made / case / "pt-expected.safetensors").values()} == {np.dtype(np.float32)}
