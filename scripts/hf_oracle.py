@@ -171,6 +171,9 @@ CASES = dict(CASES_BASE, **{
 BF16 = {"llama-lm-bf16", "gemma-lm-bf16"}
 CASES["llama-lm-bf16"] = CASES["llama-lm"]
 CASES["gemma-lm-bf16"] = CASES["gemma-lm"]
+# Cases whose PyTorch checkpoint names LayerNorm parameters gamma and beta (bert-base-uncased does).
+LEGACY_NAMES = {"bert-mlm-gamma-beta"}
+CASES["bert-mlm-gamma-beta"] = CASES["bert-mlm"]
 
 
 def make(out, case):
@@ -203,6 +206,10 @@ def make(out, case):
     if case in BF16:
         pt = pt.to(torch.bfloat16)
     pt.save_pretrained(os.path.join(d, "pt"), safe_serialization=True)
+    if case in LEGACY_NAMES:  # LayerNorm gamma/beta, as early checkpoints ported from TensorFlow have them
+        f = os.path.join(d, "pt", "model.safetensors")
+        save_file({k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+                   for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
     # What FlaxX.from_pretrained(d/pt, from_pt=True) does, without compiling the model: its
     # loader and converter on the model's parameter shapes (jax.eval_shape, as from_pretrained
     # with _do_init=False has them), then, as from_pretrained does, the keys the model does not
