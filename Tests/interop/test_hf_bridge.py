@@ -189,3 +189,18 @@ def test_bfloat16_cases_are_bfloat16(made):
         assert {v.dtype for v in load_file(made / case / "pt" / "model.safetensors").values()} == {np.dtype(ml_dtypes.bfloat16)}
         assert {v.dtype for v in load_file(made / case / "flax-expected.safetensors").values()} == {np.dtype(ml_dtypes.bfloat16)}
         assert {v.dtype for v in load_file(made / case / "pt-expected.safetensors").values()} == {np.dtype(np.float32)}
+
+
+def test_a_head_checkpoint_into_a_base_model_by_a_rename_stage_first(made, tmp_path):
+    """The rules keep a model's structure; to load BertForMaskedLM weights into FlaxBertModel
+    (what transformers' from_pt does by itself), a first ckpt-slice drops the head and strips
+    the prefix: the result is the bert/ part of the FlaxBertForMaskedLM tree, without bert/."""
+    (tmp_path / "strip.rules").write_text("drop cls.{x*}\nbert.{p*} -> {p}\n")
+    src, out = made / "bert-mlm" / "pt" / "model.safetensors", tmp_path / "base.safetensors"
+    p = shell(f"ckpt-read '{src}' | ckpt-slice --rules '{tmp_path}/strip.rules' | ckpt-slice --rules '{RULES}/hf-pt-to-flax.rules' "
+              f"| ckpt-write '{out}'")
+    assert p.returncode == 0, p.stderr.decode()
+    ours, theirs = load_file(out), load_file(made / "bert-mlm" / "flax-expected.safetensors")
+    base = {k[len("bert/"):]: v for k, v in theirs.items() if k.startswith("bert/")}
+    assert sorted(ours) == sorted(base) and len(base) == 37
+    assert all(same_bits(ours[k], v) for k, v in base.items())
