@@ -171,9 +171,17 @@ CASES = dict(CASES_BASE, **{
 BF16 = {"llama-lm-bf16", "gemma-lm-bf16"}
 CASES["llama-lm-bf16"] = CASES["llama-lm"]
 CASES["gemma-lm-bf16"] = CASES["gemma-lm"]
-# Cases whose PyTorch checkpoint names LayerNorm parameters gamma and beta (bert-base-uncased does).
-LEGACY_NAMES = {"bert-mlm-gamma-beta"}
+# Cases whose PyTorch checkpoints have older names: LayerNorm gamma/beta (early checkpoints
+# ported from TensorFlow), weight norm as weight_g/weight_v (torch.nn.utils.weight_norm, before
+# torch's parametrizations: wav2vec2 checkpoints of that time).
+LEGACY_NAMES = {"bert-mlm-gamma-beta", "wav2vec2-weight-g-v"}
 CASES["bert-mlm-gamma-beta"] = CASES["bert-mlm"]
+CASES["wav2vec2-weight-g-v"] = CASES["wav2vec2-ctc"]
+
+
+def legacy_name(k):
+    return (k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+            .replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1", "weight_v"))
 
 
 def make(out, case):
@@ -206,10 +214,9 @@ def make(out, case):
     if case in BF16:
         pt = pt.to(torch.bfloat16)
     pt.save_pretrained(os.path.join(d, "pt"), safe_serialization=True)
-    if case in LEGACY_NAMES:  # LayerNorm gamma/beta, as early checkpoints ported from TensorFlow have them
+    if case in LEGACY_NAMES:  # names of older checkpoints
         f = os.path.join(d, "pt", "model.safetensors")
-        save_file({k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-                   for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+        save_file({legacy_name(k): v for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
     # What FlaxX.from_pretrained(d/pt, from_pt=True) does, without compiling the model: its
     # loader and converter on the model's parameter shapes (jax.eval_shape, as from_pretrained
     # with _do_init=False has them), then, as from_pretrained does, the keys the model does not
