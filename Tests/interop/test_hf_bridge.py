@@ -3,8 +3,9 @@ rules/hf-flax-to-pt.rules), against transformers 4.57's own conversion, architec
 architecture, on tiny random models (every tensor random, so a transpose or a swap shows).
 
 scripts/hf_oracle.py runs in .venv-tf4 (transformers 5 has no Flax models): once per session it
-builds every case's PyTorch model and FlaxX.from_pretrained(pt, from_pt=True), and a random
-Flax model and load_flax_weights_in_pytorch_model of it. Our pipelines must give the same
+builds every case's random PyTorch model and what from_pretrained(from_pt=True) converts it to
+(transformers' loader and converter on the Flax model's parameter shapes), and a random Flax
+tree and load_flax_weights_in_pytorch_model of it. Our pipelines must give the same
 tensors, key for key and bit for bit; what PyTorch builds from our files must load with no
 unexpected and no missing parameters beyond those the Flax tree does not have."""
 import json
@@ -39,9 +40,10 @@ ORACLE_WRONG = {"resnet-cls": lambda k: "/layer/layer_" in k or ".layer." in k a
 
 
 def venv_tf4():
-    for d in (ROOT, "/work/main"):
-        py = os.path.join(d, ".venv-tf4", "bin", "python")
-        if os.path.exists(py):
+    """.venv-tf4's python: $CKPT_VENV_TF4, else the checkout's, else the main checkout's (worktrees)."""
+    for py in (os.environ.get("CKPT_VENV_TF4", ""), os.path.join(ROOT, ".venv-tf4", "bin", "python"),
+               "/work/main/.venv-tf4/bin/python"):
+        if py and os.path.exists(py):
             return py
     pytest.fail(".venv-tf4 is missing: run scripts/setup.sh")
 
