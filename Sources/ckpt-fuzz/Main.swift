@@ -91,11 +91,12 @@ struct ReplayMain {
         for p in paths {
             guard let bytes = try? readWholeFile(p, limit: 1 << 30) else { say("ckpt-fuzz: cannot read \(p)\n"); exit(2) }
             let e = bytes.withUnsafeBytes { runOne(t, $0) }
+            let fds = lastRunLeakedDescriptors > 0 ? " (left \(lastRunLeakedDescriptors) descriptors open)" : ""
             if let e {
                 threw += 1
-                print("\(t.name) \(p): rejected: \(String(describing: e).prefix(200))")
+                print("\(t.name) \(p): rejected\(fds): \(String(describing: e).prefix(200))")
             } else {
-                print("\(t.name) \(p): accepted")
+                print("\(t.name) \(p): accepted\(fds)")
             }
         }
         print("\(t.name): \(paths.count) inputs, \(paths.count - threw) accepted, \(threw) rejected, no crash")

@@ -47,15 +47,25 @@ final class Scratch: @unchecked Sendable {
         firstRunDescriptor = max(firstRunDescriptor, probe)
     }
 
-    /// Closes every descriptor a run left open (see `firstRunDescriptor`); returns how many.
+    /// Closes the descriptors a run left open on files under the scratch folder (readers'
+    /// `MappedFile`s never close theirs); returns how many. Others (the sanitizer's
+    /// symbolizer pipes, libdispatch's descriptors) are left alone.
     @discardableResult
     func closeRunDescriptors() -> Int {
         var closed = 0
         guard firstRunDescriptor > 2 else { return 0 }
+        var link = [CChar](repeating: 0, count: 4096)
+        let prefix = Array(root.utf8)
         // Descriptors are handed out lowest first: stop at the first gap of 16.
         var fd = firstRunDescriptor, gap = 0
         while gap < 16 {
-            if close(fd) == 0 { closed += 1; gap = 0 } else { gap += 1 }
+            let n = readlink("/proc/self/fd/\(fd)", &link, link.count)
+            if n < 0 { gap += 1; fd += 1; continue }
+            gap = 0
+            let isOurs = n >= prefix.count && link.withUnsafeBufferPointer { b in
+                (0..<prefix.count).allSatisfy { UInt8(bitPattern: b[$0]) == prefix[$0] }
+            }
+            if isOurs && !open.values.contains(fd) { close(fd); closed += 1 }
             fd += 1
         }
         return closed

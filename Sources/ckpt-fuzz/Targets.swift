@@ -156,8 +156,11 @@ extension PickleValue {
 
 func target(named name: String) -> FuzzTarget? { fuzzTargets.first { $0.name == name } }
 
+/// Descriptors the last run left open (closed by the harness since).
+nonisolated(unsafe) var lastRunLeakedDescriptors = 0
+
 /// Runs one input; a thrown error is a normal outcome.
 func runOne(_ t: FuzzTarget, _ data: UnsafeRawBufferPointer) -> Error? {
-    defer { Scratch.shared.closeRunDescriptors() }
+    defer { lastRunLeakedDescriptors = Scratch.shared.closeRunDescriptors() }
     do { try t.run(data); return nil } catch { return error }
 }
