@@ -29,7 +29,10 @@ public struct PEFTAdapterConfig: Sendable {
             if case .bool(let b)? = o[key] { return b }
             return false
         }
-        r = Int(number("r") ?? 8)
+        // Int(_:) traps on a Double outside Int's range (a hostile "r": 1e300): check first.
+        // Anything below 1 (NaN too) is refused below as before.
+        let rank = number("r") ?? 8
+        r = rank >= 1 && rank < 0x1p62 ? Int(rank) : 0
         alpha = number("lora_alpha") ?? 8
         useRSLoRA = flag("use_rslora")
         fanInFanOut = flag("fan_in_fan_out")
