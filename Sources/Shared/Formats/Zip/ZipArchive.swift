@@ -147,7 +147,7 @@ public final class ZipArchive {
             let loc = file.bytes(at: absoluteEOCD - 20, count: 20)
             if u32(loc, 0) == 0x0706_4B50 {
                 let z64 = u64(loc, 8)
-                guard z64 <= UInt64(size - 56) else { throw fail(.badZip64EndRecord) }
+                guard size >= 56, z64 <= UInt64(size - 56) else { throw fail(.badZip64EndRecord) }
                 let r = file.bytes(at: Int(z64), count: 56)
                 guard u32(r, 0) == 0x0606_4B50 else { throw fail(.badZip64EndRecord) }
                 let c = u64(r, 32), s = u64(r, 40), o = u64(r, 48)
@@ -200,7 +200,7 @@ public final class ZipArchive {
             if method == 0 && csize != usize { throw fail(.sizeMismatch(declared: usize, actual: csize), name) }
             // The data starts after the local header, whose name and extra lengths may differ
             // from the central directory's (torch pads there).
-            guard localOffset + 30 <= size else { throw fail(.memberOutOfBounds(offset: localOffset, size: 30), name) }
+            guard localOffset <= size - 30 else { throw fail(.memberOutOfBounds(offset: localOffset, size: 30), name) }
             let lh = file.bytes(at: localOffset, count: 30)
             guard u32(lh, 0) == 0x0403_4B50 else { throw fail(.badLocalHeader, name) }
             let dataOffset = localOffset + 30 + u16(lh, 26) + u16(lh, 28)
