@@ -130,7 +130,7 @@ let fuzzTargets: [FuzzTarget] = [
         let json = try JSONParser.parse(data)
         let c = try PEFTAdapterConfig(json: json, file: "<fuzz>")
         for m in ["q_proj", "model.layers.0.self_attn.q_proj", "lm_head", ""] {
-            if let s = try? c.scale(module: m) { blackHole(UInt64(s.rank)) }
+            if let s = try? c.scale(module: m) { blackHole(UInt64(truncatingIfNeeded: s.rank)) }
         }
     },
 ]
