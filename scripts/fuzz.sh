@@ -8,12 +8,14 @@
 #                                              Tests/fuzz/regressions/ through the targets
 #   scripts/fuzz.sh --minimize TARGET CRASH    minimise a crashing input (-minimize_crash=1)
 #   scripts/fuzz.sh --build                    only build the fuzzer
+#   scripts/fuzz.sh --summary                  totals per target over .build-fuzz/campaign.tsv
 #
 # Options for TARGET/--all: --seconds N, --timeout S (per input, default 10), --rss-mb M
 # (default 2048; also the malloc limit), --max-len B (default 65536), --keep-going (libFuzzer's
 # fork mode: record every crash, leak, timeout and OOM and go on fuzzing; still exits 1 if any),
 # --no-nice. Anything after `--` goes to libFuzzer as it is. Every run appends a line to
 # .build-fuzz/campaign.tsv (target, seconds, executions, exec/s, cov, ft, corpus, result).
+# Tests/fuzz/options/TARGET, if present, adds libFuzzer flags for that target (one a line).
 #
 # The committed corpus (Tests/fuzz/corpus/TARGET) is never written: each run fuzzes a working
 # copy in .build-fuzz/corpus/TARGET (kept between runs, so campaigns add up), crashes go to
@@ -26,6 +28,7 @@ SCRATCH=$ROOT/.build-fuzz
 CORPUS=$ROOT/Tests/fuzz/corpus
 REGRESSIONS=$ROOT/Tests/fuzz/regressions
 DICTS=$ROOT/Tests/fuzz/dicts
+OPTIONS=$ROOT/Tests/fuzz/options
 export SWIFT_BACKTRACE=enable=no   # or a crash waits in Swift's backtracer instead of reaching libFuzzer
 NICE="nice -n 10"
 
@@ -76,6 +79,11 @@ fuzz_one() {
     local dict args=()
     dict=$(dict_for "$t")
     [ -n "$dict" ] && args+=("-dict=$dict")
+    # Per-target libFuzzer flags, one a line (# comments): e.g. a known open leak switched off.
+    if [ -f "$OPTIONS/$t" ]; then
+        local opt
+        while read -r opt; do [ -n "$opt" ] && [[ $opt != \#* ]] && args+=("$opt"); done < "$OPTIONS/$t"
+    fi
     [ "$KEEP_GOING" = 1 ] && args+=(-fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1)
     local status=0 before
     before=$(ls "$art" | wc -l)
@@ -143,6 +151,17 @@ while [ $# -gt 0 ]; do
         --all) MODE=all ;;
         --replay) MODE=replay; if [ $# -gt 1 ] && [[ $2 != -* ]]; then TARGET=$2; shift; fi ;;
         --build) MODE=build ;;
+        --summary)
+            [ -f "$SCRATCH/campaign.tsv" ] || { echo "fuzz.sh: no runs yet" >&2; exit 1; }
+            # Executions and seconds add up over runs (each continues the working corpus);
+            # coverage, features and corpus are the last run's.
+            awk -F'\t' '$4 ~ /^[0-9]+$/ { n[$2] += $4; s[$2] += $3; cov[$2] = $6; ft[$2] = $7; corp[$2] = $8; rate[$2] = $5;
+                          if (!($2 in seen)) { seen[$2] = 1; order[++k] = $2 } }
+                 END { printf "%-20s %12s %8s %10s %6s %7s  %s\n", "target", "executions", "seconds", "exec/s(last)", "cov", "ft", "corpus";
+                       for (i = 1; i <= k; i++) { t = order[i];
+                         printf "%-20s %12d %8d %10s %6s %7s  %s\n", t, n[t], s[t], rate[t], cov[t], ft[t], corp[t] } }' \
+                "$SCRATCH/campaign.tsv"
+            exit 0 ;;
         --minimize) MODE=minimize; TARGET=$2; CRASH=$(readlink -f "$3"); shift 2 ;;
         --seconds) SECONDS_EACH=$2; shift ;;
         --timeout) TIMEOUT=$2; shift ;;
