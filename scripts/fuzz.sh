@@ -133,7 +133,9 @@ replay() {
         for f in $(find "${dirs[@]}" -maxdepth 1 -type f | sort); do
             n=$((n + 1))
             if ! "$bin" "$t" "$f" > "$logs/$t.log" 2>&1; then
-                echo "replay $t: CRASH on $f"; grep -E "Fatal error|runtime failure|error:" "$logs/$t.log" | head -3; bad=$((bad + 1))
+                echo "replay $t: CRASH on $f"
+                { grep -E "Fatal error|failed|runtime failure|error" "$logs/$t.log" || tail -3 "$logs/$t.log"; } | head -3 | sed 's/^/  /'
+                bad=$((bad + 1))
             fi
         done
         echo "replay $t: $n inputs, $bad crashed"
