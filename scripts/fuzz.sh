@@ -67,6 +67,16 @@ build() {
     BIN=$SCRATCH/release/ckpt-fuzz
 }
 
+# A process that crashed leaves its scratch folder (/dev/shm/ckpt-fuzz-PID): remove those
+# whose process is gone.
+clean_scratch() {
+    local d
+    for d in /dev/shm/ckpt-fuzz-* "${TMPDIR:-/tmp}"/ckpt-fuzz-*; do
+        [ -d "$d" ] || continue
+        kill -0 "${d##*-}" 2>/dev/null || rm -rf "$d"
+    done
+}
+
 # Runs one target; prints a summary line; returns non-zero on a finding.
 fuzz_one() {
     local t=$1 seconds=$2
@@ -92,6 +102,7 @@ fuzz_one() {
         -malloc_limit_mb="$RSS" -max_len="$MAXLEN" -print_final_stats=1 -artifact_prefix="$art/" \
         "${args[@]}" "${EXTRA[@]}" "$work") > "$log" 2>&1 || status=$?
     if [ "$KEEP_GOING" = 1 ] && [ "$(ls "$art" | wc -l)" != "$before" ]; then status=1; fi
+    clean_scratch
     local execs rate cov ft corp
     # Final stats (plain mode) or the last status line (fork mode: "#N: cov: .. exec/s: ..").
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
@@ -138,6 +149,7 @@ replay() {
                 bad=$((bad + 1))
             fi
         done
+        clean_scratch
         echo "replay $t: $n inputs, $bad crashed"
         [ $bad = 0 ] || failed=1
     done
