@@ -44,6 +44,9 @@ let package = Package(
         .executableTarget(name: "lora-merge", dependencies: ["Shared"]),
         .executableTarget(name: "ckpt-slice", dependencies: ["Shared"]),
         .executableTarget(name: "ckpt-diff", dependencies: ["Shared"]),
+        // Fuzz targets, one per parser (scripts/fuzz.sh builds it with -DFUZZING and
+        // -sanitize=fuzzer,address); a plain build replays inputs through a target.
+        .executableTarget(name: "ckpt-fuzz", dependencies: ["Shared"]),
         .testTarget(
             name: "SharedTests",
             dependencies: ["Shared"],

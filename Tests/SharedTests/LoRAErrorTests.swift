@@ -125,6 +125,8 @@ import Testing
         #expect(config("[]")?.description == "c.json: not a JSON object")
         #expect(config(#"{"peft_type":"IA3"}"#)?.reason == .notLoRAAdapter(peftType: "IA3"))
         #expect(config(#"{"rank_pattern":{"q":"x"}}"#)?.reason == .rankPatternNotInteger(key: "q"))
+        #expect(config(#"{"rank_pattern":{"q":0}}"#)?.reason == .rankPatternNotPositive(key: "q"))
+        #expect(config(#"{"rank_pattern":{"q":-4}}"#)?.reason == .rankPatternNotPositive(key: "q"))
         #expect(config(#"{"alpha_pattern":{"q":"x"}}"#)?.reason == .alphaPatternNotNumber(key: "q"))
         #expect(config(#"{"r":0}"#)?.reason == .rankNotPositive)
         let c = try PEFTAdapterConfig(json: try JSONParser.parse(Array(#"{"rank_pattern":{"(":2}}"#.utf8)), file: "c.json")

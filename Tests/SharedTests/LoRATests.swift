@@ -215,6 +215,14 @@ private func bytes(_ a: [Float]) -> [UInt8] { a.withUnsafeBytes { [UInt8]($0) } 
         #expect { try PEFTAdapterConfig(json: try JSONParser.parse(#"{"peft_type":"IA3"}"#), file: "x") } throws: { ($0 as? LoRAError)?.reason == .notLoRAAdapter(peftType: "IA3") }
     }
 
+    /// Found by scripts/fuzz.sh peft (Tests/fuzz/regressions/peft/): Int(Double) trapped.
+    @Test func rankOutOfIntRangeIsAnErrorNotACrash() {
+        for r in ["1e300", "-92233720368547758098", "9223372036854775808", "-1e309", "0.5", "0"] {
+            #expect(throws: LoRAError.self) { try PEFTAdapterConfig(json: try JSONParser.parse(#"{"r":\#(r),"lora_alpha":16}"#), file: "x") }
+        }
+        #expect((try? PEFTAdapterConfig(json: try JSONParser.parse(#"{"r":8.0}"#), file: "x"))?.r == 8)
+    }
+
     @Test func peftNamesAndWrapping() {
         let s = LoRAScheme(kind: .peft)
         #expect(s.role(of: "base_model.model.enc.q.lora_A.weight") == .adapter(module: "enc.q", part: .a))

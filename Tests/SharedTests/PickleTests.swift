@@ -321,6 +321,49 @@ extension PickleValue {
     }
 }
 
+/// Found by scripts/fuzz.sh torch (Tests/fuzz/regressions/torch/): both trapped instead of
+/// throwing.
+@Suite struct ZipArchiveHostileTests {
+    func reason(_ b: [UInt8]) -> ZipError.Reason? {
+        let dir = temporaryDirectory()
+        writeFile(dir + "/a.zip", b)
+        do {
+            let fd = try FileDescriptor.openForReading(dir + "/a.zip")
+            _ = try ZipArchive(try MappedFile(fd, size: b.count))
+            return nil
+        } catch let e as ZipError { return e.reason } catch { return nil }
+    }
+
+    @Test func zip64LocatorInAnArchiveShorterThanItsEndRecord() {
+        // 48 bytes: a zip64 locator right before the end record, in a file too short to hold
+        // the 56-byte zip64 end record (UInt64(size - 56) trapped).
+        var w = ByteWriter()
+        w.u32(0x0403_4B50); w.u16(0)
+        w.u32(0x0706_4B50); w.u32(0); w.u64(0); w.u32(1)
+        w.u32(0x0605_4B50); w.u16(0); w.u16(0); w.u16(0); w.u16(0); w.u32(0); w.u32(0); w.u16(0)
+        #expect(w.bytes.count == 48)
+        #expect(reason(w.bytes) == .badZip64EndRecord)
+    }
+
+    @Test func zip64LocalHeaderOffsetNearIntMax() {
+        // A central entry whose zip64 extra sets the local header offset to Int.max
+        // (localOffset + 30 overflowed).
+        var w = ByteWriter()
+        let name = Array("x".utf8)
+        let cd = w.bytes.count
+        w.u32(0x0201_4B50); w.u16(45); w.u16(45); w.u16(0); w.u16(0); w.u32(0); w.u32(0)
+        w.u32(0); w.u32(0); w.u16(UInt16(name.count)); w.u16(12); w.u16(0); w.u16(0); w.u16(0); w.u32(0)
+        w.u32(0xFFFF_FFFF); w.raw(name)
+        w.u16(1); w.u16(8); w.u64(UInt64(Int.max))
+        let cdEnd = w.bytes.count
+        w.u32(0x0605_4B50); w.u16(0); w.u16(0); w.u16(1); w.u16(1); w.u32(UInt32(cdEnd - cd)); w.u32(UInt32(cd)); w.u16(0)
+        guard case .memberOutOfBounds(let offset, 30)? = reason(w.bytes), offset == Int.max else {
+            Issue.record("expected the member to be out of bounds")
+            return
+        }
+    }
+}
+
 @Suite struct ZipWriterTests {
     @Test func zip64SizesAndOffsetsReadBack() throws {
         let dir = temporaryDirectory()

@@ -46,6 +46,7 @@ public struct LoRAError: CkptError, Equatable {
         case configNotJSON(detail: String)
         case notLoRAAdapter(peftType: String)
         case rankPatternNotInteger(key: String)
+        case rankPatternNotPositive(key: String)
         case alphaPatternNotNumber(key: String)
         case rankNotPositive
         case patternNotRegex(pattern: String)
@@ -125,6 +126,7 @@ public struct LoRAError: CkptError, Equatable {
         case .configNotJSON(let detail): return "not JSON: \(detail)"
         case .notLoRAAdapter(let type): return "peft_type is \(type); only LORA adapters are merged"
         case .rankPatternNotInteger(let k): return "rank_pattern[\(k)] is not an integer"
+        case .rankPatternNotPositive(let k): return "rank_pattern[\(k)] must be positive"
         case .alphaPatternNotNumber(let k): return "alpha_pattern[\(k)] is not a number"
         case .rankNotPositive: return "r must be positive"
         case .patternNotRegex(let p): return "adapter_config.json: pattern '\(p)' is not a regular expression this tool understands"

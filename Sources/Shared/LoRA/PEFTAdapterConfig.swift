@@ -29,7 +29,10 @@ public struct PEFTAdapterConfig: Sendable {
             if case .bool(let b)? = o[key] { return b }
             return false
         }
-        r = Int(number("r") ?? 8)
+        // Int(_:) traps on a Double outside Int's range (a hostile "r": 1e300): check first.
+        // Anything below 1 (NaN too) is refused below as before.
+        let rank = number("r") ?? 8
+        r = rank >= 1 && rank < 0x1p62 ? Int(rank) : 0
         alpha = number("lora_alpha") ?? 8
         useRSLoRA = flag("use_rslora")
         fanInFanOut = flag("fan_in_fan_out")
@@ -37,6 +40,8 @@ public struct PEFTAdapterConfig: Sendable {
         loraBias = flag("lora_bias")
         for (k, v) in o["rank_pattern"]?.objectValue ?? JSONObject() {
             guard case .number(let t) = v, let n = Int(t) else { throw LoRAError(.rankPatternNotInteger(key: k), file: file) }
+            // A rank below 1 would scale by infinity or NaN (r below 1 is refused the same way).
+            guard n > 0 else { throw LoRAError(.rankPatternNotPositive(key: k), file: file) }
             rankPattern.append((k, n))
         }
         for (k, v) in o["alpha_pattern"]?.objectValue ?? JSONObject() {
