@@ -51,8 +51,13 @@ fi
 # equimo (Equinox, the JAX model the eqx output is for) needs Python >= 3.12: a third
 # environment, which the eqx tests call through files.
 if [ ! -x .venv-eqx/bin/python ]; then
-    PY312="$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1 || true)"
-    [ -n "$PY312" ] || { echo "setup: Python 3.12 is needed for .venv-eqx (equimo)" >&2; exit 69; }
+    # A python3.12 that runs: pyenv's shim on PATH fails unless 3.12 is its global version, so
+    # pyenv's own installs are tried first, each checked.
+    PY312=""
+    for c in "$HOME"/.pyenv/versions/3.12*/bin/python3.12 "$(command -v python3.12 || true)"; do
+        if [ -x "$c" ] && "$c" -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null; then PY312="$c"; break; fi
+    done
+    [ -n "$PY312" ] || { echo "setup: Python >= 3.12 is needed for .venv-eqx (equimo)" >&2; exit 69; }
     "$PY312" -m venv .venv-eqx
 fi
 if ! .venv-eqx/bin/python -c "import equinox, equimo" 2>/dev/null; then
