@@ -267,8 +267,11 @@ public enum TorchReader {
             }
             // Every persistent id naming a key must describe the storage the file holds for it
             // (the first one sized it): a later one claiming more elements would read past it.
-            guard t.storage.dtype.size == root.dtype.size, t.storage.rootNumel == root.rootNumel,
-                  t.storage.offset + t.storage.numel <= root.rootNumel else {
+            // Compared in bytes: an untyped storage counts bytes, and _rebuild_tensor_v3 views it
+            // in elements of the tensor's type.
+            let rootBytes = root.rootNumel * root.dtype.size
+            guard t.storage.rootNumel * t.storage.dtype.size == rootBytes,
+                  (t.storage.offset + t.storage.numel) * t.storage.dtype.size <= rootBytes else {
                 throw TorchError(.storageDescribedTwoWays(key: t.storage.key), file: path, tensor: name)
             }
             let viewOffset = t.storage.offset
