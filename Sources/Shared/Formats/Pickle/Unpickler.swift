@@ -203,7 +203,11 @@ public struct Unpickler {
         var u = Unpickler(cursor: cursor, file: file, persistentLoad: persistentLoad)
         do {
             let v = try u.run()
-            try u.checkShape(v, at: offset)
+            let reached = try u.checkShape(v, at: offset)
+            // What the object does not reach (left on the stack or in the memo) may still hold
+            // a cycle: empty it, as for a rejected object.
+            for l in u.lists where !reached.contains(ObjectIdentifier(l)) { l.items.removeAll() }
+            for d in u.dicts where !reached.contains(ObjectIdentifier(d)) { d.entries.removeAll() }
             u.lists.removeAll()
             u.dicts.removeAll()
             return (v, u.pos)
@@ -359,8 +363,10 @@ public struct Unpickler {
     /// another), so the finished object is walked once, without recursion: nesting at most
     /// `maxDepth` (which also rules out a container holding itself) and at most `maxNodes`
     /// nodes counted along every path. Every later recursive walk relies on this.
-    private func checkShape(_ root: PickleValue, at: Int) throws {
+    /// Returns the lists and dicts the object reaches.
+    private func checkShape(_ root: PickleValue, at: Int) throws -> Set<ObjectIdentifier> {
         var pending: [(PickleValue, Int)] = [(root, 0)]
+        var reached = Set<ObjectIdentifier>()
         var nodes = 0
         while let (v, depth) = pending.popLast() {
             nodes += 1
@@ -370,13 +376,14 @@ public struct Unpickler {
             let children: [PickleValue]
             switch v {
             case .tuple(let items): children = items
-            case .list(let l): children = l.items
-            case .dict(let d): children = d.entries.flatMap { [$0.key, $0.value] }
+            case .list(let l): children = l.items; reached.insert(ObjectIdentifier(l))
+            case .dict(let d): children = d.entries.flatMap { [$0.key, $0.value] }; reached.insert(ObjectIdentifier(d))
             default: continue
             }
             guard depth < Unpickler.maxDepth else { throw fail(.tooDeep(limit: Unpickler.maxDepth), at: at) }
             for c in children { pending.append((c, depth + 1)) }
         }
+        return reached
     }
 
     /// Empties every list and dict made, so freeing a rejected object never recurses deeper
