@@ -140,3 +140,18 @@ def test_refused_memory_is_exit_71_not_a_trap(tmp_path):
     assert "ckpt-read: tensor x: cannot allocate 1073741824 bytes" in err, err
     p = shell(f"ulimit -v 600000; ckpt-read {forged} > /dev/null")
     one_line(p, EX_OSERR, "cannot allocate")
+
+
+def test_declared_frame_length_is_not_allocated_before_the_data_arrives(model, tmp_path):
+    # A valid stream whose header frame is re-declared at 1 GiB (the largest a metadata frame
+    # may be) and cut after 64 bytes. The reader used to allocate and zero the declared length
+    # first: exit 71 under this 600 MB address-space limit. It must read what arrives and say
+    # the stream is truncated.
+    stream = run(["ckpt-read", str(model)], check=True).stdout
+    assert stream[64:68] == b"\xff\xff\xff\xff" and stream[68] == 0x01  # the header frame
+    forged = tmp_path / "forged.ckpts"
+    forged.write_bytes(stream[:72] + (1 << 30).to_bytes(8, "little") + stream[80:144])
+    out = tmp_path / "o.safetensors"
+    p = shell(f"ulimit -v 600000; ckpt-write {out} < {forged}")
+    one_line(p, EX_DATAERR, "truncated")
+    assert not out.exists()

@@ -41,9 +41,19 @@ public final class BufferedInput {
             offset += n
             return out
         }
-        var out = [UInt8](repeating: 0, count: n)
-        let got = try out.withUnsafeMutableBytes { try read(into: $0) }
-        out.removeLast(n - got)
+        // More than the buffer holds: grow with what arrives (doubling), so a length a frame
+        // declares is never allocated before the input has shown it has that much.
+        var out: [UInt8] = []
+        while out.count < n {
+            let want = min(n - out.count, max(buffer.capacity, out.count))
+            let have = out.count
+            out.append(contentsOf: repeatElement(0, count: want))
+            let got = try out.withUnsafeMutableBytes { try read(into: UnsafeMutableRawBufferPointer(rebasing: $0[have...])) }
+            if got < want {
+                out.removeLast(want - got)
+                break
+            }
+        }
         return out
     }
 
