@@ -13,6 +13,29 @@ import Testing
         #expect(try RulePattern("{_=params/,}{p*}/kernel").match("a/kernel") == ["_": "", "p": "a"])
     }
 
+    @Test func longestCaptureFirstAndBacktracking() throws {
+        // {a*} takes as much as it can, leaving {b*} the least that still matches.
+        #expect(try RulePattern("{a*}.{b*}.w").match("x.y.z.w") == ["a": "x.y", "b": "z"])
+        // A set word that fails later is undone and the next word tried.
+        #expect(try RulePattern("{s=ab,a}{t=bc,c}").match("abc") == ["s": "ab", "t": "c"])
+        #expect(try RulePattern("{s=ab,a}{t=bc}").match("abc") == ["s": "a", "t": "bc"])
+        #expect(try RulePattern("{s=a,ab}b{t*}").match("abbx") == ["s": "a", "t": "bx"])
+        #expect(try RulePattern("{s=ab,a}{t=x}").match("abc") == nil)
+        // Unicode names compare as UTF-8 bytes and come back whole.
+        #expect(try RulePattern("{p*}/κ").match("α/β/κ") == ["p": "α/β"])
+    }
+
+    @Test(.timeLimit(.minutes(1))) func manyRestCapturesDoNotBacktrackExponentially() throws {
+        // 12 {x*} captures against 200 characters that never end in the literal: plain
+        // backtracking tries ~C(200, 12) splits (10^19); remembered failures make it ~12 * 200^2.
+        var text = ""
+        for i in 0..<12 { text += "{c\(i)*}." }
+        let p = try RulePattern(text + "end")
+        let name = String(repeating: "a.", count: 100)
+        #expect(p.match(name) == nil)
+        #expect(p.match(String(repeating: "a.", count: 12) + "end")?["c11"] == "a")
+    }
+
     @Test func targetsRejoinRestCapturesWithTheirSeparator() throws {
         let t = try RulePattern("{p}/kernel")
         #expect(t.substitute(["p": "enc.layer.0"], rejoin: ["p"]) == "enc/layer/0/kernel")

@@ -22,6 +22,7 @@ public struct RulePattern: Equatable, Sendable, CustomStringConvertible {
 
     public let tokens: [Token]
     public let text: String
+    private let compiled: [Compiled]
 
     public var description: String { text }
 
@@ -87,51 +88,86 @@ public struct RulePattern: Equatable, Sendable, CustomStringConvertible {
         }
         if !literal.isEmpty { tokens.append(.literal(literal)) }
         self.tokens = tokens
+        compiled = tokens.map {
+            switch $0 {
+            case .literal(let s): return .literal(Array(s.utf8))
+            case .capture(_, .oneOf(let words)): return .oneOf(words.map { Array($0.utf8) })
+            case .capture(_, let kind): return .run(kind)
+            }
+        }
     }
 
-    /// The captures if `name` matches the whole pattern (backtracking over `{rest*}`).
+    /// The captures if `name` matches the whole pattern. Captures are tried longest first (set
+    /// words in their listed order) and the first complete match wins. A capture never
+    /// constrains later tokens, so a (token, position) state that failed once fails again: it
+    /// is remembered, which keeps patterns with several `{rest*}` linear in states instead of
+    /// exponential in backtracking.
     public func match(_ name: String) -> [String: String]? {
-        let chars = Array(name.utf8)
-        var captures: [String: String] = [:]
-        func go(_ t: Int, _ at: Int) -> Bool {
-            if t == tokens.count { return at == chars.count }
-            switch tokens[t] {
-            case .literal(let s):
-                let u = Array(s.utf8)
-                guard at + u.count <= chars.count, Array(chars[at..<at + u.count]) == u else { return false }
-                return go(t + 1, at + u.count)
-            case .capture(let n, let kind):
-                switch kind {
+        var name = name
+        return name.withUTF8 { chars -> [String: String]? in
+            // Most (rule, tensor) pairs differ in a leading or trailing literal: check those first.
+            if case .literal(let head)? = compiled.first, !chars.starts(with: head) { return nil }
+            if case .literal(let tail)? = compiled.last, compiled.count > 1, !chars.reversed().starts(with: tail.reversed()) { return nil }
+            var spans = [(start: Int, end: Int)](repeating: (0, 0), count: tokens.count)
+            var failed: [Bool] = []  // (token, position) states known to fail; made on the first backtrack
+            let width = chars.count + 1
+            func matches(_ u: UnsafeBufferPointer<UInt8>, at: Int) -> Bool {
+                guard at + u.count <= chars.count else { return false }
+                for i in 0..<u.count where chars[at + i] != u[i] { return false }
+                return true
+            }
+            func go(_ t: Int, _ at: Int) -> Bool {
+                if t == tokens.count { return at == chars.count }
+                if !failed.isEmpty && failed[t * width + at] { return false }
+                let ok: Bool
+                switch compiled[t] {
+                case .literal(let u):
+                    ok = u.withUnsafeBufferPointer { matches($0, at: at) } && go(t + 1, at + u.count)
                 case .oneOf(let words):
-                    for w in words {
-                        let u = Array(w.utf8)
-                        if at + u.count <= chars.count, Array(chars[at..<at + u.count]) == u {
-                            captures[n] = w
-                            if go(t + 1, at + u.count) { return true }
-                        }
+                    ok = words.contains { w in
+                        guard w.withUnsafeBufferPointer({ matches($0, at: at) }) else { return false }
+                        spans[t] = (at, at + w.count)
+                        return go(t + 1, at + w.count)
                     }
-                    return false
-                case .segment, .integer, .rest:
+                case .run(let kind):
                     var end = at
-                    // Longest first for segments and integers is fine: the next token is a literal
-                    // or the end; for rest, try every split.
-                    var ends: [Int] = []
                     while end < chars.count {
                         let c = chars[end]
                         if kind == .segment && (c == UInt8(ascii: "/") || c == UInt8(ascii: ".")) { break }
                         if kind == .integer && !(c >= UInt8(ascii: "0") && c <= UInt8(ascii: "9")) { break }
                         end += 1
-                        ends.append(end)
                     }
-                    for e in ends.reversed() {
-                        captures[n] = String(decoding: chars[at..<e], as: UTF8.self)
-                        if go(t + 1, e) { return true }
+                    var found = false
+                    var e = end
+                    while e > at && !found {
+                        spans[t] = (at, e)
+                        found = go(t + 1, e)
+                        e -= 1
                     }
-                    return false
+                    ok = found
+                }
+                if !ok {
+                    if failed.isEmpty { failed = [Bool](repeating: false, count: tokens.count * width) }
+                    failed[t * width + at] = true
+                }
+                return ok
+            }
+            guard go(0, 0) else { return nil }
+            var captures: [String: String] = [:]
+            for (t, token) in tokens.enumerated() {
+                if case .capture(let n, _) = token {
+                    captures[n] = String(decoding: UnsafeBufferPointer(rebasing: chars[spans[t].start..<spans[t].end]), as: UTF8.self)
                 }
             }
+            return captures
         }
-        return go(0, 0) ? captures : nil
+    }
+
+    /// The tokens as UTF-8, the form `match` compares.
+    private enum Compiled: Equatable, Sendable {
+        case literal([UInt8])
+        case oneOf([[UInt8]])
+        case run(Kind)
     }
 
     /// The separator this pattern's literal text uses first (`/` or `.`), if any.
