@@ -80,6 +80,12 @@ public final class PlannedSource: FileBackedSource {
         manifest = plan.map(\.0.descriptor)
     }
 
+    deinit {
+        // No read-ahead job outlives its source (say, after an error): each holds the files it
+        // reads from and the memory it fills.
+        for job in ahead.values { _ = try? job.wait() }
+    }
+
     /// Starts making the next materialized tensors after `index` while the tensor at `index`
     /// (`holding` bytes) is emitted, as far as the budget and depth allow.
     private func scheduleAhead(after index: Int, holding: Int) {
