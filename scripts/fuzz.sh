@@ -13,7 +13,8 @@
 # Options for TARGET/--all: --seconds N, --timeout S (per input, default 10), --rss-mb M
 # (default 2048; also the malloc limit), --max-len B (default 65536), --keep-going (libFuzzer's
 # fork mode: record every crash, leak, timeout and OOM and go on fuzzing; still exits 1 if any),
-# --no-nice. Anything after `--` goes to libFuzzer as it is. Every run appends a line to
+# --no-nice, --bin PATH (run this already-built fuzzer instead of building: a long campaign
+# keeps one binary while the sources change). Anything after `--` goes to libFuzzer as it is. Every run appends a line to
 # .build-fuzz/campaign.tsv (target, seconds, executions, exec/s, cov, ft, corpus, result).
 # Tests/fuzz/options/TARGET, if present, adds libFuzzer flags for that target (one a line).
 #
@@ -50,7 +51,13 @@ dict_for() {
 }
 
 build() {
-    mkdir -p "$SCRATCH"
+    mkdir -p "$SCRATCH/run"
+    if [ -n "$PREBUILT" ]; then
+        BIN=$SCRATCH/run/ckpt-fuzz-$$
+        cp "$PREBUILT" "$BIN"
+        trap 'rm -f "$BIN"' EXIT
+        return
+    fi
     # Gold (the default linker here) cannot link the fuzzer runtime with Swift's entry point
     # renaming; lld from the Swift toolchain can.
     local lld
@@ -64,7 +71,11 @@ build() {
         exit 2
     fi
     echo "fuzz.sh: built ckpt-fuzz with -sanitize=fuzzer,address in $((SECONDS - start)) s" >&2
-    BIN=$SCRATCH/release/ckpt-fuzz
+    # Runs use a private copy, so a rebuild (or a second campaign) never meets a busy binary.
+    BIN=$SCRATCH/run/ckpt-fuzz-$$
+    mkdir -p "$SCRATCH/run"
+    cp "$SCRATCH/release/ckpt-fuzz" "$BIN"
+    trap 'rm -f "$BIN"' EXIT
 }
 
 # A process that crashed leaves its scratch folder (/dev/shm/ckpt-fuzz-PID): remove those
@@ -156,6 +167,7 @@ replay() {
     return $failed
 }
 
+PREBUILT=""
 SECONDS_EACH=60 TIMEOUT=10 RSS=2048 MAXLEN=65536 KEEP_GOING=0
 EXTRA=()
 MODE="" TARGET=""
@@ -183,6 +195,7 @@ while [ $# -gt 0 ]; do
         --max-len) MAXLEN=$2; shift ;;
         --keep-going) KEEP_GOING=1 ;;
         --no-nice) NICE="" ;;
+        --bin) PREBUILT=$(readlink -f "$2"); shift ;;
         --) shift; EXTRA=("$@"); break ;;
         -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;

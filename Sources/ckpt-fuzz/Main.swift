@@ -91,7 +91,7 @@ struct ReplayMain {
         for p in paths {
             guard let bytes = try? readWholeFile(p, limit: 1 << 30) else { say("ckpt-fuzz: cannot read \(p)\n"); exit(2) }
             let e = bytes.withUnsafeBytes { runOne(t, $0) }
-            let fds = lastRunLeakedDescriptors > 0 ? " (left \(lastRunLeakedDescriptors) descriptors open)" : ""
+            let fds = lastRunLeakedDescriptors.isEmpty ? "" : " (left descriptors open: \(lastRunLeakedDescriptors.joined(separator: ", ")))"
             if let e {
                 threw += 1
                 print("\(t.name) \(p): rejected\(fds): \(String(describing: e).prefix(200))")

@@ -12,8 +12,7 @@ final class Scratch: @unchecked Sendable {
     private var open: [String: Int32] = [:]
     private var laidOut: [String] = []
     private var madeDirs: [String] = []
-    /// The lowest descriptor number free after set-up. Readers' `MappedFile`s never close
-    /// their descriptors, so every run's descriptors from here up are closed after it.
+    /// The lowest descriptor number free after set-up: a run's descriptors are from here up.
     private(set) var firstRunDescriptor: Int32 = 0
 
     private init() {
@@ -47,13 +46,13 @@ final class Scratch: @unchecked Sendable {
         firstRunDescriptor = max(firstRunDescriptor, probe)
     }
 
-    /// Closes the descriptors a run left open on files under the scratch folder (readers'
-    /// `MappedFile`s never close theirs); returns how many. Others (the sanitizer's
-    /// symbolizer pipes, libdispatch's descriptors) are left alone.
-    @discardableResult
-    func closeRunDescriptors() -> Int {
-        var closed = 0
-        guard firstRunDescriptor > 2 else { return 0 }
+    /// The descriptors a run left open on files under the scratch folder: a descriptor leak
+    /// (every reader's `MappedFile` closes its own). They are reported, never closed here: the
+    /// owner would close the number again later, by then perhaps another file's (a double close
+    /// once took libdispatch's epoll descriptor and left its manager thread spinning).
+    func openRunDescriptors() -> [Int32] {
+        var found: [Int32] = []
+        guard firstRunDescriptor > 2 else { return [] }
         var link = [CChar](repeating: 0, count: 4096)
         let prefix = Array(root.utf8)
         // Descriptors are handed out lowest first: stop at the first gap of 16.
@@ -67,10 +66,10 @@ final class Scratch: @unchecked Sendable {
             let isOurs = n >= prefix.count && link.withUnsafeBufferPointer { b in
                 (0..<prefix.count).allSatisfy { UInt8(bitPattern: b[$0]) == prefix[$0] }
             }
-            if isOurs && !open.values.contains(fd) { close(fd); closed += 1 }
+            if isOurs && !open.values.contains(fd) { found.append(fd) }
             fd += 1
         }
-        return closed
+        return found
     }
 
     /// A fresh folder `root/<dir>` holding `files` (relative paths; unsafe names are skipped).
@@ -118,25 +117,28 @@ final class Scratch: @unchecked Sendable {
 /// Input that does not start with a header is one file named `fallback`.
 func splitFiles(_ data: UnsafeRawBufferPointer, fallback: String) -> [(name: String, bytes: ArraySlice<UInt8>)] {
     let bytes = [UInt8](data)
-    let open: [UInt8] = Array("==> ".utf8), close: [UInt8] = Array(" <==\n".utf8)
-    func matches(_ pattern: [UInt8], at i: Int) -> Bool {
-        i + pattern.count <= bytes.count && bytes[i..<(i + pattern.count)].elementsEqual(pattern)
-    }
-    // Header starts: offset 0 or right after a newline.
+    let open: [UInt8] = Array("==> ".utf8), close: [UInt8] = Array(" <==".utf8)
+    // Header starts: offset 0 or right after a newline (found with memchr: inputs run to 64 KiB
+    // and this runs on every execution).
     var heads: [(start: Int, name: String, body: Int)] = []
-    var i = 0
-    while i < bytes.count {
-        if (i == 0 || bytes[i - 1] == 0x0A) && matches(open, at: i) {
-            var j = i + open.count
-            while j < bytes.count && bytes[j] != 0x0A { j += 1 }
-            if j < bytes.count && j - 4 >= i + open.count && matches(close, at: j - 4) {
-                let name = String(decoding: bytes[(i + open.count)..<(j - 4)], as: UTF8.self)
-                heads.append((i, name, j + 1))
-                i = j + 1
-                continue
-            }
+    bytes.withUnsafeBytes { b in
+        let base = b.baseAddress!
+        func lineEnd(from i: Int) -> Int {
+            guard i < b.count, let p = memchr(base + i, 0x0A, b.count - i) else { return b.count }
+            return base.distance(to: UnsafeRawPointer(p))
         }
-        i += 1
+        func matches(_ pattern: [UInt8], at i: Int) -> Bool {
+            i >= 0 && i + pattern.count <= b.count && memcmp(base + i, pattern, pattern.count) == 0
+        }
+        guard b.count > 0 else { return }
+        var i = 0
+        while i < b.count {
+            let j = lineEnd(from: i)  // the line is i..<j
+            if j < b.count && j - i >= open.count + close.count && matches(open, at: i) && matches(close, at: j - close.count) {
+                heads.append((i, String(decoding: b[(i + open.count)..<(j - close.count)], as: UTF8.self), j + 1))
+            }
+            i = j + 1
+        }
     }
     guard let first = heads.first, first.start == 0 else { return [(fallback, bytes[...])] }
     var files: [(String, ArraySlice<UInt8>)] = []
