@@ -151,6 +151,16 @@ def test_existing_output_needs_force(small, tmp_path):
     assert out.read_bytes() == small.read_bytes()
 
 
+@pytest.mark.parametrize("args", [["sub/dir/o.safetensors"], ["sub/dir/o.pt"], ["--format", "orbax", "sub/dir/params"],
+                                  ["sub/o.ckpts"]], ids=["safetensors", "torch", "orbax", "ckpts"])
+def test_missing_output_folder_is_named_before_reading(small, tmp_path, args):
+    args = [str(tmp_path / a) if "/" in a else a for a in args]
+    p = run(["ckpt-write", *args], input=stream_of(small))
+    folder = str(tmp_path / ("sub" if args[-1].endswith("o.ckpts") else "sub/dir"))
+    assert_one_line_error(p, EX_CANTCREAT, f"{folder}: no such folder for the output (create it first: mkdir -p {folder})")
+    assert os.listdir(tmp_path) == ["small.safetensors"]
+
+
 def test_missing_input_and_usage_errors(tmp_path):
     assert_one_line_error(run(["ckpt-read", str(tmp_path / "nope.safetensors")]), EX_NOINPUT, "nope.safetensors")
     assert run(["ckpt-read"]).returncode == EX_USAGE

@@ -76,6 +76,27 @@ def test_a_missing_key_and_a_shape_mismatch(tmp_path):
     assert out.endswith("1 only in A, 1 only in B: different\n")
 
 
+def test_only_and_exclude_select_in_both_inputs(tmp_path):
+    # The common case: a conversion dropped a buffer (position_ids) and renamed nothing else.
+    t = base()
+    t["embeddings.position_ids"] = np.arange(7, dtype=np.int64)[None]
+    u = {k: v for k, v in t.items() if k != "embeddings.position_ids"}
+    a, b = files(tmp_path, t, u)
+    assert run(["ckpt-diff", a, b]).returncode == 1
+    p = run(["ckpt-diff", "--exclude", "*.position_ids", a, b])
+    assert p.returncode == 0, p.stdout
+    assert p.stdout.endswith(b"A: 3 tensors, B: 3; 3 in both: 3 equal, 0 not; 0 only in A, 0 only in B: equal\n")
+    # --only keeps what matches, in A and in B; stdin streams are selected the same way.
+    u["w"] = u["w"] + 1
+    a, b = files(tmp_path, t, u)
+    p = shell(f"ckpt-read {a} | ckpt-diff --only 'h' --only 'b' - {b}")
+    assert p.returncode == 0 and b"A: 2 tensors, B: 2; 2 in both: 2 equal" in p.stdout, p.stdout
+    assert run(["ckpt-diff", "--only", "w", a, b]).returncode == 1
+    # A pattern that selects nothing is a mistake, not "equal".
+    p = run(["ckpt-diff", "--only", "encoder.*", a, b])
+    assert p.returncode == 2 and f"--only 'encoder.*' selects no tensor of {a}" in p.stderr.decode(), p.stderr
+
+
 def test_nan_inf_counts_and_dtype(tmp_path):
     t = {"x": np.array([1.0, np.nan, np.inf, -np.inf], np.float32)}
     u = {"x": np.array([1.0, np.nan, np.inf, -np.inf], np.float64)}

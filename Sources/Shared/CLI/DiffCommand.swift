@@ -18,6 +18,7 @@ public struct DiffCommand: ParsableCommand {
               ckpt-diff original.safetensors converted.safetensors
               ckpt-diff --rules bert-torch-to-flax model.safetensors flax_params.msgpack
               ckpt-diff --rtol 1e-5 --atol 1e-6 --json a.pt b.safetensors
+              ckpt-diff --exclude '*.position_ids' pytorch_model.bin model.safetensors
             """,
         version: Tool.version)
 
@@ -26,6 +27,12 @@ public struct DiffCommand: ParsableCommand {
 
     @Argument(help: "The second checkpoint (or stream).")
     public var b: String
+
+    @Option(help: ArgumentHelp("Compare only tensors whose name matches GLOB (repeatable), in each input, before --rules, as ckpt-read selects.", valueName: "glob"))
+    public var only: [String] = []
+
+    @Option(help: ArgumentHelp("Leave out tensors whose name matches GLOB (repeatable), e.g. buffers a conversion drops.", valueName: "glob"))
+    public var exclude: [String] = []
 
     @Option(help: ArgumentHelp("Relative tolerance.", valueName: "x"))
     public var rtol: Double = 0
@@ -69,14 +76,18 @@ public struct DiffCommand: ParsableCommand {
     }
 
     func compare() throws -> DiffReport {
-        var sourceA = try openSource(a, options: ReadOptions(), producer: "ckpt-diff")
+        var options = ReadOptions()
+        options.selection = TensorSelection(only: only, exclude: exclude)
+        var sourceA = try openSource(a, options: options, producer: "ckpt-diff")
+        try options.selection.requireSomeTensor(in: sourceA, of: a)
         if !rules.isEmpty {
             var all: [SliceRule] = []
             let given = try SliceCommand.parseValues(values)
             for name in rules { all += try SliceRuleParser.parse(file: try RuleLibrary.resolve(name), values: given) }
             sourceA = try SliceSource(upstream: sourceA, rules: all, keepUnmatched: false)
         }
-        let sourceB = try openSource(b, options: ReadOptions(), producer: "ckpt-diff")
+        let sourceB = try openSource(b, options: options, producer: "ckpt-diff")
+        try options.selection.requireSomeTensor(in: sourceB, of: b)
         return try DiffReport.build(a: sourceA, b: sourceB, rtol: rtol, atol: atol, nameA: a == "-" ? "<stdin>" : a, nameB: b == "-" ? "<stdin>" : b)
     }
 }

@@ -72,12 +72,7 @@ public struct ReadCommand: ParsableCommand {
                 options.orbax.readAhead = size == 0 ? .off : ReadAhead(budget: size, depth: 1)
             }
             let source = try openSource(input, options: options, producer: producer)
-            // A selection that keeps nothing is almost always a mistyped pattern: say so rather
-            // than write an empty checkpoint (which orbax, for one, cannot even restore).
-            if !(only.isEmpty && exclude.isEmpty), let kept = source.manifest, kept.isEmpty {
-                let patterns = (only.map { "--only '\($0)'" } + exclude.map { "--exclude '\($0)'" }).joined(separator: " ")
-                throw UsageError("\(patterns) selects no tensor of \(input)")
-            }
+            try options.selection.requireSomeTensor(in: source, of: input)
             if list {
                 guard let manifest = source.manifest else {
                     throw UsageError("--list needs a manifest, and this stream has none")

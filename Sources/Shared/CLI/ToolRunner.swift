@@ -46,7 +46,7 @@ public enum Tool {
         }
     }
 
-    /// A line on stderr, unless quiet.
+    /// A line on stderr (callers that honour `--quiet` check it first).
     public static func note(_ name: String, _ message: String) {
         StandardError.write("\(name): \(message)\n")
     }

@@ -96,6 +96,7 @@ public struct WriteCommand: ParsableCommand {
             if maxShardSize != nil && fmt != .safetensors {
                 throw UsageError("--max-shard-size applies to safetensors output only")
             }
+            if path != "-" { try MissingOutputFolderError.check(output: fmt == .orbax || fmt == .eqx ? out : path) }
             let source = try openStreamInput(input)
             let quiet = progressOptions.quiet
             let sink: TensorSink

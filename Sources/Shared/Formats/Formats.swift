@@ -16,7 +16,7 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
     /// Equinox's `tree_serialise_leaves` (`weights.eqx`, written against a template model).
     case eqx
 
-    /// What `ckpt-write` can produce so far.
+    /// What `ckpt-write` can produce (every format but eqx is also read).
     public static let writable: [CheckpointFormat] = [.safetensors, .torch, .npz, .npy, .msgpack, .orbax, .eqx, .ckpts]
 
     /// Guesses the format of an output path from its name.

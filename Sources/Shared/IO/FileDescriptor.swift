@@ -33,7 +33,7 @@ public struct FileDescriptor: Sendable {
         return FileDescriptor(rawValue: fd, path: path)
     }
 
-    /// Creates or truncates a file for reading and writing (spool files).
+    /// Creates a new file for reading and writing (spool files); fails if it exists.
     public static func createReadWrite(_ path: String) throws -> FileDescriptor {
         let fd = retryingOnInterrupt { open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
         if fd < 0 { throw IOError(.create, path: path, errno: errno) }

@@ -39,3 +39,21 @@ public struct OutputExistsError: CkptError {
     public var exitStatus: SysExit { .cantCreate }
     public var description: String { "\(path): already exists (use --force to replace it)" }
 }
+
+/// The folder an output would go in does not exist. Writers do not create it: a mistyped
+/// path should not leave a tree of empty folders behind.
+public struct MissingOutputFolderError: CkptError {
+    public var folder: String
+    public var exitStatus: SysExit { .cantCreate }
+    public var description: String { "\(folder): no such folder for the output (create it first: mkdir -p \(folder))" }
+
+    /// Throws unless the folder that will hold `path` exists.
+    public static func check(output path: String) throws(MissingOutputFolderError) {
+        var trimmed = Substring(path)
+        while trimmed.count > 1 && trimmed.hasSuffix("/") { trimmed = trimmed.dropLast() }
+        guard let slash = trimmed.lastIndex(of: "/") else { return }
+        let folder = slash == trimmed.startIndex ? "/" : String(trimmed[..<slash])
+        var st = stat()
+        guard stat(folder, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else { throw MissingOutputFolderError(folder: folder) }
+    }
+}

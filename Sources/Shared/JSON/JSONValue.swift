@@ -22,7 +22,7 @@ public enum JSONValue: Equatable, Sendable {
     }
 }
 
-/// An ordered JSON object. Lookups are linear for small objects and hashed for large ones.
+/// An ordered JSON object: entries in their order, and a hashed index of keys for lookups.
 public struct JSONObject: Equatable, Sendable, Sequence {
     public private(set) var entries: [(key: String, value: JSONValue)] = []
     private var index: [String: Int] = [:]

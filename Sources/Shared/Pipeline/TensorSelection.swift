@@ -14,6 +14,14 @@ public struct TensorSelection: Sendable {
 
     public static let all = TensorSelection()
 
+    /// A selection that keeps nothing is almost always a mistyped pattern: say so rather than
+    /// write an empty checkpoint (which orbax, for one, cannot even restore) or compare nothing.
+    public func requireSomeTensor(in source: TensorSource, of input: String) throws {
+        guard !(only.isEmpty && exclude.isEmpty), let kept = source.manifest, kept.isEmpty else { return }
+        let patterns = (only.map { "--only '\($0)'" } + exclude.map { "--exclude '\($0)'" }).joined(separator: " ")
+        throw UsageError("\(patterns) selects no tensor of \(input)")
+    }
+
     public func includes(_ name: String) -> Bool {
         if !only.isEmpty && !only.contains(where: { globMatches($0, name) }) { return false }
         return !exclude.contains(where: { globMatches($0, name) })

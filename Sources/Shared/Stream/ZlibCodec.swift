@@ -10,8 +10,6 @@ public enum ZlibCodec {
     /// The largest output `compress` can produce for `length` input bytes.
     public static func bound(_ length: Int) -> Int { Int(compressBound(uLong(length))) }
 
-    /// Compresses `input` into `output` (at least `bound(input.count)` bytes) and returns
-    /// the compressed length.
     /// Deflate strategies (zlib.h): `rle` looks only for runs, which on float weights is
     /// several times faster than the default match search and compresses as well or better.
     public enum Strategy: Int32, Sendable {
@@ -19,6 +17,8 @@ public enum ZlibCodec {
         case rle = 3
     }
 
+    /// Compresses `input` into `output` (at least `bound(input.count)` bytes) and returns
+    /// the compressed length.
     public static func compress(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer,
                                 level: Int32, strategy: Strategy = .default) throws(Failure) -> Int {
         var strm = z_stream()
