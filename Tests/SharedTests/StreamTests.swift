@@ -137,7 +137,7 @@ import Testing
     @Test func nonZeroPaddingIsRefused() {
         var tiny = golden("tiny.ckpts")
         tiny[0x1F0] = 1
-        #expect(reason(tiny) == .nonZeroReserved(field: "padding of a tensor-end frame"))
+        #expect(reason(tiny) == .badPadding(kind: "tensor-end"))
     }
 
     @Test func trailingDataAfterEnd() {
@@ -160,6 +160,16 @@ import Testing
                 == .unknownCriticalFrame(kind: 0x10))
         let ancillary = FrameEncoder.frame(.header, body: Array("anything".utf8)).replacing(at: 4, with: 0x90)
         #expect(reason(stream([header, ancillary, end0])) == nil)
+    }
+
+    @Test func messagesSayTheRule() {
+        func text(_ r: StreamError.Reason) -> String { StreamError(r, source: "s", offset: 128).description }
+        #expect(text(.unknownCriticalFrame(kind: 0x10)) == "s: byte 128: unknown critical frame kind 0x10")
+        #expect(text(.badMarker(found: 0x1234)) == "s: byte 128: frame does not start with the FFFFFFFF marker (found 0x00001234)")
+        #expect(text(.badPadding(kind: "header")).hasSuffix("(frames are padded with zeros to a multiple of 64 bytes)"))
+        // A chunk header cut short names its size.
+        let cut = Array(stream([header, FrameEncoder.tensor(a), chunk(offset: 0, [1, 2, 3, 4])]).prefix(64 + header.count + FrameEncoder.tensor(a).count + 16 + 20))
+        #expect(reason(cut) == .truncated(inside: "the 48-byte chunk header of tensor a"))
     }
 
     @Test func headerMustComeFirst() {

@@ -7,6 +7,8 @@ public struct StreamError: CkptError, Equatable {
         case badMagic
         case unsupportedVersion(major: UInt16, minor: UInt16)
         case nonZeroReserved(field: String)
+        /// The bytes after a frame up to the next multiple of 64 are not zero.
+        case badPadding(kind: String)
         /// The input ended before the end frame.
         case truncated(inside: String)
         case badMarker(found: UInt32)
@@ -59,9 +61,11 @@ public struct StreamError: CkptError, Equatable {
         case .unsupportedVersion(let major, let minor):
             return "ckpt stream version \(major).\(minor) is not supported (this build reads 1.x)"
         case .nonZeroReserved(let field): return "reserved field \(field) is not zero"
+        case .badPadding(let kind):
+            return "the \(kind) frame is not followed by zero padding (frames are padded with zeros to a multiple of 64 bytes)"
         case .truncated(let inside): return "truncated stream: input ended inside \(inside) (no end frame)"
         case .badMarker(let m): return "frame does not start with the FFFFFFFF marker (found \(hex(m)))"
-        case .unknownCriticalFrame(let k): return "unknown critical frame kind \(hex(UInt32(k)))"
+        case .unknownCriticalFrame(let k): return "unknown critical frame kind \(hex(k))"
         case .unexpectedFrame(let got, let expected): return "unexpected \(got) frame, expected \(expected)"
         case .frameTooLarge(let kind, let length, let limit):
             return "\(kind) frame declares \(length) bytes, more than the limit of \(limit)"
@@ -87,7 +91,8 @@ public struct StreamError: CkptError, Equatable {
     }
 }
 
-func hex(_ v: UInt32) -> String {
+/// `v` in hexadecimal, two digits per byte of its type (a one-byte field prints as 0x10).
+func hex<T: FixedWidthInteger & UnsignedInteger>(_ v: T) -> String {
     let s = String(v, radix: 16)
-    return "0x" + String(repeating: "0", count: max(0, 8 - s.count)) + s
+    return "0x" + String(repeating: "0", count: max(0, T.bitWidth / 4 - s.count)) + s
 }

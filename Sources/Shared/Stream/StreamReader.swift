@@ -317,8 +317,8 @@ public final class StreamReader: DirectChunkSource {
         let pad = StreamFormat.padding(after: length)
         guard pad > 0 else { return }
         let bytes = try input.read(pad)
-        guard bytes.count == pad else { throw StreamError(.truncated(inside: "the padding of a \(kind) frame"), source: decoder.source, offset: at) }
-        guard bytes.allSatisfy({ $0 == 0 }) else { throw StreamError(.nonZeroReserved(field: "padding of a \(kind) frame"), source: decoder.source, offset: at) }
+        guard bytes.count == pad else { throw StreamError(.truncated(inside: "the padding after a \(kind) frame (frames are padded to a multiple of 64 bytes)"), source: decoder.source, offset: at) }
+        guard bytes.allSatisfy({ $0 == 0 }) else { throw StreamError(.badPadding(kind: kind), source: decoder.source, offset: at) }
     }
 
     static func skipBody(_ input: BufferedInput, _ decoder: FrameDecoder, length: UInt64, at: Int, kind: String) throws {
@@ -409,7 +409,7 @@ public final class StreamReader: DirectChunkSource {
     private func readChunk(_ fh: FrameDecoder.FrameHeader, at: Int, tensor: TensorDescriptor) throws -> Event {
         let hb = try input.read(StreamFormat.chunkHeaderSize)
         guard hb.count == StreamFormat.chunkHeaderSize else {
-            throw StreamError(.truncated(inside: "a chunk header of tensor \(tensor.name)"), source: source, offset: at)
+            throw StreamError(.truncated(inside: "the \(StreamFormat.chunkHeaderSize)-byte chunk header of tensor \(tensor.name)"), source: source, offset: at)
         }
         let ch = try decoder.chunkHeader(hb, bodyLength: fh.bodyLength, at: at, tensor: tensor.name)
         guard ch.offset == readingOffset else {
