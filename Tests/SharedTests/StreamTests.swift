@@ -43,6 +43,26 @@ import Testing
         #expect(ChunkCompression(argument: "zlib:") == nil)
     }
 
+    @Test func unknownHeaderKeysAndAttributesTravelOn() throws {
+        // A later minor version's header key and a tensor attribute nobody here knows: a stage
+        // replaces the producer and passes both on.
+        let header = StreamHeader(producer: "upstream", sourceFormat: "t", metadata: JSONObject([("m", .string("v"))]),
+                                  extensions: JSONObject([("x_future", .array([.number("1")]))]))
+        let tensor = TensorHeader(try TensorDescriptor(name: "a", dtype: .u8, shape: [1]), attributes: JSONObject([("x_note", .string("n"))]))
+        let first = FrameEncoder.preamble() + FrameEncoder.header(header) + FrameEncoder.tensor(tensor)
+            + FrameEncoder.chunkPrefix(offset: 0, rawLength: 1, codec: .none, crc: CRC32.checksum([7]), storedLength: 1) + [7]
+            + [UInt8](repeating: 0, count: 63) + FrameEncoder.tensorEnd(byteLength: 1, crc: CRC32.checksum([7]))
+            + FrameEncoder.end(tensorCount: 1, totalBytes: 1)
+        let dir = temporaryDirectory()
+        writeFile(dir + "/in.ckpts", first)
+        let out = try AtomicOutput(path: dir + "/out.ckpts", overwrite: false)
+        try pump(from: try StreamReader(try FileDescriptor.openForReading(dir + "/in.ckpts")),
+                 to: StreamWriter(output: out.descriptor, atomic: out, producer: "stage"))
+        let again = try readStream(readFile(dir + "/out.ckpts"))
+        #expect(again.header == StreamHeader(producer: "stage", sourceFormat: "t", metadata: header.metadata, extensions: header.extensions))
+        #expect(again.tensors.first?.0 == tensor)
+    }
+
     @Test func writerRefusesDataBeyondTheDeclaredLength() throws {
         let dir = temporaryDirectory()
         let out = try AtomicOutput(path: dir + "/x.ckpts", overwrite: false)

@@ -5,11 +5,15 @@ public struct StreamHeader: Equatable, Sendable {
     public var producer: String
     public var sourceFormat: String
     public var metadata: JSONObject
+    /// Header keys this version does not define (a later minor version's): kept, and written
+    /// again by every stage that passes the header on.
+    public var extensions: JSONObject
 
-    public init(producer: String, sourceFormat: String, metadata: JSONObject = JSONObject()) {
+    public init(producer: String, sourceFormat: String, metadata: JSONObject = JSONObject(), extensions: JSONObject = JSONObject()) {
         self.producer = producer
         self.sourceFormat = sourceFormat
         self.metadata = metadata
+        self.extensions = extensions
     }
 }
 

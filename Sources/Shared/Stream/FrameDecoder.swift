@@ -73,7 +73,9 @@ public struct FrameDecoder {
             guard let mo = m.objectValue else { throw malformed(.header, "metadata is not an object", at: offset) }
             metadata = mo
         }
-        return StreamHeader(producer: producer, sourceFormat: format, metadata: metadata)
+        var extensions = JSONObject()
+        for (k, v) in obj where !["producer", "source_format", "metadata"].contains(k) { extensions[k] = v }
+        return StreamHeader(producer: producer, sourceFormat: format, metadata: metadata, extensions: extensions)
     }
 
     func descriptor(_ r: inout ByteCursor, kind: StreamFormat.Kind, at offset: Int) throws(StreamError) -> TensorDescriptor {

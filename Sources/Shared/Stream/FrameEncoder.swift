@@ -37,11 +37,12 @@ public enum FrameEncoder {
     }
 
     public static func header(_ h: StreamHeader) -> [UInt8] {
-        let json = JSONObject([
+        var json = JSONObject([
             ("producer", .string(h.producer)),
             ("source_format", .string(h.sourceFormat)),
             ("metadata", .object(h.metadata)),
         ])
+        for (k, v) in h.extensions where json[k] == nil { json[k] = v }
         return frame(.header, body: JSONWriter.compact(.object(json)))
     }
 
