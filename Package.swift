@@ -12,6 +12,9 @@ let package = Package(
         .executable(name: "lora-merge", targets: ["lora-merge"]),
         .executable(name: "ckpt-slice", targets: ["ckpt-slice"]),
         .executable(name: "ckpt-diff", targets: ["ckpt-diff"]),
+        // The five tools in one binary (scripts/package.sh ships it): the tool is named by
+        // the name it is run as, or by its first argument.
+        .executable(name: "ckpt", targets: ["ckpt"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -28,6 +31,8 @@ let package = Package(
         .target(name: "CLowRank", path: "Sources/CLowRank", cSettings: [.unsafeFlags(["-O3"])]),
         // Linux system calls Swift's Glibc module leaves out (splice).
         .target(name: "CLinux", path: "Sources/CLinux"),
+        // The git commit of a packaged build, for --version.
+        .target(name: "CBuildInfo", path: "Sources/CBuildInfo"),
         .target(
             name: "Shared",
             dependencies: [
@@ -36,6 +41,7 @@ let package = Package(
                 "CFastCRC",
                 "CLinux",
                 "CLowRank",
+                "CBuildInfo",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -44,6 +50,7 @@ let package = Package(
         .executableTarget(name: "lora-merge", dependencies: ["Shared"]),
         .executableTarget(name: "ckpt-slice", dependencies: ["Shared"]),
         .executableTarget(name: "ckpt-diff", dependencies: ["Shared"]),
+        .executableTarget(name: "ckpt", dependencies: ["Shared"]),
         // Fuzz targets, one per parser (scripts/fuzz.sh builds it with -DFUZZING and
         // -sanitize=fuzzer,address); a plain build replays inputs through a target.
         .executableTarget(name: "ckpt-fuzz", dependencies: ["Shared"]),

@@ -225,4 +225,20 @@ def test_help_and_version():
     for t in ("ckpt-read", "ckpt-write", "lora-merge", "ckpt-slice"):
         p = run([t, "--help"])
         assert p.returncode == 0 and b"USAGE" in p.stdout.upper()
-        assert run([t, "--version"]).stdout.strip() == b"0.1.0"
+        assert run([t, "--version"]).stdout.strip() == b"0.1.0 (development build)"  # a package names its commit
+
+
+def test_one_binary_serves_the_five_tools(small, tmp_path):
+    ckpt = tool("ckpt")
+    # By first argument: the short name or the tool's own.
+    assert run([ckpt, "read", "--list", str(small)], check=True).stdout == run(["ckpt-read", "--list", str(small)], check=True).stdout
+    assert run([ckpt, "ckpt-diff", str(small), str(small)]).returncode == 0
+    # By the name it runs as (the tarball's symlinks).
+    link = tmp_path / "ckpt-write"
+    os.symlink(ckpt, link)
+    out = tmp_path / "o.safetensors"
+    assert run([str(link), str(out)], input=stream_of(small)).returncode == 0 and out.read_bytes() == small.read_bytes()
+    p = run([ckpt, "frobnicate"])
+    assert p.returncode == EX_USAGE and p.stderr.startswith(b"ckpt: unknown tool 'frobnicate'\n")
+    p = run([ckpt])
+    assert p.returncode == 0 and b"usage: ckpt TOOL" in p.stdout

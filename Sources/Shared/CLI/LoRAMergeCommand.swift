@@ -162,7 +162,7 @@ public struct LoRAMergeCommand: ParsableCommand {
             if let adapter { options.external = try loadAdapter(adapter) }
             let upstream = try openStreamInput(input)
             let merger = try LoRAMerger(upstream: upstream, options: options)
-            let writer = try stream.makeWriter(producer: "lora-merge \(Tool.version)")
+            let writer = try stream.makeWriter(producer: "lora-merge \(Tool.release)")
             try pump(from: merger, to: writer, progress: progressOptions.makeProgress(label: "lora-merge"))
             if !progressOptions.quiet { report(merger) }
         }

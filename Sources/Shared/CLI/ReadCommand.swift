@@ -62,7 +62,7 @@ public struct ReadCommand: ParsableCommand {
 
     public func run() throws {
         try Tool.run("ckpt-read") {
-            let producer = "ckpt-read \(Tool.version)"
+            let producer = "ckpt-read \(Tool.release)"
             var options = ReadOptions()
             options.selection = TensorSelection(only: only, exclude: exclude)
             options.torch = TorchReader.Options(root: root, dedupe: dedupe)

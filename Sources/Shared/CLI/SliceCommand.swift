@@ -72,7 +72,7 @@ public struct SliceCommand: ParsableCommand {
                 print(SliceCommand.render(p, inputs: table), terminator: "")
                 return
             }
-            let upstream = try openSource(input, options: ReadOptions(), producer: "ckpt-slice \(Tool.version)")
+            let upstream = try openSource(input, options: ReadOptions(), producer: "ckpt-slice \(Tool.release)")
             if plan && upstream.manifest == nil {
                 throw UsageError("--plan needs a stream with a manifest (ckpt-read writes one), a checkpoint, or a ckpt-read --list table")
             }
@@ -81,7 +81,7 @@ public struct SliceCommand: ParsableCommand {
                 print(SliceCommand.render(source.plan, inputs: upstream.manifest ?? []), terminator: "")
                 return
             }
-            let writer = try stream.makeWriter(producer: "ckpt-slice \(Tool.version)")
+            let writer = try stream.makeWriter(producer: "ckpt-slice \(Tool.release)")
             try pump(from: source, to: writer, progress: progressOptions.makeProgress(label: "ckpt-slice"))
         }
     }

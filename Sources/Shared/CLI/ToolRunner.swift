@@ -1,4 +1,5 @@
 import ArgumentParser
+import CBuildInfo
 import Glibc
 
 /// The command line was wrong in a way argument parsing alone cannot see.
@@ -18,7 +19,12 @@ public struct NotImplementedError: CkptError {
 }
 
 public enum Tool {
-    public static let version = "0.1.0"
+    /// `--version`: the release, and the commit a packaged build was made from.
+    public static let version: String = {
+        let commit = String(cString: ckpt_build_commit())
+        return release + (commit.isEmpty ? " (development build)" : " (commit \(commit))")
+    }()
+    public static let release = "0.1.0"
 
     /// Runs a tool's body: prints any error as one line `tool: message` on stderr and
     /// exits with its sysexits status. A closed downstream pipe (EPIPE on stdout) ends the
