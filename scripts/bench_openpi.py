@@ -1,6 +1,7 @@
 """The openpi benchmark's input and its Python reference.
 
-    bench_openpi.py make STEP_DIR [SCALE]   a synthetic pi0 LoRA training checkpoint, written by
+    bench_openpi.py make STEP_DIR [SCALE|tiny]
+                                            a synthetic pi0 LoRA training checkpoint, written by
                                             orbax as openpi writes it ({"params": ...}, value
                                             leaves, bf16 frozen LLM weights, f32 LoRA and the rest)
     bench_openpi.py convert STEP_DIR OUT    what openpi's conversion does, in Python: orbax restore
@@ -10,6 +11,8 @@
 
 pi0's real shapes are scaled by SCALE in width (default 0.5: Gemma width 1024, FFN 8192; expert
 512/2048; SigLIP 576/2304), with the real layer counts (18, 18, 27) and vocabulary (257152).
+`tiny` is the demo's checkpoint (examples/openpi-tiny-lora): every pi0 key, 2 layers each, 2
+heads of 16, a vocabulary of 256 and widths of 32 (expert 16), the real LoRA ranks.
 """
 import os
 import sys
@@ -20,11 +23,16 @@ R_LLM, A_LLM, R_EXP, A_EXP = 16, 16.0, 32, 32.0
 
 
 def shapes(scale):
+    tiny = scale == "tiny"
+    if tiny:
+        scale = 1 / 64
     D, F, N, H, K = int(2048 * scale), int(16384 * scale), 8, 256 // 2, 1
     DE, FE = int(1024 * scale), int(4096 * scale)
     DV, FV, NV = int(1152 * scale), int(4304 * scale), 16
-    HV = DV // NV
     L, LV, V = 18, 27, 257152
+    if tiny:
+        N, H, NV, DV, FV, L, LV, V = 2, 16, 2, 16, 32, 2, 2, 256
+    HV = DV // NV
     s = {
         "PaliGemma/img/embedding/kernel": (14, 14, 3, DV), "PaliGemma/img/embedding/bias": (DV,),
         "PaliGemma/img/pos_embedding": (1, 256, DV),
@@ -180,7 +188,7 @@ def openpi_slice(s, pi05=False):
 
 if __name__ == "__main__":
     if sys.argv[1] == "make":
-        make(sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 0.5)
+        make(sys.argv[2], (sys.argv[3] if sys.argv[3] == "tiny" else float(sys.argv[3])) if len(sys.argv) > 3 else 0.5)
     elif sys.argv[1] == "convert":
         convert(sys.argv[2], sys.argv[3])
     else:

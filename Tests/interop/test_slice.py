@@ -264,3 +264,10 @@ def test_cast_option_casts_every_float_output_and_nothing_else(tmp_path):
     p, out = slice_file(tmp_path, t, rules_text="w -> w2 | cast? F16\nids -> ids2 | cast? F16\nx -> x\n")
     assert p.returncode == 0, p.stderr.decode()
     assert out["w2"].dtype == np.float16 and out["ids2"].dtype == np.int64
+    # --cast alone: every float tensor of the input, names and the rest as they were.
+    src, whole = tmp_path / "in.safetensors", tmp_path / "whole.safetensors"
+    p = shell(f"ckpt-read {src} | ckpt-slice --cast F32 | ckpt-write {whole}")
+    assert p.returncode == 0, p.stderr.decode()
+    out = load_file(str(whole))
+    assert {k: v.dtype for k, v in out.items()} == {"w": np.float32, "ids": np.int64, "x": np.float32}
+    assert np.array_equal(out["w"], t["w"].astype(np.float32)) and np.array_equal(out["ids"], t["ids"])

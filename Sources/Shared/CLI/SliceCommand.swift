@@ -35,7 +35,7 @@ public struct SliceCommand: ParsableCommand {
     @Flag(help: "Pass tensors no rule matches through unchanged instead of failing.")
     public var keepUnmatched = false
 
-    @Option(help: ArgumentHelp("Finally cast every float tensor written to this type (F32, BF16, F16, ...), as `cast?` would.", valueName: "dtype"))
+    @Option(help: ArgumentHelp("Finally cast every float tensor written to this type (F32, BF16, F16, ...), as `cast?` would; without --rules, every float tensor of the input.", valueName: "dtype"))
     public var cast: String?
 
     @Option(help: ArgumentHelp("Read FILE (a stream, any checkpoint ckpt-read reads, or with --plan a saved ckpt-read --list table) instead of stdin.", valueName: "file"))
@@ -48,7 +48,9 @@ public struct SliceCommand: ParsableCommand {
 
     public func validate() throws {
         _ = try SliceCommand.parseValues(values)
-        if rules.isEmpty && !listRules { throw ValidationError("give at least one --rules NAME or FILE (--list-rules shows the shipped ones)") }
+        if rules.isEmpty && !listRules && cast == nil {
+            throw ValidationError("give at least one --rules NAME or FILE (--list-rules shows the shipped ones), or --cast alone")
+        }
         if let cast, DType(userName: cast).map(SliceCast.supported(to:)) != true {
             throw ValidationError("--cast takes F32, F64, BF16, F16, F8_E4M3 or F8_E5M2, not '\(cast)'")
         }
@@ -68,7 +70,7 @@ public struct SliceCommand: ParsableCommand {
             if plan, input != "-", let bytes = try? readWholeFile(input, limit: 1 << 28),
                let table = String(validating: bytes, as: UTF8.self).flatMap(TensorTable.parse) {
                 // A `ckpt-read --list` table saved earlier: plan against it.
-                let p = try SlicePlan(rules: all, inputs: table, keepUnmatched: keepUnmatched, cast: cast.flatMap(DType.init(userName:)))
+                let p = try SlicePlan(rules: all, inputs: table, keepUnmatched: keepUnmatched || rules.isEmpty, cast: cast.flatMap(DType.init(userName:)))
                 print(SliceCommand.render(p, inputs: table), terminator: "")
                 return
             }
@@ -76,7 +78,9 @@ public struct SliceCommand: ParsableCommand {
             if plan && upstream.manifest == nil {
                 throw UsageError("--plan needs a stream with a manifest (ckpt-read writes one), a checkpoint, or a ckpt-read --list table")
             }
-            let source = try SliceSource(upstream: upstream, rules: all, keepUnmatched: keepUnmatched, cast: cast.flatMap(DType.init(userName:)))
+            // `--cast T` alone casts every float tensor and passes the rest.
+            let source = try SliceSource(upstream: upstream, rules: all, keepUnmatched: keepUnmatched || rules.isEmpty,
+                                         cast: cast.flatMap(DType.init(userName:)))
             if plan {
                 print(SliceCommand.render(source.plan, inputs: upstream.manifest ?? []), terminator: "")
                 return
