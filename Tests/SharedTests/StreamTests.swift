@@ -15,7 +15,7 @@ import Testing
         return out
     }
 
-    @Test(arguments: [ChunkCompression.none, .zlib(level: 1), .zlib(level: 9)], [3, 100, 4 << 20])
+    @Test(arguments: [ChunkCompression.none, .zlib(level: 1), .zlib(level: 9), .zstd(level: 1), .zstd(level: -5)], [3, 100, 4 << 20])
     func roundTrip(compression: ChunkCompression, chunkSize: Int) throws {
         let tensors = randomTensors(seed: 1)
         let bytes = try streamBytes(MemorySource(tensors, chunk: 1000), compression: compression, chunkSize: chunkSize)
@@ -30,8 +30,28 @@ import Testing
     @Test func compressionShrinksRepetitiveData() throws {
         let t = [tensor("zeros", .f32, [1 << 16], [UInt8](repeating: 0, count: 1 << 18))]
         let plain = try streamBytes(MemorySource(t))
-        let packed = try streamBytes(MemorySource(t), compression: .zlib(level: 1))
-        #expect(packed.count < plain.count / 20)
+        for c in [ChunkCompression.zlib(level: 1), .zstd(level: 1)] {
+            let packed = try streamBytes(MemorySource(t), compression: c)
+            #expect(packed.count < plain.count / 20, "\(c)")
+        }
+    }
+
+    @Test func zstdChunksNameTheirCodecAndShuffle() throws {
+        // f32 data: codec 4 (zstd, shuffled by 4); u8 data: codec 3 (nothing to shuffle).
+        let t = [tensor("f", .f32, [256], (0..<1024).map { UInt8($0 % 7) }), tensor("b", .u8, [512], (0..<512).map { UInt8($0 % 5) })]
+        let bytes = try streamBytes(MemorySource(t), compression: .zstd(level: 3))
+        var codecs: [(UInt32, UInt8)] = []
+        var at = 64
+        while at + 16 <= bytes.count {
+            let kind = bytes[at + 4]
+            let length = (0..<8).reduce(0) { $0 | Int(bytes[at + 8 + $1]) << (8 * $1) }
+            if kind == 0x04 {
+                codecs.append(((0..<4).reduce(UInt32(0)) { $0 | UInt32(bytes[at + 32 + $1]) << (8 * $1) }, bytes[at + 40]))
+            }
+            at += 16 + length + StreamFormat.padding(after: 16 + length)
+        }
+        #expect(codecs.map(\.0) == [4, 3] && codecs.map(\.1) == [4, 0])
+        #expect(try readStream(bytes).tensors.map(\.1) == t.map(\.1))
     }
 
     @Test func compressionArgumentParsing() {
@@ -39,7 +59,11 @@ import Testing
         #expect(ChunkCompression(argument: "zlib") == .zlib(level: 1))
         #expect(ChunkCompression(argument: "zlib:9") == .zlib(level: 9))
         #expect(ChunkCompression(argument: "zlib:10") == nil)
-        #expect(ChunkCompression(argument: "zstd") == nil)
+        #expect(ChunkCompression(argument: "zstd") == .zstd(level: 1))
+        #expect(ChunkCompression(argument: "zstd:-7") == .zstd(level: -7))
+        #expect(ChunkCompression(argument: "zstd:0") == nil)
+        #expect(ChunkCompression(argument: "zstd:20") == nil)
+        #expect(ChunkCompression(argument: "lz4") == nil)
         #expect(ChunkCompression(argument: "zlib:") == nil)
     }
 

@@ -80,7 +80,7 @@ public struct StreamOutputOptions: ParsableArguments {
     @Option(name: [.short, .long], help: "Write the stream here instead of stdout ('-' is stdout).")
     public var output: String = "-"
 
-    @Option(help: ArgumentHelp("Compress stream chunks: none, zlib or zlib:LEVEL (0-9, default 1).", valueName: "codec"))
+    @Option(help: ArgumentHelp("Compress stream chunks: none, zstd[:LEVEL] (-7 to 19, default 1; fastest) or zlib[:LEVEL] (0-9, default 1; readable by any zlib). Readers take either without being told.", valueName: "codec"))
     public var compress: String = "none"
 
     @Flag(help: "Replace an existing output file.")
@@ -90,7 +90,7 @@ public struct StreamOutputOptions: ParsableArguments {
 
     public func validate() throws {
         guard ChunkCompression(argument: compress) != nil else {
-            throw ValidationError("--compress takes none, zlib or zlib:LEVEL with LEVEL 0-9, not '\(compress)'")
+            throw ValidationError("--compress takes none, zlib[:LEVEL] (0-9) or zstd[:LEVEL] (-7 to 19, not 0), not '\(compress)'")
         }
     }
 

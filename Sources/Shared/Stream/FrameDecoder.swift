@@ -164,7 +164,7 @@ public struct FrameDecoder {
         let width = Int(try! r.readByte())
         guard try! r.readBytes(23).allSatisfy({ $0 == 0 }) else { throw error(.nonZeroReserved(field: "chunk header"), at: offset, tensor: tensor) }
         guard let codec = StreamFormat.Codec(rawValue: codecRaw) else { throw error(.unknownCodec(codec: codecRaw), at: offset, tensor: tensor) }
-        if codec == .zlibShuffled {
+        if codec.isShuffled {
             guard (2...StreamFormat.maxShuffleWidth).contains(width) else {
                 throw malformed(.chunk, "shuffle width \(width) is not in 2...\(StreamFormat.maxShuffleWidth)", at: offset)
             }

@@ -77,7 +77,7 @@ public struct StreamError: CkptError, Equatable {
         case .chunkBeyondTensor(let o, let l, let t):
             return "chunk [\(o), \(o + l)) extends beyond the tensor's \(t) bytes"
         case .unknownCodec(let c): return "unknown chunk codec \(c)"
-        case .decompressionFailed(let m): return "zlib decompression failed: \(m)"
+        case .decompressionFailed(let m): return "decompression failed: \(m)"
         case .chunkCRCMismatch(let o, let e, let a):
             return "crc32 mismatch in chunk at tensor offset \(o): stored \(hex(e)), computed \(hex(a)) (data corrupted)"
         case .tensorCRCMismatch(let e, let a):

@@ -55,6 +55,12 @@ public enum StreamFormat {
         case zlib = 1
         /// zlib stream of the raw bytes after `ByteShuffle` with the width in the chunk header.
         case zlibShuffled = 2
+        /// One zstd frame (RFC 8878) of the chunk's raw bytes.
+        case zstd = 3
+        /// One zstd frame of the raw bytes after `ByteShuffle` with the width in the chunk header.
+        case zstdShuffled = 4
+
+        public var isShuffled: Bool { self == .zlibShuffled || self == .zstdShuffled }
     }
 
     /// Largest byte-shuffle width a chunk header may declare.

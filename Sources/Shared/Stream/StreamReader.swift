@@ -494,10 +494,15 @@ final class ChunkJob: Job, @unchecked Sendable {
     }
 
     override func run() throws {
+        let into = UnsafeMutableRawBufferPointer(start: output.pointer, count: rawLength)
         do {
-            try ZlibCodec.decompress(packed.bytes, into: UnsafeMutableRawBufferPointer(start: output.pointer, count: rawLength))
+            switch codec {
+            case .zstd, .zstdShuffled: try ZstdCodec.decompress(packed.bytes, into: into)
+            default: try ZlibCodec.decompress(packed.bytes, into: into)
+            }
         } catch {
-            throw StreamError(.decompressionFailed(detail: error.description), source: source, offset: frameOffset, tensor: tensor)
+            throw StreamError(.decompressionFailed(detail: "\(codec == .zstd || codec == .zstdShuffled ? "zstd" : "zlib"): \(error)"),
+                              source: source, offset: frameOffset, tensor: tensor)
         }
         output.count = rawLength
         if shuffleWidth > 1 {

@@ -40,7 +40,7 @@ public final class StreamWriter: SpliceAwareSink {
         // compressed buffer: 2 × 4 MiB × (cores + 1) at most.
         let window = OrderedWork<CompressJob>.cores + 1
         rawPool = BufferPool(bufferSize: chunkSize, retain: window)
-        packedPool = BufferPool(bufferSize: ZlibCodec.bound(chunkSize) + 4096, retain: window)
+        packedPool = BufferPool(bufferSize: max(ZlibCodec.bound(chunkSize), ZstdCodec.bound(chunkSize)) + 4096, retain: window)
         work = OrderedWork(window: window)
         output.enlargePipeBuffer()
         outputIsPipe = output.isPipe
@@ -92,7 +92,7 @@ public final class StreamWriter: SpliceAwareSink {
                 let prefix = FrameEncoder.chunkPrefix(offset: tensorOffset, rawLength: n, codec: .none, crc: crc, storedLength: n)
                 try writeFrame(prefix: prefix, data: piece)
                 tensorCRC = CRC32.combine(tensorCRC, crc, lengthOfB: n)
-            case .zlib(let level):
+            case .zlib, .zstd:
                 // Retire the oldest job before taking buffers: at most `window` jobs hold any.
                 if work.isFull { try emitOldest() }
                 // The chunk must be copied anyway (its memory is the source's); shuffling while
@@ -106,7 +106,7 @@ public final class StreamWriter: SpliceAwareSink {
                     raw.pointer.copyMemory(from: piece.baseAddress!, byteCount: n)
                 }
                 raw.count = n
-                work.submit(CompressJob(offset: tensorOffset, raw: raw, packed: try packedPool.take(), level: level,
+                work.submit(CompressJob(offset: tensorOffset, raw: raw, packed: try packedPool.take(), compression: compression,
                                         shuffleWidth: width > 1 ? width : 0, crc: crc))
             }
             tensorOffset += n
@@ -184,8 +184,7 @@ public final class StreamWriter: SpliceAwareSink {
             rawPool.give(job.raw)
             packedPool.give(job.packed)
         }
-        let prefix = FrameEncoder.chunkPrefix(offset: job.offset, rawLength: job.raw.count,
-                                              codec: job.shuffleWidth > 0 ? .zlibShuffled : .zlib,
+        let prefix = FrameEncoder.chunkPrefix(offset: job.offset, rawLength: job.raw.count, codec: job.codec,
                                               crc: job.crc, storedLength: job.packed.count, shuffleWidth: job.shuffleWidth)
         try writeFrame(prefix: prefix, data: job.packed.bytes)
         tensorCRC = CRC32.combine(tensorCRC, job.crc, lengthOfB: job.raw.count)
@@ -214,21 +213,33 @@ final class CompressJob: Job, @unchecked Sendable {
     /// The chunk's bytes, shuffled by `shuffleWidth` when it is not 0.
     let raw: AlignedBuffer
     let packed: AlignedBuffer
-    let level: Int32
+    let compression: ChunkCompression
     let shuffleWidth: Int
     /// CRC-32 of the unshuffled bytes.
     let crc: UInt32
 
-    init(offset: Int, raw: AlignedBuffer, packed: AlignedBuffer, level: Int32, shuffleWidth: Int, crc: UInt32) {
+    init(offset: Int, raw: AlignedBuffer, packed: AlignedBuffer, compression: ChunkCompression, shuffleWidth: Int, crc: UInt32) {
         self.offset = offset
         self.raw = raw
         self.packed = packed
-        self.level = level
+        self.compression = compression
         self.shuffleWidth = shuffleWidth
         self.crc = crc
     }
 
+    /// The codec the chunk header names.
+    var codec: StreamFormat.Codec {
+        switch compression {
+        case .zstd: return shuffleWidth > 0 ? .zstdShuffled : .zstd
+        default: return shuffleWidth > 0 ? .zlibShuffled : .zlib
+        }
+    }
+
     override func run() throws {
-        packed.count = try ZlibCodec.compress(raw.bytes, into: packed.whole, level: level, strategy: .rle)
+        switch compression {
+        case .zlib(let level): packed.count = try ZlibCodec.compress(raw.bytes, into: packed.whole, level: level, strategy: .rle)
+        case .zstd(let level): packed.count = try ZstdCodec.compress(raw.bytes, into: packed.whole, level: level)
+        case .none: preconditionFailure("a compress job for an uncompressed stream")
+        }
     }
 }

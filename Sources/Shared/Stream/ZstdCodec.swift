@@ -8,6 +8,18 @@ public enum ZstdCodec {
         public var description: String
     }
 
+    /// The largest frame `compress` can produce for `length` input bytes.
+    public static func bound(_ length: Int) -> Int { ZSTD_compressBound(length) }
+
+    /// Compresses `input` into one frame in `output` (at least `bound(input.count)` bytes) and
+    /// returns its length. The frame records its content size, so a reader can check it.
+    public static func compress(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer,
+                                level: Int32) throws(Failure) -> Int {
+        let n = ZSTD_compress(output.baseAddress, output.count, input.baseAddress, input.count, level)
+        if ZSTD_isError(n) != 0 { throw Failure(description: String(cString: ZSTD_getErrorName(n))) }
+        return n
+    }
+
     /// The content size a frame declares, if it declares one.
     public static func declaredSize(_ input: UnsafeRawBufferPointer) -> Int? {
         let n = ZSTD_getFrameContentSize(input.baseAddress, input.count)
