@@ -98,7 +98,7 @@ class StreamTensor:
         self.index = index
         #: Byte offset of the tensor frame in the input.
         self.frame_offset = frame_offset
-        self._state = "unread"  # -> "reading" -> "done"
+        self._state = "unread"  # -> "reading" -> "done" (all taken), or "passed" (the reader read on past it)
         self._data: Optional[bytes] = None
 
     name = property(lambda self: self.descriptor.name)
@@ -114,11 +114,12 @@ class StreamTensor:
     def chunks(self) -> Iterator[Chunk]:
         """The tensor's chunks in order, each checked (CRC-32) before it is yielded; the
         tensor's length and CRC are checked after the last. Can be called once."""
+        if self._state == "passed" or self._reader._current is not self:
+            raise UsageError(f"tensor {self.name}: the reader has moved past this tensor (take a tensor's data "
+                             "before asking for the next tensor)")
         if self._state != "unread":
             raise UsageError(f"tensor {self.name}: its data was already taken; chunks(), read(), array() and "
                              "arrays() take it once (read() keeps it for array() and arrays())")
-        if self._reader._current is not self:
-            raise UsageError(f"tensor {self.name}: the reader has moved past this tensor")
         self._state = "reading"
         return self._reader._chunks(self)
 
@@ -546,6 +547,7 @@ class StreamReader:
             t._state = "reading"
             for _ in self._chunks(t):
                 pass
+            t._state = "passed"
 
     # --- public iteration -----------------------------------------------------------------------
 
