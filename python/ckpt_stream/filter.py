@@ -28,13 +28,14 @@ class Filter:
     output)::
 
         with Filter(producer="my-filter") as f:
-            f.plan(lambda d: None if d.name.endswith("position_ids") else d.renamed(d.name.replace("gamma", "weight")))
+            f.plan(lambda d: None if d.name.endswith("position_ids") else d.renamed(d.name.replace("gamma", "weight")),
+                   append=[Descriptor("extra", "F32", (2,))])
             for t in f:                                   # StreamTensor: data not read yet
                 if t.name.endswith(".bias"):
-                    f.write(t.name.replace("gamma", "weight"), t.dtype, t.shape, t.array() * 0.5)
+                    f.write(t.name, t.dtype, t.shape, t.array() * numpy.float32(0.5))
                 else:
                     f.forward(t)                          # chunks byte for byte, still compressed
-            f.write("extra", "F32", (2,), numpy.zeros(2, numpy.float32))  # planned with append=
+            f.write("extra", "F32", (2,), numpy.zeros(2, numpy.float32))
 
     The manifest. A stream carries exactly its manifest's tensors, in order. The output's
     manifest is the input's unless ``plan(mapping)`` maps each input descriptor to what
