@@ -375,6 +375,12 @@ MALFORMED = [
         cs.format.encode_descriptor("a", "F32", (4,))))), "tensor name listed twice"),
     ("duplicate JSON key", replace_frame(P, cs.HEADER, cs.format.frame(
         cs.HEADER, b'{"producer":"t","producer":"u","source_format":"t"}')), "duplicate key"),
+    ("lone surrogate in JSON", replace_frame(P, cs.HEADER, cs.format.frame(
+        cs.HEADER, b'{"producer":"\\ud800","source_format":"t"}')), "lone surrogate"),
+    # The header object, metadata, then 254 arrays: the 1 inside is the 257th level.
+    ("JSON nested too deep", replace_frame(P, cs.HEADER, cs.format.frame(
+        cs.HEADER, b'{"producer":"t","source_format":"t","metadata":{"x":' + b"[" * 254 + b"1" + b"]" * 254 + b"}}")),
+     "nesting deeper than 256"),
     ("header without producer", replace_frame(P, cs.HEADER, cs.format.frame(cs.HEADER, b'{"source_format":"t"}')),
      "expected an object with string fields producer and source_format"),
     ("header frame too large", poke(P, 64 + 8, 1 << 31, "<Q"), "header frame declares 2147483648 bytes, more than the limit"),

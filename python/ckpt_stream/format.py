@@ -216,12 +216,12 @@ def _no_constant(name):
 
 
 def _check_json(value, depth: int) -> None:
-    """Refuses lone surrogates (not UTF-8) and nesting deeper than MAX_JSON_DEPTH."""
+    """Refuses lone surrogates (not UTF-8) and values nested MAX_JSON_DEPTH deep (as Swift's)."""
+    if depth >= MAX_JSON_DEPTH:
+        raise ValueError(f"nesting deeper than {MAX_JSON_DEPTH}")
     if isinstance(value, str):
         value.encode("utf-8")  # raises on a lone surrogate
     elif isinstance(value, (dict, list)):
-        if depth + 1 > MAX_JSON_DEPTH:
-            raise ValueError(f"nesting deeper than {MAX_JSON_DEPTH}")
         for k, v in (value.items() if isinstance(value, dict) else enumerate(value)):
             if isinstance(k, str):
                 k.encode("utf-8")
@@ -239,7 +239,9 @@ def load_json(body: bytes):
         _check_json(value, 0)
     except RecursionError:
         raise ValueError(f"nesting deeper than {MAX_JSON_DEPTH}") from None
-    except UnicodeError as e:
+    except UnicodeEncodeError:
+        raise ValueError("lone surrogate in a string") from None
+    except UnicodeDecodeError as e:
         raise ValueError(f"not valid UTF-8 ({e.reason})") from None
     return value
 
