@@ -190,6 +190,12 @@ def test_filter_errors_name_the_tensor_and_leave_no_end_frame(model, tmp_path):
             for t in f:
                 t.read()
                 f.forward(t)
+    # A reshape must keep the byte length.
+    with pytest.raises(cs.WriteError, match=r"tensor enc\.bias: cannot be forwarded as enc\.bias F32\[2\]: 8 bytes, "
+                                            r"the tensor has 12"):
+        with cs.Filter("t", io.BytesIO(stream), io.BytesIO()) as f:
+            for t in f:
+                f.forward(t, shape=(2,) if t.name == "enc.bias" else None)
     # Two tensors given one name, without a manifest to catch it up front.
     nomani = io.BytesIO()
     with cs.Filter("t", io.BytesIO(stream), nomani) as f:
@@ -267,7 +273,7 @@ def test_ancillary_frames_and_unknown_keys_are_passed_on(tmp_path):
 
     out = io.BytesIO()
     with cs.Filter("relay", io.BytesIO(src), out) as f:
-        f.plan(lambda d: d.renamed("b2") if d.name == "b" else d)
+        f.plan(lambda d: d.renamed("b2").with_shape((3, 1)) if d.name == "b" else d)  # forward follows the plan
         for t in f:
             if t.name == "c":
                 f.write("c", "I16", (2,), t.array() * 2, attributes=t.attributes)
@@ -291,6 +297,7 @@ def test_ancillary_frames_and_unknown_keys_are_passed_on(tmp_path):
     assert [(t.name, t.attributes, t.data) for t in r] == [
         ("a", {"unknown_key": {"x": 1}, "dtype_note": "\u00e9"}, np.arange(4, dtype=np.float32).tobytes()),
         ("b2", {"k": "v"}, b"\x01\x02\x03"), ("c", {}, b"\x0a\x00\x0c\x00")]
+    assert cs.StreamReader(io.BytesIO(result)).manifest[1] == ("b2", "U8", (3, 1))
     # ckpt-write skips the ancillary frames it does not know.
     out_path = tmp_path / "o.safetensors"
     p = run(["ckpt-write", str(out_path)], input=result)

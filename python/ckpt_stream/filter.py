@@ -181,17 +181,25 @@ class Filter:
         self._written[d.name] = origin
         return w
 
-    def forward(self, t: StreamTensor, name: Optional[str] = None) -> None:
-        """Passes input tensor `t` on unchanged, under `name` (default: the name the plan
-        gives it, else its own): its tensor frame's attributes and every chunk frame byte
-        for byte (compressed chunks stay compressed; each is still inflated and its CRC
-        checked on the way). `t` must be unread (its chunks not taken)."""
+    def forward(self, t: StreamTensor, name: Optional[str] = None, shape=None) -> None:
+        """Passes input tensor `t` on with its data unchanged: its attributes and every chunk
+        frame byte for byte (compressed chunks stay compressed; each is still inflated and
+        its CRC checked on the way). `t` must be unread (its chunks not taken).
+
+        It goes out as `name` and `shape` (same dtype and byte length: a reshape keeps the
+        row-major bytes); by default as the plan has it (the planned entry with its dtype and
+        shape, else with its dtype and byte length), else as it came."""
         if not t.unread:
             raise UsageError(f"tensor {t.name}: forward() needs a tensor whose data was not taken; "
                              "send data already read with write()")
-        if name is None:
-            name = next((p.name for p in self.planned(t) if p.dtype == t.dtype and p.shape == t.shape), t.name)
-        w = self._begin(t.descriptor.renamed(name), f"input tensor {t.name!r}", raw_attributes=t.raw_attributes)
+        if name is None and shape is None:
+            planned = [p for p in self.planned(t) if p.dtype == t.dtype and p.nbytes == t.nbytes]
+            d = next((p for p in planned if p.shape == t.shape), planned[0] if planned else t.descriptor)
+        else:
+            d = descriptor((t.name if name is None else name, t.dtype, t.shape if shape is None else shape))
+            if d.nbytes != t.nbytes:
+                raise WriteError(f"cannot be forwarded as {d}: {d.nbytes} bytes, the tensor has {t.nbytes}", None, t.name)
+        w = self._begin(d, f"input tensor {t.name!r}", raw_attributes=t.raw_attributes)
         for chunk in t.chunks():
             w.forward_chunk(chunk)
         w.end_tensor()
