@@ -4,7 +4,6 @@ for byte; ancillary frames and unknown keys passed on; every malformed input the
 reader refuses refused here too, with the same message; element-aligned numpy pieces; and
 the worked filters in scripts/filters/ end to end."""
 import io
-import json
 import os
 import re
 import struct
