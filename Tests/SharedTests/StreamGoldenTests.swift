@@ -1,7 +1,7 @@
 import Testing
 @testable import Shared
 
-/// The golden files were written by scripts/ckpt_stream.py (the Python implementation):
+/// The golden files were written by python/ckpt_stream (the Python implementation):
 /// StreamWriter must reproduce them byte for byte, and StreamReader must read them.
 @Suite struct StreamGoldenTests {
     static let header = StreamHeader(producer: "golden", sourceFormat: "test")

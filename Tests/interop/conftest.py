@@ -11,7 +11,9 @@ import sys
 import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+# The ckpt_stream package (python/), and scripts/ for the helpers some tests import (hf_oracle, bench_openpi).
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, os.path.join(ROOT, "python"))
 
 BIN = os.environ.get("CKPT_BIN", os.path.join(ROOT, ".build", "debug"))
 

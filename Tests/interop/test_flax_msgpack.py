@@ -144,7 +144,7 @@ def test_without_a_manifest_the_writer_spools(tmp_path):
     t = tree()
     src = tmp_path / "in.msgpack"
     src.write_bytes(serialization.to_bytes(t))
-    relay = ("import sys; sys.path.insert(0, 'scripts'); import ckpt_stream as cs;"
+    relay = ("import sys; sys.path.insert(0, 'python'); import ckpt_stream as cs;"
              "r = cs.StreamReader(sys.stdin.buffer); w = cs.StreamWriter(sys.stdout.buffer, r.header);"
              "[w.write(x) for x in r]; w.close()")
     out = tmp_path / "out.msgpack"

@@ -482,7 +482,7 @@ def test_without_a_manifest_an_adapter_after_its_base_is_an_error(tmp_path):
     t = {"m/linear": rnd(4, 3), "m/linear_lora_a": rnd(4, 2), "m/linear_lora_b": rnd(2, 3)}
     src = tmp_path / "in.safetensors"
     save_file(t, str(src))
-    strip = ("python3 -c \"import sys; sys.path.insert(0, 'scripts'); import ckpt_stream as s; r = s.StreamReader(sys.stdin.buffer); "
+    strip = ("python3 -c \"import sys; sys.path.insert(0, 'python'); import ckpt_stream as s; r = s.StreamReader(sys.stdin.buffer); "
              "w = s.StreamWriter(sys.stdout.buffer, r.header); [w.write(t) for t in r]; w.close()\"")
     p = shell(f"ckpt-read '{src}' | {strip} | lora-merge --scheme openpi --alpha 2 | ckpt-write '{tmp_path / 'o.safetensors'}'",
               cwd=os.path.join(os.path.dirname(__file__), "..", ".."))

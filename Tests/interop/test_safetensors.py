@@ -127,7 +127,7 @@ def test_sharded_write_follows_hugging_face(minilm, tmp_path):
 def test_writing_without_a_manifest_spools_and_says_so(minilm, tmp_path):
     # A Python filter that drops the manifest.
     relay = (
-        "import sys; sys.path.insert(0, 'scripts'); import ckpt_stream as cs;"
+        "import sys; sys.path.insert(0, 'python'); import ckpt_stream as cs;"
         "r = cs.StreamReader(sys.stdin.buffer); w = cs.StreamWriter(sys.stdout.buffer, r.header);"
         "[w.write(t) for t in r]; w.close()"
     )

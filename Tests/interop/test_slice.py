@@ -235,7 +235,7 @@ def test_without_a_manifest_single_tensor_rules_stream_and_stacks_are_refused(tm
     t = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float32), "c": np.ones(1, np.float32)}
     src = tmp_path / "in.safetensors"
     save_file(t, str(src))
-    strip = ("python3 -c \"import sys; sys.path.insert(0, 'scripts'); import ckpt_stream as s; r = s.StreamReader(sys.stdin.buffer); "
+    strip = ("python3 -c \"import sys; sys.path.insert(0, 'python'); import ckpt_stream as s; r = s.StreamReader(sys.stdin.buffer); "
              "w = s.StreamWriter(sys.stdout.buffer, r.header); [w.write(x) for x in r]; w.close()\"")
     rules = tmp_path / "r.rules"
     rules.write_text('{m}.weight -> {m}/kernel | rearrange "o i -> i o"\nb -> b | cast BF16\n')

@@ -1,4 +1,4 @@
-"""The Python implementation of the stream (scripts/ckpt_stream.py) against the Swift one."""
+"""The Python implementation of the stream (python/ckpt_stream) against the Swift one."""
 import io
 import os
 import subprocess

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the golden ckpt streams with the Python implementation (scripts/ckpt_stream.py).
+"""Writes the golden ckpt streams with the Python implementation (python/ckpt_stream).
 
 The Swift tests write the same tensors with StreamWriter and require identical bytes, so
 the two implementations pin each other. Usage: make_golden.py [OUTDIR] (default: this folder). Commit the output.
@@ -9,7 +9,7 @@ import struct
 import sys
 
 here = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(here, "..", "..", "..", "scripts"))
+sys.path.insert(0, os.path.join(here, "..", "..", "..", "python"))
 import ckpt_stream as cs  # noqa: E402
 
 
