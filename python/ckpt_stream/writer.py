@@ -7,7 +7,7 @@ import struct
 import zlib
 from typing import BinaryIO, Iterable, Optional
 
-from .format import (CHUNK, CHUNK_HEADER, CODEC_NONE, CODEC_ZLIB, CODEC_ZLIB_SHUFFLED, DEFAULT_CHUNK, END,
+from .format import (CHUNK, CHUNK_HEADER, CODEC_NONE, CODEC_ZLIB, CODEC_ZLIB_SHUFFLED, CODEC_ZSTD, CODEC_ZSTD_SHUFFLED, zstd_codec, DEFAULT_CHUNK, END,
                      FIRST_ANCILLARY, HEADER, MAGIC, MANIFEST, MARKER, MAX_CHUNK, TENSOR, TENSOR_END, VERSION,
                      Descriptor, UsageError, WriteError, descriptor, dump_json, encode_descriptor, frame, padding,
                      shuffle, shuffle_width)
@@ -23,13 +23,14 @@ class StreamWriter:
     `header` is a dict with string ``producer`` and ``source_format`` and an object
     ``metadata``; other keys are written too, in order. `manifest` lists the tensors
     (Descriptor or (name, dtype, shape)) the stream will carry, in order, or is None (the
-    stream then has no manifest). `compress` is a zlib level (0-9) for chunks written
-    here, or None for none; forwarded chunks keep their own codec."""
+    stream then has no manifest). `compress` is how chunks written here are stored: None
+    (plain), a zlib level 0-9, or "zlib[:LEVEL]" / "zstd[:LEVEL]" as `ckpt-read --compress`
+    takes it (zstd needs Python 3.14 or the zstandard package); forwarded chunks keep their
+    own codec."""
 
     def __init__(self, out: BinaryIO, header: dict, manifest: Optional[Iterable] = None,
                  compress: Optional[int] = None, chunk_size: int = DEFAULT_CHUNK):
-        if compress is not None and not (isinstance(compress, int) and 0 <= compress <= 9):
-            raise UsageError(f"compress must be None or a zlib level 0-9, not {compress!r}")
+        self._codec = _parse_compress(compress)
         if not (isinstance(chunk_size, int) and 1 <= chunk_size <= MAX_CHUNK):
             raise UsageError(f"chunk_size must be 1 to {MAX_CHUNK} bytes, not {chunk_size!r}")
         body = {"producer": "ckpt_stream", "source_format": "unknown", "metadata": {}}
@@ -123,17 +124,20 @@ class StreamWriter:
             piece = data[start:start + self.chunk_size]
             crc = zlib.crc32(piece)
             shuffled = 0
-            if self.compress is None:
+            if self._codec is None:
                 stored, codec = piece, CODEC_NONE
             else:
-                # As the Swift writer: shuffle multi-byte elements, deflate with the RLE strategy.
-                z = zlib.compressobj(self.compress, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-                if width > 1:
-                    shuffled, codec = width, CODEC_ZLIB_SHUFFLED
-                    stored = z.compress(shuffle(bytes(piece), width)) + z.flush()
+                # As the Swift writer: shuffle multi-byte elements; deflate with the RLE strategy.
+                family, level = self._codec
+                payload = shuffle(bytes(piece), width) if width > 1 else piece
+                shuffled = width if width > 1 else 0
+                if family == "zstd":
+                    codec = CODEC_ZSTD_SHUFFLED if shuffled else CODEC_ZSTD
+                    stored = zstd_codec()[0](bytes(payload), level)
                 else:
-                    codec = CODEC_ZLIB
-                    stored = z.compress(piece) + z.flush()
+                    codec = CODEC_ZLIB_SHUFFLED if shuffled else CODEC_ZLIB
+                    z = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+                    stored = z.compress(payload) + z.flush()
             head = struct.pack("<IBBHQ", MARKER, CHUNK, 0, 0, CHUNK_HEADER + len(stored))
             head += struct.pack("<QQIIB", self._tensor_offset, len(piece), codec, crc, shuffled) + b"\0" * 23
             self._put(head)
@@ -193,3 +197,23 @@ class StreamWriter:
         self._put(frame(END, struct.pack("<QQ", self.count, self.total)))
         self.out.flush()
         self.closed = True
+
+
+def _parse_compress(compress):
+    """None, or (family, level) from a zlib level or "zlib[:LEVEL]" / "zstd[:LEVEL]"."""
+    if compress is None:
+        return None
+    if isinstance(compress, int) and not isinstance(compress, bool) and 0 <= compress <= 9:
+        return ("zlib", compress)
+    if isinstance(compress, str):
+        family, _, level = compress.partition(":")
+        try:
+            if family == "zlib" and (not level or 0 <= int(level) <= 9):
+                return ("zlib", int(level) if level else 1)
+            if family == "zstd" and (not level or (-7 <= int(level) <= 19 and int(level) != 0)):
+                if zstd_codec() is None:
+                    raise UsageError("zstd needs Python 3.14's compression.zstd or the zstandard package")
+                return ("zstd", int(level) if level else 1)
+        except ValueError:
+            pass
+    raise UsageError(f"compress must be None, a zlib level 0-9, 'zlib[:LEVEL]' or 'zstd[:LEVEL]', not {compress!r}")
