@@ -108,8 +108,12 @@ public struct WriteCommand: ParsableCommand {
         let fmt: CheckpointFormat = format == "orbax" ? .orbax : .safetensors
         let quiet = progressOptions.quiet
         let log: (String) -> Void = { if !quiet { Tool.note("ckpt-write", $0) } }
-        try PartRecords.prepare(folder: out, format: fmt, force: force)
         let source = try openStreamInput(input)
+        // The stream's own part first: a mismatched command makes no folder.
+        if let p = source.header.extensions[PartHeader.key].flatMap(PartHeader.init(json:)), p.index != spec.index || p.count != spec.count {
+            throw PartsError(.streamIsAnotherPart(stream: PartSpec(index: p.index, count: p.count), given: spec), folder: out)
+        }
+        try PartRecords.prepare(folder: out, format: fmt, force: force)
         let sink: PartSink
         if fmt == .orbax {
             sink = PartSink.orbax(folder: out, spec: spec, separator: sep, nest: nest, maxChunkBytes: orbaxChunk.flatMap(parseByteSize) ?? (2 << 30),
