@@ -199,7 +199,9 @@ def test_finalize_refuses_parts_of_different_inputs_counts_and_plans(model, tmp_
     p = run(["ckpt-write", "--finalize", str(out)])
     assert p.returncode == EX_DATAERR and b"different part counts" in p.stderr, p.stderr
     (out / ".ckpt-parts" / "part-0-of-2.json").unlink()
-    assert run(["ckpt-write", "--finalize", str(out)]).returncode == 0
+    p = run(["ckpt-write", "--finalize", str(out)])
+    assert p.returncode == 0 and b"model-00001-of-00002.safetensors in " in p.stderr and b"not in the index" in p.stderr, p.stderr
+    check_index(out, model)
 
 
 def test_parts_cut_another_way_must_not_share_a_tensor(model, tmp_path):

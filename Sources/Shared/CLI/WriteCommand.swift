@@ -135,6 +135,9 @@ public struct WriteCommand: ParsableCommand {
         if !quiet {
             Tool.note("ckpt-write", "\(out): \(s.parts) parts, \(s.tensors) tensors, \(formatBytes(s.bytes)); wrote \(s.written.joined(separator: ", "))")
         }
+        if !quiet && !s.strays.isEmpty {
+            Tool.note("ckpt-write", "warning: \(s.strays.joined(separator: ", ")) in \(out) \(s.strays.count == 1 ? "is" : "are") not in the index (no part wrote \(s.strays.count == 1 ? "it" : "them"): an earlier run's?)")
+        }
     }
 
     public func run() throws {

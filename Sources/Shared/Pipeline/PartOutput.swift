@@ -279,6 +279,8 @@ public enum PartFinalizer {
         public var tensors: Int
         public var bytes: Int
         public var written: [String]
+        /// Shard-named files no part wrote (an earlier run's, with another N): left in place.
+        public var strays: [String] = []
     }
 
     /// - Returns: what was written, or nil when `folder` was finalized before (no records, the
@@ -379,7 +381,12 @@ public enum PartFinalizer {
             written = [PartRecords.safetensorsIndex]
         }
         try removeTree(recordsDir)
-        return Summary(format: first.format, parts: n, tensors: owner.count, bytes: bytes, written: written)
+        var summary = Summary(format: first.format, parts: n, tensors: owner.count, bytes: bytes, written: written)
+        if first.format == .safetensors {
+            let ours = Set(records.flatMap { $0.files.map(\.path) })
+            summary.strays = try listDirectory(folder).filter { $0.hasPrefix("model-") && $0.hasSuffix(".safetensors") && !ours.contains($0) }.sorted()
+        }
+        return summary
     }
 
     static func writeAtomically(_ path: String, _ bytes: [UInt8], force: Bool) throws {
