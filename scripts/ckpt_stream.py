@@ -179,6 +179,9 @@ class StreamWriter:
         body = {"producer": header.get("producer", "ckpt_stream.py"),
                 "source_format": header.get("source_format", "unknown"),
                 "metadata": header.get("metadata", {})}
+        # Header keys this writer does not know (the `part` of a partitioned conversion, a later
+        # minor version's) are written again, as the spec asks of every filter.
+        body.update((k, v) for k, v in header.items() if k not in body)
         out.write(_frame(HEADER, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")))
         if self.manifest is not None:
             entries = b"".join(_descriptor(n, d, s) for n, d, s in self.manifest)

@@ -2,7 +2,9 @@
 xargs -P and GNU parallel, then ckpt-write --finalize DIR; the result equals the single run."""
 import json
 import os
+import shlex
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -131,6 +133,22 @@ def test_group_rules_keep_a_stack_in_one_part(model, tmp_path):
     # Shipped rule sets are found by name, as ckpt-slice finds them, with --set.
     p = run(["ckpt-read", "--list", "--part", "0/2", "--group-rules", "openpi-pi0-jax-to-pytorch", "--set", "llm_head_dim=4", str(model)])
     assert p.returncode == 0, p.stderr
+
+
+def test_a_python_filter_forwards_the_part_key(model, tmp_path):
+    # scripts/ckpt_stream.py keeps header keys it does not know, so --finalize can still check.
+    out = tmp_path / "out"
+    scale = os.path.join(ROOT, "scripts", "filters", "scale.py")
+    for k in range(2):
+        p = shell(f"ckpt-read -q --part {k}/2 {model} | {shlex.quote(sys.executable)} {scale} 'head.*' 2 | ckpt-write --part {k}/2 {out}")
+        assert p.returncode == 0 and b"no part key" not in p.stderr, p.stderr
+        record = json.loads((out / ".ckpt-parts" / f"part-{k}-of-2.json").read_text())
+        assert record["stream_part"]["index"] == k
+    assert run(["ckpt-write", "-q", "--finalize", str(out)]).returncode == 0
+    ref = load_file(str(model))
+    got = {k: v for shard in set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
+           for k, v in load_file(str(out / shard)).items()}
+    assert torch.equal(got["head.weight"], ref["head.weight"] * 2) and torch.equal(got["emb"], ref["emb"])
 
 
 def test_finalize_refuses_missing_unfinished_and_damaged_parts(model, tmp_path):
