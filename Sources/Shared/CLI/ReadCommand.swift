@@ -16,7 +16,8 @@ public struct ReadCommand: ParsableCommand {
               ckpt-read model.safetensors | ckpt-write out.safetensors
               ckpt-read --list model.safetensors
               ckpt-read --only 'encoder.*' --compress zlib model.safetensors > enc.ckpts
-              ckpt-read --part 0/3 model.safetensors | ckpt-write --part 0/3 out/   # then 1/3, 2/3, ckpt-write --finalize out/
+              ckpt-read --part 0/3 model.safetensors | ckpt-write --part 0/3 out/
+                  (and 1/3, 2/3, anywhere, in any order; then ckpt-write --finalize out/)
 
             --part K/N emits the K-th of N parts (K from 0, as $SLURM_ARRAY_TASK_ID with \
             --array=0-(N-1)): byte-balanced, never splitting a tensor, computed from the manifest \

@@ -17,8 +17,9 @@ public struct WriteCommand: ParsableCommand {
               ckpt-read big.safetensors | ckpt-write --max-shard-size 5GB out/model.safetensors
 
             Partitioned (N pipelines, on one host or many; K from 0 to N-1):
-              ckpt-read --part K/N big.safetensors | ckpt-write --part K/N out/   # each K, in any order
-              ckpt-write --finalize out/      # when all are done: checks them, writes the index
+              ckpt-read --part K/N big.safetensors | ckpt-write --part K/N out/
+                  (for each K, anywhere, in any order)
+              ckpt-write --finalize out/      (when all are done: checks them, writes the index)
             --part writes out/model-{K+1}-of-{N}.safetensors (or, with --format orbax, the part's \
             array folders) and a record in out/.ckpt-parts/; running a part again replaces its own \
             files. --finalize refuses (exit 75) while a part has no record, and (exit 65) parts \
