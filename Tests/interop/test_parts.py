@@ -190,6 +190,13 @@ def test_finalize_refuses_missing_unfinished_and_damaged_parts(model, tmp_path):
     assert p.returncode == EX_DATAERR and b"is missing" in p.stderr
     # Running a part again replaces its own files, no --force needed.
     assert part(1).returncode == 0
+    # A shard of the right size holding other tensors than its record says (its header is read).
+    data = shard.read_bytes()
+    assert data.count(b'"head.weight"') == 1
+    shard.write_bytes(data.replace(b'"head.weight"', b'"head.wEight"'))
+    p = finalize()
+    assert p.returncode == EX_DATAERR and b"holds other tensors than part 1/3 wrote" in p.stderr, p.stderr
+    assert part(1).returncode == 0
     assert finalize().returncode == 0
     check_index(out, model)
 

@@ -346,6 +346,25 @@ public enum PartFinalizer {
                 }
             }
         }
+        // Each tensor is in a file its record lists, and a safetensors shard's header (read: a
+        // few KiB, no tensor data) holds exactly the tensors its record gives it, so the index
+        // written below agrees with the shards.
+        for r in records {
+            let name = PartRecords.recordName(r.spec)
+            for e in r.tensors where !r.files.contains(where: { $0.path == e.file || $0.path.hasPrefix(e.file + "/") }) {
+                throw PartsError(.recordUnreadable(record: name, detail: "tensor \(e.name) is in \(e.file), which the record does not list"), folder: folder)
+            }
+            guard r.format == .safetensors else { continue }
+            for f in r.files {
+                let fd = try FileDescriptor.openForReading(folder + "/" + f.path)
+                defer { fd.close() }
+                let held = try SafetensorsHeader.read(from: fd, fileSize: f.size).entries.map(\.descriptor)
+                let listed = r.tensors.filter { $0.file == f.path }
+                let same = held.count == listed.count && Set(held.map { "\($0.name) \($0.dtype.rawValue) \($0.shape)" })
+                    == Set(listed.map { "\($0.name) \($0.dtype) \($0.shape)" })
+                guard same else { throw PartsError(.fileDamaged(part: r.spec, file: f.path, size: f.size, actual: nil, holds: true), folder: folder) }
+            }
+        }
         // No tensor (and no Orbax array folder) in two parts.
         var owner: [String: PartSpec] = [:]
         var folderOwner: [String: PartSpec] = [:]
@@ -412,7 +431,8 @@ public struct PartsError: CkptError, Equatable {
         case inputsDiffer(a: PartSpec, aDigest: String, b: PartSpec, bDigest: String)
         case plansDiffer(a: PartSpec, b: PartSpec)
         /// A file a record names is missing (`actual` nil) or has another size.
-        case fileDamaged(part: PartSpec, file: String, size: Int, actual: Int?)
+        /// `holds`: the file is there at its size but holds other tensors than the record says.
+        case fileDamaged(part: PartSpec, file: String, size: Int, actual: Int?, holds: Bool = false)
         case tensorInTwoParts(tensor: String, a: PartSpec, b: PartSpec)
         case recordUnreadable(record: String, detail: String)
         case streamKeyMalformed
@@ -453,8 +473,8 @@ public struct PartsError: CkptError, Equatable {
             return "\(folder): part \(a) and part \(b) were cut from different inputs (manifest sha256 \(da.prefix(12))… and \(db.prefix(12))…): run them again from one input"
         case .plansDiffer(let a, let b):
             return "\(folder): part \(a) and part \(b) were cut from one input by different plans (other --group-rules, --set or --no-group-lora): run every part with the same options"
-        case .fileDamaged(let p, let f, let size, let actual):
-            let what = actual.map { "is \($0) bytes, part \(p) wrote \(size)" } ?? "is missing (part \(p) wrote it)"
+        case .fileDamaged(let p, let f, let size, let actual, let holds):
+            let what = holds ? "holds other tensors than part \(p) wrote" : actual.map { "is \($0) bytes, part \(p) wrote \(size)" } ?? "is missing (part \(p) wrote it)"
             return "\(folder)/\(f): \(what): run part \(p) again"
         case .tensorInTwoParts(let t, let a, let b):
             return "\(folder): \(t) is in part \(a) and in part \(b): the parts were not cut by one ckpt-read --part plan"
