@@ -331,6 +331,9 @@ def test_openpi_recipe_in_parts(tmp_path, n):
     p = shell(f"seq 0 {n - 1} | xargs -P 2 -I{{}} {script} {STEP} {out} --part {{}}/{n}")
     assert p.returncode == 0, p.stderr
     assert not (out / "model.safetensors.index.json").exists() and not (out / "config.json").exists()
+    # The part key came through lora-merge and ckpt-slice: finalize can check one input, one plan.
+    records = [json.loads((out / ".ckpt-parts" / f"part-{k}-of-{n}.json").read_text()) for k in range(n)]
+    assert len({(r["stream_part"]["input"], r["stream_part"]["plan"]) for r in records}) == 1
     p = shell(f"{script} {STEP} {out} --finalize")
     assert p.returncode == 0, p.stderr
     assert (out / "config.json").read_bytes() == (single / "config.json").read_bytes()
