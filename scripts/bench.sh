@@ -14,7 +14,11 @@
 # ckpt-openpi-cached writes its output through the page cache, as Python does); cat-pt, ckpt-pt,
 # python-torch (a torch.save zip of the same tensors in, safetensors out); ckpt-orbax,
 # python-orbax (an Orbax checkpoint with default settings, written by orbax itself, of the
-# f32 tensors: OCDBT + zstd; safetensors out; ckpt-orbax-ra0 decodes one array at a time)
+# f32 tensors: OCDBT + zstd; safetensors out; ckpt-orbax-ra0 decodes one array at a time);
+# ckpt-parts2 (not run by default: BENCH_CASES="ckpt ckpt-parts2" for the speed-up of a
+# partitioned conversion) converts the same input in 2 parts at once (ckpt-read --part K/2 |
+# ckpt-write --part K/2 under xargs -P 2, then ckpt-write --finalize; timed as a whole, checked
+# equal to the input with ckpt-diff after the timing)
 #
 # Makes SIZE_GIB of random f32 and bf16 tensors as one .safetensors file (written in the
 # safetensors library's own layout), warms it into the page cache, then runs each case REPS
@@ -37,6 +41,7 @@ PY="$PWD/.venv/bin/python"
 TIME=/usr/bin/time
 IN="$WORK/bench-v2-${SIZE_GIB}g.safetensors"
 OUT="${BENCH_OUT:-$WORK/out.safetensors}"
+PARTS="$(dirname "$OUT")/out-parts"
 
 if [ ! -f "$IN" ]; then
     echo "making $IN ($SIZE_GIB GiB of f32 and bf16)..." >&2
@@ -181,6 +186,10 @@ for rep in $(seq "$REPS"); do
         ckpt-pt) ckpt_case ckpt-pt "$PT" 1 ;;
         python-torch)
             run python-torch "$(T 1) $PY -c 'import sys, torch; from safetensors.torch import save_file; save_file(torch.load(sys.argv[1], weights_only=True), sys.argv[2])' '$PT' '$OUT'" ;;
+        ckpt-parts2)  # the ckpt case in 2 parts at once, then the index (each stage's RSS: r/w per part, f finalize)
+            rm -rf "$PARTS"
+            run ckpt-parts2 "seq 0 1 | xargs -P 2 -I{} sh -c \"$(T r{}) $BIN/ckpt-read -q --part {}/2 '$IN' | $(T w{}) $BIN/ckpt-write -q --part {}/2 '$PARTS'\" && $(T f) $BIN/ckpt-write -q --finalize '$PARTS'"
+            "$BIN/ckpt-diff" --brief "$IN" "$PARTS" > /dev/null || { echo "ckpt-parts2: $PARTS differs from $IN" >&2; exit 1; } ;;
         ckpt-orbax) ckpt_case ckpt-orbax "$ORBAX" 0 ;;  # the f32 half only: nothing to cmp against
         ckpt-orbax-ra0) ckpt_case ckpt-orbax-ra0 "$ORBAX" 0 --read-ahead 0 ;;  # one array at a time
         python-orbax)
@@ -188,7 +197,7 @@ for rep in $(seq "$REPS"); do
         esac
     done
 done
-rm -f "$OUT"
+rm -rf "$OUT" "$PARTS"
 
 echo
 echo "## $(calc "$BYTES / 1073741824") GiB safetensors (f32 + bf16), median of $REPS, $(nproc) cores, $(date -u +%Y-%m-%d)"

@@ -15,20 +15,27 @@
 #                                  one folder under assets/ that has norm_stats.json)
 #   --cameras A,B,C                (--lerobot) the image features observation.images.A, ...
 #                                  (default openpi's base_0_rgb,left_wrist_0_rgb,right_wrist_0_rgb)
+#   --part K/N                     convert only part K of N (K from 0; e.g. a Slurm array task):
+#                                  writes OUT_DIR/model-{K+1}-of-{N}.safetensors; a LoRA base and
+#                                  its adapters, and whatever the rules combine, stay in one part
+#   --finalize                     after every part: check them, write the index, config.json and
+#                                  assets/ (exit 75 while a part is missing; nothing written)
 #
 # The variant (pi0 or pi0.5) and LoRA are told from the keys, never from the path: pi0.5 has
 # time_mlp_in and adaptive norms; LoRA checkpoints have lora_a/lora_b leaves. Every key must be
 # consumed: an adapter lora-merge could not place, or a key no rule converts, fails the run and
 # no output is left.
 set -euo pipefail
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 64; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 64; }
 [ $# -ge 2 ] || usage
 CKPT="$1" OUT="$2"
 shift 2
 PRECISION=float32 LLM_LORA=gemma_2b_lora EXPERT_LORA=gemma_300m_lora HORIZON=50
-LEROBOT=0 ASSET_ID="" CAMERAS=base_0_rgb,left_wrist_0_rgb,right_wrist_0_rgb
+LEROBOT=0 ASSET_ID="" CAMERAS=base_0_rgb,left_wrist_0_rgb,right_wrist_0_rgb PART="" FINALIZE=0
 while [ $# -gt 0 ]; do
     case "$1" in
+    --part) PART="$2"; shift 2 ;;
+    --finalize) FINALIZE=1; shift ;;
     --lerobot) LEROBOT=1; shift ;;
     --asset-id) ASSET_ID="$2"; shift 2 ;;
     --cameras) CAMERAS="$2"; shift 2 ;;
@@ -40,6 +47,11 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ $LEROBOT = 1 ] || [ -z "$ASSET_ID" ] || { echo "openpi-to-pytorch: --asset-id goes with --lerobot" >&2; exit 64; }
+if [ -n "$PART" ] || [ $FINALIZE = 1 ]; then
+    # LeRobot loads one model.safetensors; a partitioned run writes shards and an index.
+    [ $LEROBOT = 0 ] || { echo "openpi-to-pytorch: --part and --finalize write a sharded model.safetensors.index.json, which --lerobot folders do not take" >&2; exit 64; }
+    [ -z "$PART" ] || [ $FINALIZE = 0 ] || { echo "openpi-to-pytorch: give --part K/N for each part, then --finalize once" >&2; exit 64; }
+fi
 case "$PRECISION" in float32) DTYPE=F32 ;; bfloat16) DTYPE=BF16 ;; *) echo "openpi-to-pytorch: --precision is float32 or bfloat16" >&2; exit 64 ;; esac
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="${CKPT_BIN:-$HERE/.build/release}"
@@ -63,6 +75,7 @@ fi
 echo "openpi-to-pytorch: $VARIANT, $([ $LORA = 1 ] && echo "LoRA ($LLM_LORA; expert $EXPERT_LORA) merged" || echo "no LoRA"), $PRECISION" >&2
 
 mkdir -p "$OUT"
+RULES="$HERE/rules/openpi-$VARIANT-jax-to-pytorch.rules"
 merge() {
     if [ $LORA = 1 ]; then
         "$BIN/lora-merge" --scheme openpi --config "*_1/*=$EXPERT_LORA" --config "$LLM_LORA" --dtype F32
@@ -70,10 +83,24 @@ merge() {
         cat
     fi
 }
-"$BIN/ckpt-read" --root params "$PARAMS" \
-    | merge \
-    | "$BIN/ckpt-slice" --rules "$HERE/rules/openpi-$VARIANT-jax-to-pytorch.rules" --cast "$DTYPE" \
-    | "$BIN/ckpt-write" --force "$OUT/model.safetensors"
+if [ -n "$PART" ]; then
+    # One part: ckpt-read keeps each LoRA base with its adapters (lora-merge's pairing) and the
+    # inputs of any rule that combines tensors in one part; config.json and assets/ wait for
+    # --finalize. --force: a finished model in OUT_DIR stops looking complete at once.
+    "$BIN/ckpt-read" --root params --part "$PART" --group-rules "$RULES" "$PARAMS" \
+        | merge \
+        | "$BIN/ckpt-slice" --rules "$RULES" --cast "$DTYPE" \
+        | "$BIN/ckpt-write" --force --part "$PART" "$OUT"
+    exit 0
+fi
+if [ $FINALIZE = 1 ]; then
+    "$BIN/ckpt-write" --finalize "$OUT"
+else
+    "$BIN/ckpt-read" --root params "$PARAMS" \
+        | merge \
+        | "$BIN/ckpt-slice" --rules "$RULES" --cast "$DTYPE" \
+        | "$BIN/ckpt-write" --force "$OUT/model.safetensors"
+fi
 
 if [ $LEROBOT = 1 ]; then
     lerobot_write
@@ -95,4 +122,4 @@ if [ -d "$CKPT/assets" ]; then
     rm -rf "$OUT/assets"
     cp -r "$CKPT/assets" "$OUT/assets"
 fi
-echo "openpi-to-pytorch: wrote $OUT/model.safetensors, config.json$([ -d "$CKPT/assets" ] && echo ", assets/")" >&2
+echo "openpi-to-pytorch: wrote $OUT/$([ $FINALIZE = 1 ] && echo model.safetensors.index.json || echo model.safetensors), config.json$([ -d "$CKPT/assets" ] && echo ", assets/")" >&2

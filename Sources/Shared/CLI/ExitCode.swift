@@ -10,6 +10,7 @@ public enum SysExit: Int32, Sendable {
     case osError = 71      // EX_OSERR: the system refused a resource (memory)
     case cantCreate = 73   // EX_CANTCREAT: an output cannot be created
     case ioError = 74      // EX_IOERR: reading or writing failed
+    case tempFail = 75     // EX_TEMPFAIL: not yet; try again later (a part of a partitioned run is unfinished)
 }
 
 /// Every error this project throws conforms, so one place can print it as a single

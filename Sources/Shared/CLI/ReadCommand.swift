@@ -16,6 +16,13 @@ public struct ReadCommand: ParsableCommand {
               ckpt-read model.safetensors | ckpt-write out.safetensors
               ckpt-read --list model.safetensors
               ckpt-read --only 'encoder.*' --compress zlib model.safetensors > enc.ckpts
+              ckpt-read --part 0/3 model.safetensors | ckpt-write --part 0/3 out/
+                  (and 1/3, 2/3, anywhere, in any order; then ckpt-write --finalize out/)
+
+            --part K/N emits the K-th of N parts (K from 0, as $SLURM_ARRAY_TASK_ID with \
+            --array=0-(N-1)): byte-balanced, never splitting a tensor, computed from the manifest \
+            alone so that every part's process agrees. A LoRA base and its adapters stay in one \
+            part; --group-rules keeps together the inputs a later ckpt-slice stacks.
             """,
         version: Tool.version)
 
@@ -49,6 +56,18 @@ public struct ReadCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Orbax: decode the next array on another core while this one is written, holding at most SIZE of arrays (default 1GiB; 0: one array at a time).", valueName: "size"))
     public var readAhead: String?
 
+    @Option(help: ArgumentHelp("Emit only the K-th of N byte-balanced parts of the tensors, K from 0 to N-1 (for N pipelines run apart; ckpt-write --part and --finalize put them together).", valueName: "K/N"))
+    public var part: String?
+
+    @Option(help: ArgumentHelp("With --part: keep in one part the inputs a later ckpt-slice --rules NAME|FILE combines (stacks, mul operands); a shipped set by name or a file (repeatable).", valueName: "name|file"))
+    public var groupRules: [String] = []
+
+    @Option(name: .customLong("set"), help: ArgumentHelp("With --group-rules: a value for ${NAME} in the rules (repeatable), as ckpt-slice --set.", valueName: "NAME=VALUE"))
+    public var values: [String] = []
+
+    @Flag(inversion: .prefixedNo, help: "With --part: keep a LoRA base and its adapters in one part, as lora-merge pairs them (PEFT and openpi names).")
+    public var groupLora = true
+
     @OptionGroup public var stream: StreamOutputOptions
     @OptionGroup public var progressOptions: ProgressOptions
 
@@ -58,6 +77,11 @@ public struct ReadCommand: ParsableCommand {
         if let readAhead, parseByteSize(readAhead) == nil {
             throw ValidationError("--read-ahead takes a size such as 1GiB, 512MB or 0, not '\(readAhead)'")
         }
+        if let part, PartSpec(argument: part) == nil { throw ValidationError(PartSpec.problem(part)) }
+        if part == nil && (!groupRules.isEmpty || !values.isEmpty) {
+            throw ValidationError("--group-rules and --set plan the groups of --part: give --part K/N")
+        }
+        _ = try SliceCommand.parseValues(values)
     }
 
     public func run() throws {
@@ -71,8 +95,12 @@ public struct ReadCommand: ParsableCommand {
             if let size = readAhead.flatMap(parseByteSize) {
                 options.orbax.readAhead = size == 0 ? .off : ReadAhead(budget: size, depth: 1)
             }
-            let source = try openSource(input, options: options, producer: producer)
+            var source = try openSource(input, options: options, producer: producer)
             try options.selection.requireSomeTensor(in: source, of: input)
+            var partKey: PartHeader?
+            if let spec = part.flatMap(PartSpec.init(argument:)) {
+                (source, partKey) = try openPart(spec, of: source, options: options, producer: producer)
+            }
             if list {
                 guard let manifest = source.manifest else {
                     throw UsageError("--list needs a manifest, and this stream has none")
@@ -81,8 +109,39 @@ public struct ReadCommand: ParsableCommand {
                 return
             }
             let writer = try stream.makeWriter(producer: producer)
+            if let partKey { writer.headerExtensions[PartHeader.key] = partKey.json }
             try pump(from: source, to: writer, progress: progressOptions.makeProgress(label: "ckpt-read"))
         }
+    }
+
+    /// Plans the partition on `whole`'s manifest and returns the source of part `spec` with its
+    /// header key. The input is opened again selecting the part's tensors by name, so a reader
+    /// skips the others without reading their data (a stream on stdin cannot be reopened: its
+    /// other tensors are read and dropped).
+    func openPart(_ spec: PartSpec, of whole: TensorSource, options: ReadOptions, producer: String) throws -> (TensorSource, PartHeader) {
+        guard let manifest = whole.manifest else {
+            throw UsageError("--part plans from the input's manifest, and this stream has none (ckpt-read writes one)")
+        }
+        var groups = TensorGroups(count: manifest.count)
+        let names = groupLora ? PartitionGrouping.lora(manifest, into: &groups) : nil
+        if !groupRules.isEmpty {
+            let given = try SliceCommand.parseValues(values)
+            var rules: [SliceRule] = []
+            for name in groupRules { rules += try SliceRuleParser.parse(file: try RuleLibrary.resolve(name), values: given) }
+            try PartitionGrouping.rules(rules, manifest: manifest, names: names, into: &groups)
+        }
+        let partition = Partition(manifest, groups: groups, count: spec.count)
+        let mine = partition.tensors(in: spec.index, of: manifest)
+        let key = PartHeader(index: spec.index, count: spec.count, input: Partition.manifestDigest(manifest), plan: partition.digest, tensors: mine.count)
+        if !progressOptions.quiet {
+            let total = partition.bytes.reduce(0, +)
+            Tool.note("ckpt-read", "part \(spec): \(mine.count) of \(manifest.count) tensors, \(formatBytes(partition.bytes[spec.index])) of \(formatBytes(total))"
+                      + " (parts \(formatBytes(partition.bytes.min()!))..\(formatBytes(partition.bytes.max()!)))")
+        }
+        var selected = options
+        selected.selection.names = Set(mine.map(\.name))
+        if input == "-" { return (SelectedSource(whole, selection: selected.selection), key) }
+        return (try openSource(input, options: selected, producer: producer), key)
     }
 }
 

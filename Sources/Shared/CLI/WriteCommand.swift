@@ -15,6 +15,16 @@ public struct WriteCommand: ParsableCommand {
             Examples:
               ckpt-read a.safetensors | ckpt-write b.safetensors
               ckpt-read big.safetensors | ckpt-write --max-shard-size 5GB out/model.safetensors
+
+            Partitioned (N pipelines, on one host or many; K from 0 to N-1):
+              ckpt-read --part K/N big.safetensors | ckpt-write --part K/N out/
+                  (for each K, anywhere, in any order)
+              ckpt-write --finalize out/      (when all are done: checks them, writes the index)
+            --part writes out/model-{K+1}-of-{N}.safetensors (or, with --format orbax, the part's \
+            array folders) and a record in out/.ckpt-parts/; running a part again replaces its own \
+            files. --finalize refuses (exit 75) while a part has no record, and (exit 65) parts \
+            of different inputs or damaged files; only then does out/ get its index (or Orbax's \
+            _METADATA), so a half-written checkpoint never looks complete.
             """,
         version: Tool.version)
 
@@ -54,7 +64,13 @@ public struct WriteCommand: ParsableCommand {
     @Option(help: ArgumentHelp("eqx: write array leaves matching GLOB as zeros (parts the source model does not have; repeatable).", valueName: "glob"))
     public var zeros: [String] = []
 
-    @Flag(help: "Replace existing output files.")
+    @Option(help: ArgumentHelp("Write part K of N (K from 0) into the folder OUT: one safetensors shard, or Orbax array folders, and a part record; the stream is ckpt-read --part K/N's.", valueName: "K/N"))
+    public var part: String?
+
+    @Flag(help: "Check that every part of the folder OUT is written, from one input, and write its index (Orbax: _METADATA); reads no stream.")
+    public var finalize = false
+
+    @Flag(help: "Replace existing output files (with --part: remove a finished checkpoint's index or _METADATA from the folder first).")
     public var force = false
 
     @OptionGroup public var progressOptions: ProgressOptions
@@ -68,10 +84,67 @@ public struct WriteCommand: ParsableCommand {
         if let maxShardSize, (parseByteSize(maxShardSize) ?? 0) <= 0 {
             throw ValidationError("--max-shard-size takes a size such as 5GB or 500MiB, not '\(maxShardSize)'")
         }
+        if let part, PartSpec(argument: part) == nil { throw ValidationError(PartSpec.problem(part)) }
+        if part != nil || finalize {
+            let what = finalize ? "--finalize" : "--part"
+            if part != nil && finalize { throw ValidationError("--part writes one part and --finalize ties them together: give one of them") }
+            if let format, format != "safetensors" && format != "orbax" {
+                throw ValidationError("\(what) writes safetensors shards or Orbax arrays, not \(format) (whose files cannot be written in parts)")
+            }
+            if out == "-" || out.hasSuffix(".safetensors") {
+                throw ValidationError("\(what) takes the output folder (model-*-of-*.safetensors and the index go in it), not '\(out)'")
+            }
+            if maxShardSize != nil {
+                throw ValidationError("--max-shard-size does not combine with \(what): each part is one shard (choose N for the shard size)")
+            }
+            if finalize && input != "-" { throw ValidationError("--finalize reads no stream (--input)") }
+            if nest != nil && format != "orbax" || like != nil || !keep.isEmpty || !zeros.isEmpty || msgpackChunk != nil {
+                throw ValidationError("\(what): --nest (orbax only), --like, --keep, --zeros and --msgpack-chunk do not apply")
+            }
+        }
+    }
+
+    /// `--part K/N`: this part's shard or arrays, then its record.
+    func runPart(_ spec: PartSpec) throws {
+        let fmt: CheckpointFormat = format == "orbax" ? .orbax : .safetensors
+        let quiet = progressOptions.quiet
+        let log: (String) -> Void = { if !quiet { Tool.note("ckpt-write", $0) } }
+        let source = try openStreamInput(input)
+        // The stream's own part first: a mismatched command makes no folder.
+        if let p = source.header.extensions[PartHeader.key].flatMap(PartHeader.init(json:)), p.index != spec.index || p.count != spec.count {
+            throw PartsError(.streamIsAnotherPart(stream: PartSpec(index: p.index, count: p.count), given: spec), folder: out)
+        }
+        try PartRecords.prepare(folder: out, format: fmt, force: force)
+        let sink: PartSink
+        if fmt == .orbax {
+            sink = PartSink.orbax(folder: out, spec: spec, separator: sep, nest: nest, maxChunkBytes: orbaxChunk.flatMap(parseByteSize) ?? (2 << 30),
+                                  directIO: !bufferedIO, log: log)
+        } else {
+            sink = PartSink.safetensors(folder: out, spec: spec, directIO: !bufferedIO, log: log)
+        }
+        let totals = try pump(from: source, to: sink, progress: progressOptions.makeProgress(label: "ckpt-write"))
+        log("part \(spec): \(totals.tensors) tensors, \(formatBytes(totals.bytes)) written; ckpt-write --finalize \(out) when every part is done")
+    }
+
+    /// `--finalize`: the index (or `_METADATA`) from the part records.
+    func runFinalize() throws {
+        let quiet = progressOptions.quiet
+        guard let s = try PartFinalizer.finalize(folder: out, format: format.flatMap(CheckpointFormat.init(rawValue:)), force: force) else {
+            if !quiet { Tool.note("ckpt-write", "\(out) is finalized already (no part records; its index or _METADATA is there)") }
+            return
+        }
+        if !quiet {
+            Tool.note("ckpt-write", "\(out): \(s.parts) parts, \(s.tensors) tensors, \(formatBytes(s.bytes)); wrote \(s.written.joined(separator: ", "))")
+        }
+        if !quiet && !s.strays.isEmpty {
+            Tool.note("ckpt-write", "warning: \(s.strays.joined(separator: ", ")) in \(out) \(s.strays.count == 1 ? "is" : "are") not in the index (no part wrote \(s.strays.count == 1 ? "it" : "them"): an earlier run's?)")
+        }
     }
 
     public func run() throws {
         try Tool.run("ckpt-write") {
+            if let spec = part.flatMap(PartSpec.init(argument:)) { return try runPart(spec) }
+            if finalize { return try runFinalize() }
             var path = out
             var isDir = false
             var st = stat()
@@ -99,6 +172,9 @@ public struct WriteCommand: ParsableCommand {
             if path != "-" { try MissingOutputFolderError.check(output: fmt == .orbax || fmt == .eqx ? out : path) }
             let source = try openStreamInput(input)
             let quiet = progressOptions.quiet
+            if !quiet, let p = source.header.extensions[PartHeader.key].flatMap(PartHeader.init(json:)) {
+                Tool.note("ckpt-write", "warning: the stream is part \(p.index)/\(p.count) of its input (ckpt-read --part): the output holds that part only; ckpt-write --part \(p.index)/\(p.count) DIR writes it as a shard")
+            }
             let sink: TensorSink
             switch fmt {
             case .safetensors:

@@ -207,3 +207,38 @@ func format(_ x: Double) -> String {
     if s.count > 10, let v = Double(s) { s = String(Float(v)) }
     return s
 }
+
+extension LoRAScheme {
+    /// How `lora-merge --scheme auto` will pair the tensors named `names`, from the names alone
+    /// (`ckpt-read --part` keeps each pair in one part; the merge itself needs both in one
+    /// stream). The scheme is detected as `LoRAMergePlanner` detects it, and pairs are found
+    /// by the same `role(of:)` the merge uses.
+    ///
+    /// Returns, for every module that has an adapter, the indices of its base and adapter
+    /// tensors; and every tensor's name after the merge (nil for an adapter, which the merge
+    /// consumes). No scheme (no adapter names, or a mix that lora-merge refuses): no modules,
+    /// names unchanged.
+    public static func mergePairing(_ names: [String]) -> (modules: [[Int]], outputNames: [String?]) {
+        let kinds = Set(names.compactMap(LoRAScheme.detect))
+        guard kinds.count == 1, let kind = kinds.first else { return ([], names) }
+        let scheme = LoRAScheme(kind: kind)
+        var members: [String: [Int]] = [:]
+        var adapted = Set<String>()
+        var outputNames: [String?] = []
+        for (i, name) in names.enumerated() {
+            switch scheme.role(of: name) {
+            case .adapter(let module, _)?:
+                adapted.insert(module)
+                members[module, default: []].append(i)
+                outputNames.append(nil)
+            case .base(let module)?:
+                members[module, default: []].append(i)
+                outputNames.append(scheme.outputName(name))
+            case nil:
+                outputNames.append(scheme.outputName(name))
+            }
+        }
+        let modules = adapted.sorted().compactMap { members[$0] }
+        return (modules, outputNames)
+    }
+}

@@ -6,10 +6,14 @@ import Glibc
 public struct TensorSelection: Sendable {
     public var only: [String]
     public var exclude: [String]
+    /// Exact names, when set: only these (`ckpt-read --part`: this part's tensors). Readers
+    /// skip the others without reading their data, as they do for globs.
+    public var names: Set<String>?
 
-    public init(only: [String] = [], exclude: [String] = []) {
+    public init(only: [String] = [], exclude: [String] = [], names: Set<String>? = nil) {
         self.only = only
         self.exclude = exclude
+        self.names = names
     }
 
     public static let all = TensorSelection()
@@ -23,6 +27,7 @@ public struct TensorSelection: Sendable {
     }
 
     public func includes(_ name: String) -> Bool {
+        if let names, !names.contains(name) { return false }
         if !only.isEmpty && !only.contains(where: { globMatches($0, name) }) { return false }
         return !exclude.contains(where: { globMatches($0, name) })
     }

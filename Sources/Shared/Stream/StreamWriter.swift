@@ -13,6 +13,9 @@ public final class StreamWriter: SpliceAwareSink {
     private let chunkSize: Int
     private let producer: String
     private let outputIsPipe: Bool
+    /// Header keys this stage adds or replaces (`ckpt-read --part` sets `part`); the others
+    /// of the upstream header are kept.
+    public var headerExtensions = JSONObject()
 
     private var manifest: [TensorDescriptor]?
     private var current: TensorDescriptor?
@@ -49,6 +52,7 @@ public final class StreamWriter: SpliceAwareSink {
     public func begin(_ header: StreamHeader, manifest: [TensorDescriptor]?) throws {
         var h = header
         h.producer = producer
+        for (k, v) in headerExtensions { h.extensions[k] = v }
         var bytes = FrameEncoder.preamble()
         bytes += FrameEncoder.header(h)
         if let manifest { bytes += FrameEncoder.manifest(manifest) }

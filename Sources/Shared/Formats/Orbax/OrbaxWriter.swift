@@ -23,8 +23,14 @@ public final class OrbaxWriter: TensorSink {
     public let directIO: Bool
     public let directThreshold: Int
 
+    /// Part mode (`ckpt-write --format orbax --part`): the array folders are moved into this
+    /// folder on success, beside other parts' arrays, and no `_METADATA` is written (that is
+    /// `--finalize`'s). `path` is then only where the temporary folder is made.
+    public var arraysInto: String?
+
     private var temporary: String?
-    private var leaves: [(keys: [String], param: String, shape: [Int])] = []
+    /// Every array written: its key path, param name (its folder) and shape.
+    public private(set) var leaves: [(keys: [String], param: String, shape: [Int])] = []
     private var params = Set<String>()
     /// The chunk file being written.
     private struct ChunkFile {
@@ -85,7 +91,7 @@ public final class OrbaxWriter: TensorSink {
 
     public func begin(_ header: StreamHeader, manifest: [TensorDescriptor]?) throws {
         var st = stat()
-        if stat(path, &st) == 0 && !overwrite { throw OutputExistsError(path: path) }
+        if arraysInto == nil && stat(path, &st) == 0 && !overwrite { throw OutputExistsError(path: path) }
         let (dir, base) = splitPath(path)
         let tmp = (dir.isEmpty ? "" : dir + "/") + ".\(base).ckpt-\(getpid()).tmp"
         try removeTree(tmp)
@@ -182,8 +188,8 @@ public final class OrbaxWriter: TensorSink {
         }
     }
 
-    public func finish() throws {
-        guard let tmp = temporary else { return }
+    /// `_METADATA` and `_sharding` for these leaves, as orbax writes them.
+    public static func metadataFiles(_ leaves: [(keys: [String], param: String, shape: [Int])]) -> (metadata: [UInt8], sharding: [UInt8]) {
         var tree = JSONObject()
         var sharding = JSONObject()
         for (keys, param, shape) in leaves {
@@ -196,8 +202,27 @@ public final class OrbaxWriter: TensorSink {
         }
         let metadata = JSONObject([("tree_metadata", .object(tree)), ("use_ocdbt", .bool(false)), ("use_zarr3", .bool(false)),
                                    ("store_array_data_equal_to_fill_value", .bool(true)), ("custom_metadata", .null)])
-        try writeFile(tmp + "/_METADATA", JSONWriter.compact(.object(metadata)))
-        try writeFile(tmp + "/_sharding", JSONWriter.compact(.object(sharding)))
+        return (JSONWriter.compact(.object(metadata)), JSONWriter.compact(.object(sharding)))
+    }
+
+    public func finish() throws {
+        guard let tmp = temporary else { return }
+        if let into = arraysInto {
+            // A part: each array folder into place, replacing one of the same name (this part's
+            // own, from an earlier run of it: the partition is the same every run).
+            for leaf in leaves {
+                let target = into + "/" + leaf.param
+                try removeTree(target)
+                guard rename(tmp + "/" + leaf.param, target) == 0 else { throw IOError(.rename, path: target, errno: errno) }
+            }
+            guard rmdir(tmp) == 0 else { throw IOError(.unlink, path: tmp, errno: errno) }
+            forgetRegistered()
+            temporary = nil
+            return
+        }
+        let (metadata, sharding) = OrbaxWriter.metadataFiles(leaves)
+        try writeFile(tmp + "/_METADATA", metadata)
+        try writeFile(tmp + "/_sharding", sharding)
         // Into place: an existing folder (with --force) is moved aside first, then removed.
         var st = stat()
         var old: String?

@@ -17,6 +17,9 @@ public final class SafetensorsWriter: FileRegionSink {
     public let overwrite: Bool
     public let directIO: Bool
     public let directThreshold: Int
+    /// The file is one shard of a sharded checkpoint even when it is the only file written
+    /// (`ckpt-write --part`): it gets the `format` metadata every shard gets.
+    public var isShard = false
     private let log: (String) -> Void
 
     private struct OutputFile {
@@ -94,7 +97,7 @@ public final class SafetensorsWriter: FileRegionSink {
             let name = groups.count == 1 ? base : SafetensorsIndex.shardName(stem: stem, index: i + 1, count: groups.count)
             let full = (dir.isEmpty ? "" : dir + "/") + name
             var shardMetadata = metadata
-            if groups.count > 1 && shardMetadata?["format"] == nil {
+            if (groups.count > 1 || isShard) && shardMetadata?["format"] == nil {
                 shardMetadata = shardMetadata ?? JSONObject()
                 shardMetadata!["format"] = .string("pt")
             }
