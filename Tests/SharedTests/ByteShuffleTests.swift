@@ -45,7 +45,12 @@ import Testing
         #expect(throws: StreamError.self) { try d.chunkHeader(header(codec: 2, width: 1), bodyLength: 60, at: 0, tensor: "t") }
         #expect(throws: StreamError.self) { try d.chunkHeader(header(codec: 2, width: 17), bodyLength: 60, at: 0, tensor: "t") }
         #expect(throws: StreamError.self) { try d.chunkHeader(header(codec: 1, width: 4), bodyLength: 60, at: 0, tensor: "t") }
-        #expect(throws: StreamError.self) { try d.chunkHeader(header(codec: 3, width: 0), bodyLength: 60, at: 0, tensor: "t") }
+        #expect(throws: StreamError.self) { try d.chunkHeader(header(codec: 5, width: 0), bodyLength: 60, at: 0, tensor: "t") }
+        // zstd (3) takes no width, zstd shuffled (4) one in 2...16, as zlib's two codecs.
+        #expect(throws: StreamError.self) { try d.chunkHeader(header(codec: 3, width: 2), bodyLength: 60, at: 0, tensor: "t") }
+        #expect(throws: StreamError.self) { try d.chunkHeader(header(codec: 4, width: 1), bodyLength: 60, at: 0, tensor: "t") }
         #expect(try d.chunkHeader(header(codec: 2, width: 4), bodyLength: 60, at: 0, tensor: "t").shuffleWidth == 4)
+        #expect(try d.chunkHeader(header(codec: 4, width: 2), bodyLength: 60, at: 0, tensor: "t").codec == .zstdShuffled)
+        #expect(try d.chunkHeader(header(codec: 3, width: 0), bodyLength: 60, at: 0, tensor: "t").codec == .zstd)
     }
 }
