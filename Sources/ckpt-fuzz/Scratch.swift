@@ -50,8 +50,8 @@ final class Scratch: @unchecked Sendable {
     /// (every reader's `MappedFile` closes its own). They are reported, never closed here: the
     /// owner would close the number again later, by then perhaps another file's (a double close
     /// once took libdispatch's epoll descriptor and left its manager thread spinning).
-    func openRunDescriptors() -> [Int32] {
-        var found: [Int32] = []
+    func openRunDescriptors() -> [(fd: Int32, path: String)] {
+        var found: [(fd: Int32, path: String)] = []
         guard firstRunDescriptor > 2 else { return [] }
         var link = [CChar](repeating: 0, count: 4096)
         let prefix = Array(root.utf8)
@@ -66,7 +66,9 @@ final class Scratch: @unchecked Sendable {
             let isOurs = n >= prefix.count && link.withUnsafeBufferPointer { b in
                 (0..<prefix.count).allSatisfy { UInt8(bitPattern: b[$0]) == prefix[$0] }
             }
-            if isOurs && !open.values.contains(fd) { found.append(fd) }
+            if isOurs && !open.values.contains(fd) {
+                found.append((fd, String(decoding: link[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)))
+            }
             fd += 1
         }
         return found

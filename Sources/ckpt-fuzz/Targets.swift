@@ -169,13 +169,9 @@ func runOne(_ t: FuzzTarget, _ data: UnsafeRawBufferPointer) -> Error? {
             usleep(1000)
             left = Scratch.shared.openRunDescriptors()
         }
-        lastRunLeakedDescriptors = left.map { fd in
-            var link = [CChar](repeating: 0, count: 4096)
-            let n = readlink("/proc/self/fd/\(fd)", &link, link.count - 1)
-            return "\(fd) " + (n > 0 ? String(decoding: link[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "?")
-        }
+        lastRunLeakedDescriptors = left.map { "\($0.fd) \($0.path)" }
         #if FUZZING
-        if !left.isEmpty { fatalError("\(t.name): the run left descriptors \(left) open on its input's files") }
+        if !left.isEmpty { fatalError("\(t.name): the run left descriptors open on its input's files: \(lastRunLeakedDescriptors)") }
         #endif
     }
     do { try t.run(data); return nil } catch { return error }

@@ -6,6 +6,7 @@ must change together.
 """
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from typing import Iterable, NamedTuple, Optional, Tuple
@@ -42,10 +43,12 @@ CODECS = (CODEC_NONE, CODEC_ZLIB, CODEC_ZLIB_SHUFFLED, CODEC_ZSTD, CODEC_ZSTD_SH
 SHUFFLED_CODECS = (CODEC_ZLIB_SHUFFLED, CODEC_ZSTD_SHUFFLED)
 
 
+@functools.lru_cache(maxsize=None)
 def zstd_codec():
     """(compress(data, level) -> bytes, decompress(data, size) -> bytes) for zstd chunks:
     Python 3.14's compression.zstd, else the `zstandard` package; None when neither is there
-    (the standard library had no zstd before 3.14)."""
+    (the standard library had no zstd before 3.14). Looked up once: a failed import is not
+    cached by Python, and this is asked for every chunk."""
     try:
         from compression import zstd as z  # Python 3.14+
         return (lambda data, level: z.compress(data, level=level),

@@ -146,9 +146,7 @@ public struct WriteCommand: ParsableCommand {
             if let spec = part.flatMap(PartSpec.init(argument:)) { return try runPart(spec) }
             if finalize { return try runFinalize() }
             var path = out
-            var isDir = false
-            var st = stat()
-            if stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR && format != "orbax" && format != "eqx" { isDir = true }
+            let isDir = format != "orbax" && format != "eqx" && isDirectory(path)
             let fmt: CheckpointFormat
             if let format { fmt = CheckpointFormat(rawValue: format)! } else if isDir { fmt = .safetensors } else {
                 guard let f = CheckpointFormat.forOutput(path) else {

@@ -17,6 +17,12 @@ public func listDirectory(_ path: String) throws -> [String] {
     return names.sorted()
 }
 
+/// Whether `path` is a folder (following symlinks); false if it does not exist.
+public func isDirectory(_ path: String) -> Bool {
+    var st = stat()
+    return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
+}
+
 /// A small file's bytes (indexes, configs); refuses files over `limit`.
 public func readWholeFile(_ path: String, limit: Int) throws -> [UInt8] {
     let fd = try FileDescriptor.openForReading(path)

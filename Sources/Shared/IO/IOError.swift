@@ -53,7 +53,6 @@ public struct MissingOutputFolderError: CkptError {
         while trimmed.count > 1 && trimmed.hasSuffix("/") { trimmed = trimmed.dropLast() }
         guard let slash = trimmed.lastIndex(of: "/") else { return }
         let folder = slash == trimmed.startIndex ? "/" : String(trimmed[..<slash])
-        var st = stat()
-        guard stat(folder, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else { throw MissingOutputFolderError(folder: folder) }
+        guard isDirectory(folder) else { throw MissingOutputFolderError(folder: folder) }
     }
 }

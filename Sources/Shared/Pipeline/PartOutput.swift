@@ -39,8 +39,7 @@ public enum PartRecords {
         try MissingOutputFolderError.check(output: folder)
         for dir in [folder, folder + "/" + folderName] {
             if mkdir(dir, 0o755) != 0 && errno != EEXIST { throw IOError(.mkdir, path: dir, errno: errno) }
-            var st = stat()
-            guard stat(dir, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
+            guard isDirectory(dir) else {
                 throw IOError(.mkdir, path: dir, errno: ENOTDIR, detail: "--part writes into a folder")
             }
         }

@@ -97,11 +97,6 @@ public enum RuleLibrary {
         return ["CKPT_RULES_PATH": String(cString: value)]
     }
 
-    static func isDirectory(_ p: String) -> Bool {
-        var st = stat()
-        return stat(p, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
-    }
-
     static func isRegularFile(_ p: String) -> Bool {
         var st = stat()
         return stat(p, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG

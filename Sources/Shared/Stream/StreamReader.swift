@@ -495,14 +495,11 @@ final class ChunkJob: Job, @unchecked Sendable {
 
     override func run() throws {
         let into = UnsafeMutableRawBufferPointer(start: output.pointer, count: rawLength)
+        let zstd = codec == .zstd || codec == .zstdShuffled
         do {
-            switch codec {
-            case .zstd, .zstdShuffled: try ZstdCodec.decompress(packed.bytes, into: into)
-            default: try ZlibCodec.decompress(packed.bytes, into: into)
-            }
+            if zstd { try ZstdCodec.decompress(packed.bytes, into: into) } else { try ZlibCodec.decompress(packed.bytes, into: into) }
         } catch {
-            throw StreamError(.decompressionFailed(detail: "\(codec == .zstd || codec == .zstdShuffled ? "zstd" : "zlib"): \(error)"),
-                              source: source, offset: frameOffset, tensor: tensor)
+            throw StreamError(.decompressionFailed(detail: "\(zstd ? "zstd" : "zlib"): \(error)"), source: source, offset: frameOffset, tensor: tensor)
         }
         output.count = rawLength
         if shuffleWidth > 1 {

@@ -32,7 +32,6 @@ public enum OrbaxReader {
     /// Finds the PyTree checkpoint folder: `path` itself (it holds `_METADATA`), its `params/`
     /// or `default/` item, or the latest (or `step`) numbered step of a CheckpointManager root.
     static func resolve(_ path: String, step: Int?) throws -> String {
-        func isDir(_ p: String) -> Bool { var st = stat(); return stat(p, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR }
         func exists(_ p: String) -> Bool { var st = stat(); return stat(p, &st) == 0 }
         if exists(path + "/_METADATA") { return path }
         for item in ["params", "default"] where exists(path + "/\(item)/_METADATA") { return path + "/" + item }
@@ -40,7 +39,7 @@ public enum OrbaxReader {
             throw OrbaxError(.missingMetadata, file: path)
         }
         let names = (try? listDirectory(path)) ?? []
-        let steps = names.compactMap { Int($0) }.filter { isDir(path + "/\($0)") }.sorted()
+        let steps = names.compactMap { Int($0) }.filter { isDirectory(path + "/\($0)") }.sorted()
         guard !steps.isEmpty else { throw OrbaxError(.notACheckpoint, file: path) }
         let chosen: Int
         if let step {
