@@ -114,6 +114,14 @@ import Testing
         #expect(rules[2].matches(try TensorDescriptor(name: "a.weight", dtype: .f32, shape: [2])) == nil)  // where rank=2
     }
 
+    /// Fuzz finding 11 (Tests/fuzz/regressions/rules/): a line of a tab and a space trapped
+    /// ("Index out of range": it split into no words) instead of being blank.
+    @Test func linesOfTabsAndSpacesAreBlank() throws {
+        let rules = try SliceRuleParser.parse("\t \n \t\na -> b\t\n\t# comment\n\t\t", file: "t.rules")
+        #expect(rules.count == 1 && rules[0].line == 3)
+        #expect(throws: RuleError(.malformedLine, file: "t.rules", line: 2)) { try SliceRuleParser.parse("\t \n\t\u{FFFD}#", file: "t.rules") }
+    }
+
     @Test func errorsNameFileAndLine() {
         let cases: [(String, String)] = [
             ("x -> y | frobnicate", "t.rules:1: unknown operation 'frobnicate'"),

@@ -405,7 +405,8 @@ public final class StreamingMerge {
 final class AheadStreamingMerge: @unchecked Sendable {
     let merge: StreamingMerge
     private let upstream: TensorSource
-    private let ready = DispatchSemaphore(value: 0)
+    /// Left once the worker has finished and let go of its closure (see `Job`).
+    private let ready = DispatchGroup()
     private var result: Result<UnsafeRawBufferPointer?, any Error>?
     private var running = false
 
@@ -416,7 +417,7 @@ final class AheadStreamingMerge: @unchecked Sendable {
 
     private func start() {
         running = true
-        DispatchQueue.global(qos: .userInitiated).async { [self] in
+        DispatchQueue.global(qos: .userInitiated).async(group: ready) { [self] in
             result = Result {
                 while let chunk = try upstream.nextChunk() {
                     let merged = try merge.take(chunk)
@@ -425,7 +426,6 @@ final class AheadStreamingMerge: @unchecked Sendable {
                 try merge.finish()
                 return nil
             }
-            ready.signal()
         }
     }
 

@@ -83,7 +83,7 @@ public final class PlannedSource: FileBackedSource {
     deinit {
         // No read-ahead job outlives its source (say, after an error): each holds the files it
         // reads from and the memory it fills.
-        for job in ahead.values { _ = try? job.wait() }
+        for job in ahead.values { try? job.wait() }
     }
 
     /// Starts making the next materialized tensors after `index` while the tensor at `index`
@@ -103,7 +103,7 @@ public final class PlannedSource: FileBackedSource {
             ahead[considered] = job
             held += bytes
             considered += 1
-            DispatchQueue.global(qos: .userInitiated).async { job.run() }
+            job.start()
         }
     }
 
@@ -131,7 +131,7 @@ public final class PlannedSource: FileBackedSource {
             let job = ahead.removeValue(forKey: index)
             scheduleAhead(after: index, holding: currentLength)
             let buffer: AlignedBuffer
-            do { buffer = try job?.wait() ?? make() } catch var e as AllocationError {
+            do { buffer = try job?.tensor() ?? make() } catch var e as AllocationError {
                 e.tensor = t.descriptor.name  // which tensor asked for the memory
                 throw e
             }
@@ -226,8 +226,9 @@ public final class PlannedSource: FileBackedSource {
 }
 
 /// A streamed tensor's chunks, each decoded on a background thread while the one before it is
-/// emitted (two chunk buffers, used in turn). The decoder is stateful, so its jobs run one at a
-/// time, in order, on a serial queue.
+/// emitted (two chunk buffers, used in turn). The decoder is stateful: one job is in flight at
+/// a time (the next starts only once the last has been waited for), so they run in order without
+/// a queue of their own (a queue per tensor was freed on a worker thread after the tensor ended).
 private final class StreamedTensor {
     private let producer: ChunkProducer
     private let length: Int
@@ -235,7 +236,6 @@ private final class StreamedTensor {
     private let pool: BufferPool
     private let name: String
     private let source: String
-    private let queue = DispatchQueue(label: "ckpt.streamed-tensor", qos: .userInitiated)
     private var requested = 0
     private var pending: ProduceJob?
     /// The chunk last handed out: valid until the next call.
@@ -263,7 +263,7 @@ private final class StreamedTensor {
         let job = ProduceJob(producer: producer, buffer: try pool.take(minimum: n), count: n, last: requested + n == length)
         requested += n
         pending = job
-        queue.async { job.execute() }
+        job.start()
     }
 
     func next() throws -> UnsafeRawBufferPointer {
@@ -303,26 +303,25 @@ private final class ProduceJob: Job, @unchecked Sendable {
 }
 
 /// One tensor being made on a background thread.
-private final class MaterializeJob: @unchecked Sendable {
+private final class MaterializeJob: Job, @unchecked Sendable {
     let bytes: Int
-    private let make: () throws -> AlignedBuffer
-    private let done = DispatchSemaphore(value: 0)
-    private var result: Result<AlignedBuffer, any Error>?
+    private var make: (() throws -> AlignedBuffer)?
+    private var made: AlignedBuffer?
 
     init(bytes: Int, make: @escaping () throws -> AlignedBuffer) {
         self.bytes = bytes
         self.make = make
     }
 
-    func run() {
-        result = Result { try make() }
-        done.signal()
+    override func run() throws {
+        defer { make = nil }  // what the closure holds (files, decoders) goes with it
+        made = try make!()
     }
 
     /// The tensor, or the error making it threw (reported when its turn comes, in order).
-    func wait() throws -> AlignedBuffer {
-        done.wait()
-        return try result!.get()
+    func tensor() throws -> AlignedBuffer {
+        try wait()
+        return made!
     }
 }
 

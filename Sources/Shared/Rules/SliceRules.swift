@@ -68,7 +68,9 @@ public enum SliceRuleParser {
         for (n, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
             let lineNumber = n + 1
             func fail(_ r: RuleError.Reason) -> RuleError { RuleError(r, file: file, line: lineNumber) }
-            let stripped = stripComment(String(raw)).trimmingCharacters(in: " ").replacingTabs()
+            // Tabs first: a line of blanks and tabs is empty (trimming spaces before replacing tabs left
+            // a lone space, which split into no words: fuzz finding 11).
+            let stripped = stripComment(String(raw)).replacingTabs().trimmingCharacters(in: " ")
             if stripped.isEmpty { continue }
             if stripped.hasPrefix("default ") {
                 // `default NAME=VALUE`: a value for `${NAME}` unless the command line set one.

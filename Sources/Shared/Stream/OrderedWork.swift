@@ -1,21 +1,30 @@
 import Dispatch
 
-/// A unit of CPU work (compress or decompress one chunk) run on another core.
+/// A unit of CPU work (compress or decompress one chunk, make a tensor ahead) run on another
+/// core.
+///
+/// It runs in a dispatch group rather than signalling a semaphore: the group is left only after
+/// the worker has released the closure that ran it, so once `wait()` returns no worker thread
+/// holds the job, or anything it holds, any longer. (With a semaphore the worker's last
+/// reference went a moment after the waiter woke: memory freed after the caller had finished,
+/// which is what makes libFuzzer run a leak check on every input.)
 public class Job: @unchecked Sendable {
-    private let finished = DispatchSemaphore(value: 0)
+    private let group = DispatchGroup()
     public var failure: Error?
 
     /// Override: the work itself. Runs on a worker thread.
     open func run() throws {}
 
-    func execute() {
-        do { try run() } catch { failure = error }
-        finished.signal()
+    /// Runs `run()` on a worker thread of the global queue.
+    public func start() {
+        DispatchQueue.global(qos: .userInitiated).async(group: group) { [self] in
+            do { try run() } catch { failure = error }
+        }
     }
 
-    /// Blocks until `run()` has returned; rethrows its error.
+    /// Blocks until `run()` has returned and the worker has let go of the job; rethrows its error.
     public func wait() throws {
-        finished.wait()
+        group.wait()
         if let failure { throw failure }
     }
 }
@@ -27,8 +36,6 @@ public final class OrderedWork<J: Job> {
     /// Jobs in submission order. Handed-back jobs leave at once: a finished job still holds
     /// its buffers, and keeping it here would keep them alive.
     private var pending: [J] = []
-    private static var queue: DispatchQueue { DispatchQueue.global(qos: .userInitiated) }
-
     public init(window: Int) { self.window = max(1, window) }
 
     public var count: Int { pending.count }
@@ -36,7 +43,7 @@ public final class OrderedWork<J: Job> {
 
     public func submit(_ job: J) {
         pending.append(job)
-        OrderedWork.queue.async { job.execute() }
+        job.start()
     }
 
     /// The oldest job, once finished; nil if none is pending.
