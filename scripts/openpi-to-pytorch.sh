@@ -83,11 +83,16 @@ merge() {
         cat
     fi
 }
+# LoRA adapters first: lora-merge then merges each base as it streams through instead of
+# holding it until its adapters arrive (openpi's `gating_einsum` sorts before
+# `gating_einsum_lora_a`; the stacked FFN weights are its largest arrays).
+FIRST=()
+[ $LORA = 1 ] && FIRST=(--first '*lora_[ab]')
 if [ -n "$PART" ]; then
     # One part: ckpt-read keeps each LoRA base with its adapters (lora-merge's pairing) and the
     # inputs of any rule that combines tensors in one part; config.json and assets/ wait for
     # --finalize. --force: a finished model in OUT_DIR stops looking complete at once.
-    "$BIN/ckpt-read" --root params --part "$PART" --group-rules "$RULES" "$PARAMS" \
+    "$BIN/ckpt-read" --root params "${FIRST[@]}" --part "$PART" --group-rules "$RULES" "$PARAMS" \
         | merge \
         | "$BIN/ckpt-slice" --rules "$RULES" --cast "$DTYPE" \
         | "$BIN/ckpt-write" --force --part "$PART" "$OUT"
@@ -96,7 +101,7 @@ fi
 if [ $FINALIZE = 1 ]; then
     "$BIN/ckpt-write" --finalize "$OUT"
 else
-    "$BIN/ckpt-read" --root params "$PARAMS" \
+    "$BIN/ckpt-read" --root params "${FIRST[@]}" "$PARAMS" \
         | merge \
         | "$BIN/ckpt-slice" --rules "$RULES" --cast "$DTYPE" \
         | "$BIN/ckpt-write" --force "$OUT/model.safetensors"

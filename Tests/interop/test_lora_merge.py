@@ -489,3 +489,29 @@ def test_without_a_manifest_an_adapter_after_its_base_is_an_error(tmp_path):
     assert p.returncode == 65, p.stderr.decode()
     assert b"m/linear_lora_a, m/linear: arrived after its base was passed on" in p.stderr, p.stderr
     assert not os.path.exists(tmp_path / "o.safetensors")
+
+
+def test_adapters_first_merge_every_base_as_it_streams(tmp_path):
+    """openpi's FFN base sorts before its adapters (gating_einsum < gating_einsum_lora_a), so
+    lora-merge holds it until they come, and says so; `ckpt-read --first` sends the adapters
+    first and nothing is held. The output is the same bytes either way."""
+    from conftest import ROOT
+    params = os.path.join(ROOT, "examples", "openpi-tiny-lora", "params")
+    merge = "lora-merge --scheme openpi --config '*_1/*=gemma_300m_lora' --config gemma_2b_lora --dtype F32"
+    outs = {}
+    for order in ("", "--first '*lora_[ab]'"):
+        out = tmp_path / f"out{len(outs)}.safetensors"
+        p = shell(f"ckpt-read --root params {order} '{params}' | {merge} | ckpt-write '{out}'")
+        assert p.returncode == 0, p.stderr.decode()
+        outs[order] = (out.read_bytes(), p.stderr.decode())
+    held = re.findall(r"(\d+) bases came before their adapters and were held until they did \(at most ([\d.]+ KiB) at once\)", outs[""][1])
+    assert held == [("4", "64.0 KiB")], outs[""][1]
+    assert "held" not in outs["--first '*lora_[ab]'"][1]
+    assert outs[""][0] == outs["--first '*lora_[ab]'"][0]
+    listing = shell(f"ckpt-read --list --root params --first '*lora_[ab]' '{params}'").stdout.decode().split("\n")[1:]
+    names = [l.split()[0] for l in listing if l.strip()]
+    firsts = [("lora_a" in n or "lora_b" in n) for n in names]
+    assert firsts == sorted(firsts, reverse=True) and sum(firsts) == 20, names
+    # A stream is read in the order it was written.
+    p = shell(f"ckpt-read --root params '{params}' > {tmp_path}/s.ckpts && ckpt-read --first '*lora*' {tmp_path}/s.ckpts")
+    assert p.returncode == 64 and "--first reorders a file's tensors" in p.stderr.decode(), p.stderr.decode()

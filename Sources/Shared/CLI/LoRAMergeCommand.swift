@@ -183,6 +183,9 @@ public struct LoRAMergeCommand: ParsableCommand {
         let scales = s.scales.sorted { $0.key < $1.key }.map { "\($0.key) x\($0.value)" }.joined(separator: ", ")
         let rate = s.mergeSeconds > 0 ? s.flops / s.mergeSeconds / 1e9 : 0
         Tool.note("lora-merge", "merged \(total) modules (\(perScheme)); scale \(scales); \(s.adaptersConsumed) adapter tensors consumed, \(s.passed) tensors passed through; \(short(s.flops / 1e9)) GFLOP in \(short(s.mergeSeconds)) s (\(short(rate)) GFLOP/s)")
+        if s.held > 0 {
+            Tool.note("lora-merge", "\(s.held) bases came before their adapters and were held until they did (at most \(formatBytes(s.heldPeakBytes)) at once); ckpt-read --first '*lora*' sends adapters first")
+        }
     }
 
     func short(_ x: Double) -> String {

@@ -56,6 +56,9 @@ public struct ReadCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Orbax: decode the next array on another core while this one is written, holding at most SIZE of arrays (default 1GiB; 0: one array at a time).", valueName: "size"))
     public var readAhead: String?
 
+    @Option(help: ArgumentHelp("Emit tensors whose name matches GLOB before the others, each group in input order (repeatable; file inputs). For a later lora-merge: --first '*lora*' sends adapters before their bases, so no base is held.", valueName: "glob"))
+    public var first: [String] = []
+
     @Option(help: ArgumentHelp("Emit only the K-th of N byte-balanced parts of the tensors, K from 0 to N-1 (for N pipelines run apart; ckpt-write --part and --finalize put them together).", valueName: "K/N"))
     public var part: String?
 
@@ -100,6 +103,12 @@ public struct ReadCommand: ParsableCommand {
             var partKey: PartHeader?
             if let spec = part.flatMap(PartSpec.init(argument:)) {
                 (source, partKey) = try openPart(spec, of: source, options: options, producer: producer)
+            }
+            if !first.isEmpty {
+                guard let planned = source as? PlannedSource else {
+                    throw UsageError("--first reorders a file's tensors; a stream is read in the order it was written")
+                }
+                source = planned.reordered(first: first)
             }
             if list {
                 guard let manifest = source.manifest else {

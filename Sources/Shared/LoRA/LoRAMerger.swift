@@ -34,6 +34,10 @@ public final class LoRAMerger: TensorSource {
         public var flops: Double = 0
         public var mergeSeconds: Double = 0
         public var unmerged: [String] = []
+        /// Bases that came before their adapters and were held in memory until they came, and
+        /// the most bytes held at once.
+        public var held = 0
+        public var heldPeakBytes = 0
     }
 
     public let header: StreamHeader
@@ -170,6 +174,8 @@ public final class LoRAMerger: TensorSource {
                 try keepAdapter(t.descriptor)
             case .hold(let module):
                 heldBases[module] = (t, try readWhole(t.descriptor))
+                summary.held += 1
+                summary.heldPeakBytes = max(summary.heldPeakBytes, heldBases.values.reduce(0) { $0 + $1.0.descriptor.byteCount })
             case .merge(let module, let base, let parts, let output, let plan):
                 if base.name == t.descriptor.name, plan.merge.inOrder, parts[.magnitude] == nil {
                     // Its adapters are all here: merge the base row by row as it streams through.

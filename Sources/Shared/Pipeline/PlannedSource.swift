@@ -80,6 +80,16 @@ public final class PlannedSource: FileBackedSource {
         manifest = plan.map(\.0.descriptor)
     }
 
+    /// The same tensors with those whose name matches any of `patterns` (fnmatch globs, as
+    /// `--only`) first, each group in its own order: `ckpt-read --first` puts LoRA adapters
+    /// before their bases, so `lora-merge` merges each base as it streams instead of holding it.
+    /// Reading order costs nothing here: every tensor's place in the file is already known.
+    public func reordered(first patterns: [String]) -> PlannedSource {
+        let isFirst = plan.map { t in patterns.contains { globMatches($0, t.0.descriptor.name) } }
+        let order = plan.indices.filter { isFirst[$0] } + plan.indices.filter { !isFirst[$0] }
+        return PlannedSource(header: header, plan: order.map { plan[$0] }, chunkSize: chunkSize, readAhead: readAhead)
+    }
+
     deinit {
         // No read-ahead job outlives its source (say, after an error): each holds the files it
         // reads from and the memory it fills.
