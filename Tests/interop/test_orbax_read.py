@@ -264,12 +264,13 @@ def test_arrays_orbax_splits_into_chunk_rows_stream_equal(tmp_path, ocdbt, zarr3
         assert ours[k].data == np.asarray(v).tobytes() == restored[k].tobytes(), k
 
 
-@pytest.mark.parametrize("chunks", [[3, 5], [3, 2], [2, 5], [7, 5]])
+@pytest.mark.parametrize("chunks", [[3, 5], [2, 5], [7, 2], [7, 3], [3, 2], [7, 5]])
 @pytest.mark.parametrize("compressor", [None, "zstd"])
 def test_edge_chunks_and_bands_are_cut_to_the_array(tmp_path, chunks, compressor):
-    """Chunk rows whose last chunk overhangs the array (zarr stores it padded to full size),
-    chunks that split the trailing axis too (decoded a band of rows at a time), one chunk: the
-    bytes are the array's, as tensorstore reads it."""
+    """Chunks split along one axis, the first or the last, read side by side, with an edge chunk
+    that overhangs the array (zarr stores it padded to full size); chunks split along both
+    (decoded a band of chunk rows at a time); one chunk: the bytes are the array's, as
+    tensorstore reads it."""
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
     import tensorstore as ts
@@ -283,9 +284,9 @@ def test_edge_chunks_and_bands_are_cut_to_the_array(tmp_path, chunks, compressor
     ts.open(spec, create=True).result().write(want).result()
     _, ours = read(str(path))
     assert ours["x"].data == want.tobytes()
-    # A slab cut short: the stream must fail, not pad.
-    last = path / "x" / (f"{(7 - 1) // chunks[0]}.0")
-    if compressor and chunks[1] == 5 and chunks[0] < 7:
+    # A chunk cut short: the stream must fail, not pad.
+    last = path / "x" / f"{(7 - 1) // chunks[0]}.{(5 - 1) // chunks[1]}"
+    if compressor and (chunks[0] < 7 or chunks[1] < 5):
         last.write_bytes(last.read_bytes()[:-3])
         p = run(["ckpt-read", str(path)])
         assert p.returncode == EX_DATAERR and "x" in p.stderr.decode(), p.stderr.decode()

@@ -182,9 +182,9 @@ public enum OrbaxReader {
                 plan.append((TensorHeader(d), .mapped(f, offset: o)))
             } else if a.codec == .zstd, case .file(let f, let o, let n)? = single {
                 plan.append((TensorHeader(d), .streamed { try ZarrStreamedChunk(f, offset: o, count: n, array: array, file: dir) }))
-            } else if a.decodesInBands {
-                // Several chunk rows (orbax splits arrays over ~2 GB): a band of rows at a time.
-                plan.append((TensorHeader(d), .streamed { ZarrBandedArray(array, file: dir, get: { try get(param + "/" + $0) }) }))
+            } else if ZarrSplitArray.streams(a) {
+                // Split into chunks (orbax splits arrays over ~2 GB): streamed without assembling.
+                plan.append((TensorHeader(d), .streamed { ZarrSplitArray(array, file: dir, get: { try get(param + "/" + $0) }) }))
             } else {
                 plan.append((TensorHeader(d), .materialized { try array.assemble(file: dir, get: { try get(param + "/" + $0) }) }))
             }

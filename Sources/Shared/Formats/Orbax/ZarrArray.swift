@@ -339,10 +339,6 @@ public struct ZarrArray: Sendable {
         return out
     }
 
-    /// Whether the array can be decoded a band of chunk rows at a time (`ZarrBandedArray`):
-    /// plain chunks, more than one along the first axis.
-    var decodesInBands: Bool { innerChunks == nil && shape.count > 1 && grid[0] > 1 && !shape.contains(0) }
-
     /// The elements along the first axis that chunk row `k` covers.
     func bandRows(_ k: Int) -> Range<Int> { (k * chunks[0])..<min((k + 1) * chunks[0], shape[0]) }
 
@@ -498,111 +494,183 @@ final class ZarrStreamedChunk: ChunkProducer {
     }
 }
 
-/// An array of several chunk rows along its first axis, produced in order as the stream goes
+/// One stored chunk read in order, piece by piece: zstd in a data file decoded as it goes,
+/// uncompressed bytes read in place, anything else (inline values, zlib, gzip) decoded whole.
+private final class ChunkReader {
+    private var decoder: ZstdCodec.FileDecoder?
+    private var decoded: AlignedBuffer?
+    private var mapped: (MappedFile, offset: Int)?
+    private let value: KVValue
+    private let bytes: Int
+    private var position = 0
+
+    init(_ value: KVValue, bytes: Int, array: ZarrArray, file: String) throws {
+        self.value = value
+        self.bytes = bytes
+        switch (array.codec, value) {
+        case (.zstd, .file(let f, let o, let n)):
+            do { decoder = try ZstdCodec.FileDecoder(f, offset: o, count: n, expected: bytes) } catch {
+                throw ZarrArray.fail(array.name, .doesNotDecompress(detail: "\(error)"), file: file)
+            }
+        case (nil, .file(let f, let o, let n)) where n == bytes:
+            mapped = (f, o)
+        default:
+            decoded = try array.decode(value, count: bytes, file: file)
+        }
+    }
+
+    /// Fills `out` with the chunk's next bytes; false if it has fewer left.
+    func read(into out: UnsafeMutableRawBufferPointer) throws -> Bool {
+        guard out.count <= bytes - position else { return false }
+        if let decoder {
+            guard try decoder.read(into: out) == out.count else { return false }
+        } else if let (f, o) = mapped {
+            if out.count > 0 { out.baseAddress!.copyMemory(from: f.bytes(at: o + position, count: out.count).baseAddress!, byteCount: out.count) }
+            f.drop(offset: o + position, count: out.count)
+        } else if let decoded {
+            if out.count > 0 { out.baseAddress!.copyMemory(from: decoded.pointer + position, byteCount: out.count) }
+        }
+        position += out.count
+        return true
+    }
+
+    /// Checks that the chunk ended exactly where its shape says.
+    func finish() throws {
+        try decoder?.finish()
+        decoded = nil
+        value.release()
+    }
+}
+
+/// An array split into chunks along one axis only (every chunk spans all the other axes), or
+/// into several chunk rows along its first axis: produced in order as the stream goes
 /// (`TensorData.streamed`) without ever holding the array. Orbax splits an array over ~2 GB
-/// along its leading axes, so each chunk usually spans every other axis: it is then a
-/// contiguous, row-major slab of the array, and a zstd chunk is decoded straight into the
-/// stream's buffers (a decoder window held, nothing else). Otherwise the chunks of one row are
-/// decoded into a band (all cores at once) and the band is emitted. Assembled whole, the largest
-/// array of a full-size pi0 checkpoint took 2.4 GB in `ckpt-read`, and another while the next
-/// was decoded ahead.
-final class ZarrBandedArray: ChunkProducer {
+/// along one axis (a full-size pi0's stacked `gating_einsum`, 2.4 GB of bf16, is two chunks
+/// along its last axis); assembled whole, it took 2.4 GB in `ckpt-read`, and another while the
+/// next array was decoded ahead.
+///
+/// Split along axis `b`, the array in row-major order is, for each index of the axes before
+/// `b`, one piece of every chunk in turn (its extent along `b` times the axes after): the
+/// chunks are read side by side, each in its own order, a piece at a time (zstd chunks decoded
+/// as they go: a decoder window each). The edge chunk's padding (zarr stores it at full size)
+/// is read past. Other splits with several chunk rows along the first axis are decoded a band
+/// of chunk rows at a time (all cores at once) and the band emitted.
+final class ZarrSplitArray: ChunkProducer {
     private let array: ZarrArray
     private let file: String
     private let get: (String) throws -> KVValue?
-    private let rowBytes: Int
-    /// Every chunk spans all axes but the first: one chunk is one band.
-    private let slabs: Bool
+    /// The split axis when the chunks are read side by side.
+    private let axis: Int?
+    /// Side by side: bytes of one row of the axes after the split one, each chunk's valid
+    /// extent along it, and the outer index being emitted.
+    private let innerBytes: Int
+    private var readers: [ChunkReader] = []
+    private var outer = 0
+    private let outerCount: Int
+    private var piece = 0
+    private var pieceLeft = 0
+    /// Band mode: the next chunk row, the current band and how far it was emitted.
     private var nextBand = 0
-    /// The current band's bytes when it was decoded whole (band mode, or a slab that cannot
-    /// stream), and how far it has been emitted.
     private var band: AlignedBuffer?
     private var bandPosition = 0
-    /// The current slab's decoder, with the bytes of it still to emit and the edge chunk's
-    /// padding rows after them (zarr stores edge chunks at full size).
-    private var decoder: ZstdCodec.FileDecoder?
-    private var slabLeft = 0
-    private var padding = 0
+
+    /// Most chunks read side by side (each holds a zstd window, up to a few MiB).
+    static let maxSideBySide = 64
+
+    /// The axis to read side by side along: the only one split, at most `maxSideBySide` ways,
+    /// every other chunk extent equal to the array's.
+    static func sideBySideAxis(_ a: ZarrArray) -> Int? {
+        guard a.innerChunks == nil, !a.shape.contains(0) else { return nil }
+        let grid = a.grid
+        let split = grid.indices.filter { grid[$0] > 1 }
+        guard split.count == 1, let b = split.first, grid[b] <= maxSideBySide,
+              a.shape.indices.allSatisfy({ $0 == b || a.chunks[$0] == a.shape[$0] }) else { return nil }
+        return b
+    }
+
+    /// Whether the array streams (side by side, or in bands of chunk rows).
+    static func streams(_ a: ZarrArray) -> Bool {
+        sideBySideAxis(a) != nil || (a.innerChunks == nil && a.shape.count > 1 && a.grid[0] > 1 && !a.shape.contains(0))
+    }
 
     init(_ array: ZarrArray, file: String, get: @escaping (String) throws -> KVValue?) {
         self.array = array
         self.file = file
         self.get = get
-        rowBytes = array.shape.dropFirst().reduce(1, *) * array.dtype.size
-        slabs = Array(array.chunks.dropFirst()) == Array(array.shape.dropFirst())
+        axis = ZarrSplitArray.sideBySideAxis(array)
+        let b = axis ?? 0
+        innerBytes = array.shape.dropFirst(b + 1).reduce(1, *) * array.dtype.size
+        outerCount = array.shape.prefix(b).reduce(1, *)
     }
 
     private func fail(_ error: Error) -> Error {
         error is OrbaxError ? error : ZarrArray.fail(array.name, .doesNotDecompress(detail: "\(error)"), file: file)
     }
 
-    /// Starts band `nextBand`: a streaming decoder for a zstd slab in a data file, else the band
-    /// decoded whole.
-    private func startBand() throws {
-        let k = nextBand
-        nextBand += 1
-        bandPosition = 0
-        let bytes = array.bandRows(k).count * rowBytes
-        if slabs {
-            band = nil  // a streamed slab emits from its decoder; a decoded one brings its own buffer
-            let key = array.chunkKey([k] + [Int](repeating: 0, count: array.shape.count - 1))
+    /// Opens every chunk along the split axis (side by side).
+    private func openReaders(_ b: Int) throws {
+        let chunkBytes = array.chunks.reduce(1, *) * array.dtype.size
+        for j in 0..<array.grid[b] {
+            var index = [Int](repeating: 0, count: array.shape.count)
+            index[b] = j
+            let key = array.chunkKey(index)
             guard let value = try get(key) else { throw ZarrArray.fail(array.name, .missingChunk(key: key), file: file) }
-            let whole = array.chunks[0] * rowBytes
-            if array.codec == .zstd, case .file(let f, let o, let n) = value {
-                do { decoder = try ZstdCodec.FileDecoder(f, offset: o, count: n, expected: whole) } catch { throw fail(error) }
-                slabLeft = bytes
-                padding = whole - bytes
-                return
-            }
-            let chunk = try array.decode(value, count: whole, file: file)
-            value.release()
-            chunk.count = bytes  // the edge chunk's padding rows are not the array's
-            band = chunk
-            return
+            readers.append(try ChunkReader(value, bytes: chunkBytes, array: array, file: file))
         }
-        // One band buffer, reused: each band overwrites all of it.
-        if band == nil || band!.capacity < bytes { band = try AlignedBuffer.reusable(capacity: max(bytes, 1)) }
-        band!.count = bytes
-        try array.fill(band!, rows: k..<(k + 1), file: file, get: get)
     }
 
-    /// Ends a streamed slab: reads past its padding rows and checks the data ends there.
-    private func endSlab() throws {
-        guard let d = decoder else { return }
-        do {
-            var scratch = [UInt8](repeating: 0, count: min(padding, 1 << 16))
-            while padding > 0 {
-                let n = try scratch.withUnsafeMutableBytes { try d.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<min(padding, $0.count)])) }
-                guard n > 0 else { break }
-                padding -= n
-            }
-            try d.finish()
-        } catch { throw fail(error) }
-        decoder = nil
-    }
+    private func validExtent(_ j: Int, _ b: Int) -> Int { min(array.chunks[b], array.shape[b] - j * array.chunks[b]) }
 
     func produce(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
-        var filled = 0
-        while filled < buffer.count {
-            if let d = decoder {
-                if slabLeft == 0 {
-                    try endSlab()
-                    continue
-                }
-                let want = min(buffer.count - filled, slabLeft)
-                let n: Int
-                do { n = try d.read(into: UnsafeMutableRawBufferPointer(start: buffer.baseAddress! + filled, count: want)) } catch { throw fail(error) }
-                guard n == want else {
-                    throw ZarrArray.fail(array.name, .endsEarly(produced: d.produced, expected: d.expected), file: file)
+        guard let b = axis else { return try produceBands(into: buffer) }
+        do {
+            if readers.isEmpty { try openReaders(b) }
+            var filled = 0
+            while filled < buffer.count && outer < outerCount {
+                if pieceLeft == 0 { pieceLeft = validExtent(piece, b) * innerBytes }
+                let n = min(buffer.count - filled, pieceLeft)
+                guard try readers[piece].read(into: UnsafeMutableRawBufferPointer(start: buffer.baseAddress! + filled, count: n)) else {
+                    throw ZarrArray.fail(array.name, .endsEarly(produced: filled, expected: buffer.count), file: file)
                 }
                 filled += n
-                slabLeft -= n
-                continue
+                pieceLeft -= n
+                if pieceLeft == 0 {
+                    try skipPadding(piece, b)
+                    piece += 1
+                    if piece == readers.count { piece = 0; outer += 1 }
+                }
             }
+            return filled
+        } catch { throw fail(error) }
+    }
+
+    /// Reads past the rows of the edge chunk beyond the array, after each of its pieces.
+    private func skipPadding(_ j: Int, _ b: Int) throws {
+        var pad = (array.chunks[b] - validExtent(j, b)) * innerBytes
+        guard pad > 0 else { return }
+        var scratch = [UInt8](repeating: 0, count: min(pad, 1 << 16))
+        while pad > 0 {
+            let n = min(pad, scratch.count)
+            let ok = try scratch.withUnsafeMutableBytes { try readers[j].read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
+            guard ok else { throw ZarrArray.fail(array.name, .endsEarly(produced: 0, expected: n), file: file) }
+            pad -= n
+        }
+    }
+
+    /// Band mode: the chunk rows along the first axis decoded one band at a time.
+    private func produceBands(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        let rowBytes = array.shape.dropFirst().reduce(1, *) * array.dtype.size
+        var filled = 0
+        while filled < buffer.count {
             if band == nil || bandPosition == band!.count {
                 guard nextBand < array.grid[0] else { break }
-                try startBand()
-                continue
+                // One band buffer, reused: each band overwrites all of it.
+                let bytes = array.bandRows(nextBand).count * rowBytes
+                if band == nil || band!.capacity < bytes { band = try AlignedBuffer.reusable(capacity: max(bytes, 1)) }
+                band!.count = bytes
+                try array.fill(band!, rows: nextBand..<(nextBand + 1), file: file, get: get)
+                nextBand += 1
+                bandPosition = 0
             }
             let n = min(buffer.count - filled, band!.count - bandPosition)
             (buffer.baseAddress! + filled).copyMemory(from: band!.pointer + bandPosition, byteCount: n)
@@ -612,10 +680,10 @@ final class ZarrBandedArray: ChunkProducer {
         return filled
     }
 
-    /// The bands partition the first axis, so they hold exactly the array's bytes; the last
-    /// slab's padding and frame end are checked here.
+    /// Every chunk must end exactly where its shape says (padding included).
     func finish() throws {
-        if decoder != nil, slabLeft == 0 { try endSlab() }
+        do { for r in readers { try r.finish() } } catch { throw fail(error) }
+        readers = []
         band = nil
     }
 }
