@@ -7,7 +7,8 @@
 #   BENCH_OUT=/dev/shm/out.safetensors scripts/bench.sh    outputs to RAM: no disk writeback noise
 #   BENCH_CASES="cat ckpt" scripts/bench.sh 8 1    only some cases (python needs 2x SIZE of RAM)
 #
-# Cases: cat, ckpt, ckpt-zlib1, python-safetensors (safetensors in and out); ckpt-lora (ckpt with
+# Cases: cat, ckpt, ckpt-buffered (ckpt-write --buffered-io), ckpt-zlib1, python-safetensors
+# (safetensors in and out); ckpt-lora (ckpt with
 # lora-merge of a rank-16 PEFT adapter on every tensor), python-peft (the same merge in torch);
 # ckpt-openpi, python-openpi (a synthetic pi0 LoRA checkpoint, OPENPI_SCALE of pi0's widths,
 # through the openpi recipe's stages, and through what openpi's script does in Python;
@@ -32,7 +33,7 @@ cd "$(dirname "$0")/.."
 SIZE_GIB="${1:-2}"
 REPS="${2:-3}"
 WORK="${BENCH_DIR:-$PWD/bench-work}"
-CASES="${BENCH_CASES:-cat ckpt ckpt-zlib1 python-safetensors ckpt-lora python-peft cat-pt ckpt-pt python-torch ckpt-orbax python-orbax}"
+CASES="${BENCH_CASES:-cat ckpt ckpt-buffered ckpt-zlib1 python-safetensors ckpt-lora python-peft cat-pt ckpt-pt python-torch ckpt-orbax python-orbax}"
 mkdir -p "$WORK"
 
 scripts/setup.sh >/dev/null
@@ -172,6 +173,9 @@ for rep in $(seq "$REPS"); do
         cat) run cat "$(T 1) cat '$IN' > '$OUT'" ;;
         ckpt) ckpt_case ckpt "$IN" 1 ;;
         ckpt-zlib1) ckpt_case ckpt-zlib1 "$IN" 1 --compress zlib:1 ;;
+        ckpt-buffered)  # ckpt-write through the page cache (--buffered-io) instead of O_DIRECT
+            run ckpt-buffered "$(T 1) $BIN/ckpt-read '$IN' | $(T 2) $BIN/ckpt-write --buffered-io '$OUT'"
+            cmp -s "$IN" "$OUT" || { echo "ckpt-buffered: output differs from $IN" >&2; exit 1; } ;;
         ckpt-openpi)
             openpi_case ckpt-openpi
             cp "$OUT" "$WORK/openpi-ours.safetensors" ;;
