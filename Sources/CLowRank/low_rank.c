@@ -254,66 +254,62 @@ TRANSPOSE(uint64_t)
 // only: the bits are copied, never computed on. The tile's ragged edges go element by
 // element. The scalar tiles ran at ~2 GB/s and were 40% of ckpt-slice's time on the openpi
 // recipe (its einsum weights are transposed per layer).
-__attribute__((target("avx2"))) static void transpose_u32_avx2(const uint32_t *in, size_t is, uint32_t *out, size_t os,
-                                                                size_t rows, size_t cols) {
-    for (size_t a0 = 0; a0 < rows; a0 += 32) {
-        const size_t a1 = a0 + 32 < rows ? a0 + 32 : rows, af = a0 + (a1 - a0) / 8 * 8;
-        for (size_t j0 = 0; j0 < cols; j0 += 32) {
-            const size_t j1 = j0 + 32 < cols ? j0 + 32 : cols, jf = j0 + (j1 - j0) / 8 * 8;
-            for (size_t a = a0; a < af; a += 8)
-                for (size_t j = j0; j < jf; j += 8) {
-                    __m256 r[8], t[8], u[8];
-                    for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps((const float *)(in + a + (j + k) * is));
-                    for (int k = 0; k < 8; k += 2) {
-                        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
-                        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
-                    }
-                    for (int k = 0; k < 8; k += 4) {
-                        u[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
-                        u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
-                        u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
-                        u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
-                    }
-                    for (int k = 0; k < 4; k++) {
-                        _mm256_storeu_ps((float *)(out + (a + k) * os + j), _mm256_permute2f128_ps(u[k], u[k + 4], 0x20));
-                        _mm256_storeu_ps((float *)(out + (a + k + 4) * os + j), _mm256_permute2f128_ps(u[k], u[k + 4], 0x31));
-                    }
-                }
-            for (size_t a = a0; a < a1; a++)
-                for (size_t j = (a < af ? jf : j0); j < j1; j++) out[a * os + j] = in[a + j * is];
-        }
+// One 8x8 block: out rows a..a+7, columns j..j+7 (the caller has offset both pointers).
+__attribute__((target("avx2"))) static inline void block_u32_avx2(const uint32_t *in, size_t is, uint32_t *out, size_t os) {
+    __m256 r[8], t[8], u[8];
+    for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps((const float *)(in + k * is));
+    for (int k = 0; k < 8; k += 2) {
+        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+    }
+    for (int k = 0; k < 8; k += 4) {
+        u[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+        u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+        u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+        u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+    }
+    for (int k = 0; k < 4; k++) {
+        _mm256_storeu_ps((float *)(out + k * os), _mm256_permute2f128_ps(u[k], u[k + 4], 0x20));
+        _mm256_storeu_ps((float *)(out + (k + 4) * os), _mm256_permute2f128_ps(u[k], u[k + 4], 0x31));
     }
 }
 
-static void transpose_u16_sse2(const uint16_t *in, size_t is, uint16_t *out, size_t os, size_t rows, size_t cols) {
-    for (size_t a0 = 0; a0 < rows; a0 += 32) {
-        const size_t a1 = a0 + 32 < rows ? a0 + 32 : rows, af = a0 + (a1 - a0) / 8 * 8;
-        for (size_t j0 = 0; j0 < cols; j0 += 32) {
-            const size_t j1 = j0 + 32 < cols ? j0 + 32 : cols, jf = j0 + (j1 - j0) / 8 * 8;
-            for (size_t a = a0; a < af; a += 8)
-                for (size_t j = j0; j < jf; j += 8) {
-                    __m128i r[8], b[8], c[8];
-                    for (int k = 0; k < 8; k++) r[k] = _mm_loadu_si128((const __m128i *)(in + a + (j + k) * is));
-                    for (int k = 0; k < 8; k += 2) {
-                        b[k] = _mm_unpacklo_epi16(r[k], r[k + 1]);
-                        b[k + 1] = _mm_unpackhi_epi16(r[k], r[k + 1]);
-                    }
-                    for (int k = 0; k < 8; k += 4) {
-                        c[k] = _mm_unpacklo_epi32(b[k], b[k + 2]);
-                        c[k + 1] = _mm_unpackhi_epi32(b[k], b[k + 2]);
-                        c[k + 2] = _mm_unpacklo_epi32(b[k + 1], b[k + 3]);
-                        c[k + 3] = _mm_unpackhi_epi32(b[k + 1], b[k + 3]);
-                    }
-                    for (int k = 0; k < 4; k++) {
-                        _mm_storeu_si128((__m128i *)(out + (a + 2 * k) * os + j), _mm_unpacklo_epi64(c[k], c[k + 4]));
-                        _mm_storeu_si128((__m128i *)(out + (a + 2 * k + 1) * os + j), _mm_unpackhi_epi64(c[k], c[k + 4]));
-                    }
-                }
-            for (size_t a = a0; a < a1; a++)
-                for (size_t j = (a < af ? jf : j0); j < j1; j++) out[a * os + j] = in[a + j * is];
-        }
+static inline void block_u16_sse2(const uint16_t *in, size_t is, uint16_t *out, size_t os) {
+    __m128i r[8], b[8], c[8];
+    for (int k = 0; k < 8; k++) r[k] = _mm_loadu_si128((const __m128i *)(in + k * is));
+    for (int k = 0; k < 8; k += 2) {
+        b[k] = _mm_unpacklo_epi16(r[k], r[k + 1]);
+        b[k + 1] = _mm_unpackhi_epi16(r[k], r[k + 1]);
+    }
+    for (int k = 0; k < 8; k += 4) {
+        c[k] = _mm_unpacklo_epi32(b[k], b[k + 2]);
+        c[k + 1] = _mm_unpackhi_epi32(b[k], b[k + 2]);
+        c[k + 2] = _mm_unpacklo_epi32(b[k + 1], b[k + 3]);
+        c[k + 3] = _mm_unpackhi_epi32(b[k + 1], b[k + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        _mm_storeu_si128((__m128i *)(out + 2 * k * os), _mm_unpacklo_epi64(c[k], c[k + 4]));
+        _mm_storeu_si128((__m128i *)(out + (2 * k + 1) * os), _mm_unpackhi_epi64(c[k], c[k + 4]));
     }
 }
+
+// The tiles of one transpose, each as full 8x8 blocks by BLOCK and its ragged edges element by
+// element: out[a * os + j] = in[a + j * is].
+#define BLOCKED_TRANSPOSE(NAME, T, ATTR, BLOCK)                                                  \
+    ATTR static void NAME(const T *in, size_t is, T *out, size_t os, size_t rows, size_t cols) { \
+        for (size_t a0 = 0; a0 < rows; a0 += 32) {                                             \
+            const size_t a1 = a0 + 32 < rows ? a0 + 32 : rows, af = a0 + (a1 - a0) / 8 * 8;     \
+            for (size_t j0 = 0; j0 < cols; j0 += 32) {                                         \
+                const size_t j1 = j0 + 32 < cols ? j0 + 32 : cols, jf = j0 + (j1 - j0) / 8 * 8; \
+                for (size_t a = a0; a < af; a += 8)                                            \
+                    for (size_t j = j0; j < jf; j += 8) BLOCK(in + a + j * is, is, out + a * os + j, os); \
+                for (size_t a = a0; a < a1; a++)                                               \
+                    for (size_t j = (a < af ? jf : j0); j < j1; j++) out[a * os + j] = in[a + j * is]; \
+            }                                                                                  \
+        }                                                                                      \
+    }
+BLOCKED_TRANSPOSE(transpose_u32_avx2, uint32_t, __attribute__((target("avx2"))), block_u32_avx2)
+BLOCKED_TRANSPOSE(transpose_u16_sse2, uint16_t, , block_u16_sse2)
 #endif
 
 void ckpt_transpose(const void *in, size_t in_stride, void *out, size_t out_stride,

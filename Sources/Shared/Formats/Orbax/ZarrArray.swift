@@ -339,8 +339,8 @@ public struct ZarrArray: Sendable {
         return out
     }
 
-    /// The elements along the first axis that chunk row `k` covers.
-    func bandRows(_ k: Int) -> Range<Int> { (k * chunks[0])..<min((k + 1) * chunks[0], shape[0]) }
+    /// The elements along the first axis that chunk rows `rows` cover.
+    func elementRows(_ rows: Range<Int>) -> Range<Int> { (rows.lowerBound * chunks[0])..<min(rows.upperBound * chunks[0], shape[0]) }
 
     /// Decodes the chunks whose first index is in `rows` (chunk rows, not elements) into `out`,
     /// which holds exactly the elements they cover along the first axis (all of the others): a
@@ -349,9 +349,10 @@ public struct ZarrArray: Sendable {
     /// plus one chunk per core.
     func fill(_ out: AlignedBuffer, rows: Range<Int>, file: String, get: (String) throws -> KVValue?) throws {
         let chunkElements = chunks.reduce(1, *)
-        let first = shape.isEmpty ? 0 : rows.lowerBound * chunks[0]
+        let band = shape.isEmpty ? 0..<1 : elementRows(rows)
+        let first = band.lowerBound
         var bandShape = shape
-        if !shape.isEmpty { bandShape[0] = min(rows.upperBound * chunks[0], shape[0]) - first }
+        if !shape.isEmpty { bandShape[0] = band.count }
         var work: [(key: String, origin: [Int], value: KVValue)] = []
         try forEachChunkIndex { index in
             guard shape.isEmpty || rows.contains(index[0]) else { return }
@@ -519,6 +520,33 @@ private final class ChunkReader {
         }
     }
 
+    /// A zstd chunk's padding is decoded into this and dropped (made once, on the first skip).
+    private var scratch: AlignedBuffer?
+
+    /// The error for a chunk whose data ended before `bytes`: how far it got.
+    func endedEarly(_ array: ZarrArray, file: String) -> OrbaxError {
+        ZarrArray.fail(array.name, .endsEarly(produced: decoder?.produced ?? position, expected: bytes), file: file)
+    }
+
+    /// Moves past the chunk's next `count` bytes (an edge chunk's padding): decoded and dropped
+    /// for zstd, not copied at all otherwise. False if it has fewer left.
+    func skip(_ count: Int) throws -> Bool {
+        guard count <= bytes - position else { return false }
+        if let decoder {
+            if scratch == nil { scratch = try AlignedBuffer(capacity: 1 << 16) }
+            var left = count
+            while left > 0 {
+                let n = min(left, scratch!.capacity)
+                guard try decoder.read(into: UnsafeMutableRawBufferPointer(start: scratch!.pointer, count: n)) == n else { return false }
+                left -= n
+            }
+        } else if let (f, o) = mapped {
+            f.drop(offset: o + position, count: count)
+        }
+        position += count
+        return true
+    }
+
     /// Fills `out` with the chunk's next bytes; false if it has fewer left.
     func read(into out: UnsafeMutableRawBufferPointer) throws -> Bool {
         guard out.count <= bytes - position else { return false }
@@ -630,31 +658,21 @@ final class ZarrSplitArray: ChunkProducer {
                 if pieceLeft == 0 { pieceLeft = validExtent(piece, b) * innerBytes }
                 let n = min(buffer.count - filled, pieceLeft)
                 guard try readers[piece].read(into: UnsafeMutableRawBufferPointer(start: buffer.baseAddress! + filled, count: n)) else {
-                    throw ZarrArray.fail(array.name, .endsEarly(produced: filled, expected: buffer.count), file: file)
+                    throw readers[piece].endedEarly(array, file: file)
                 }
                 filled += n
                 pieceLeft -= n
                 if pieceLeft == 0 {
-                    try skipPadding(piece, b)
+                    // The edge chunk's rows beyond the array, after each of its pieces.
+                    guard try readers[piece].skip((array.chunks[b] - validExtent(piece, b)) * innerBytes) else {
+                        throw readers[piece].endedEarly(array, file: file)
+                    }
                     piece += 1
                     if piece == readers.count { piece = 0; outer += 1 }
                 }
             }
             return filled
         } catch { throw fail(error) }
-    }
-
-    /// Reads past the rows of the edge chunk beyond the array, after each of its pieces.
-    private func skipPadding(_ j: Int, _ b: Int) throws {
-        var pad = (array.chunks[b] - validExtent(j, b)) * innerBytes
-        guard pad > 0 else { return }
-        var scratch = [UInt8](repeating: 0, count: min(pad, 1 << 16))
-        while pad > 0 {
-            let n = min(pad, scratch.count)
-            let ok = try scratch.withUnsafeMutableBytes { try readers[j].read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
-            guard ok else { throw ZarrArray.fail(array.name, .endsEarly(produced: 0, expected: n), file: file) }
-            pad -= n
-        }
     }
 
     /// Band mode: the chunk rows along the first axis decoded one band at a time.
@@ -665,7 +683,7 @@ final class ZarrSplitArray: ChunkProducer {
             if band == nil || bandPosition == band!.count {
                 guard nextBand < array.grid[0] else { break }
                 // One band buffer, reused: each band overwrites all of it.
-                let bytes = array.bandRows(nextBand).count * rowBytes
+                let bytes = array.elementRows(nextBand..<(nextBand + 1)).count * rowBytes
                 if band == nil || band!.capacity < bytes { band = try AlignedBuffer.reusable(capacity: max(bytes, 1)) }
                 band!.count = bytes
                 try array.fill(band!, rows: nextBand..<(nextBand + 1), file: file, get: get)
