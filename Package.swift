@@ -31,6 +31,8 @@ let package = Package(
         .target(name: "CLowRank", path: "Sources/CLowRank", cSettings: [.unsafeFlags(["-O3"])]),
         // Linux system calls Swift's Glibc module leaves out (splice).
         .target(name: "CLinux", path: "Sources/CLinux"),
+        // libcurl, loaded at run time (dlopen) for reading URLs: no link-time dependency.
+        .target(name: "CCurl", path: "Sources/CCurl", linkerSettings: [.linkedLibrary("dl")]),
         // The git commit of a packaged build, for --version.
         .target(name: "CBuildInfo", path: "Sources/CBuildInfo"),
         .target(
@@ -40,6 +42,7 @@ let package = Package(
                 "CZstd",
                 "CFastCRC",
                 "CLinux",
+                "CCurl",
                 "CLowRank",
                 "CBuildInfo",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),

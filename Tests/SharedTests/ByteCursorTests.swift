@@ -106,7 +106,7 @@ import Testing
         let path = temporaryDirectory() + "/golden"
         writeFile(path, golden)
         let file = try MappedFile(try FileDescriptor.openForReading(path), size: golden.count)
-        var c = ByteCursor(file, offset: 4, count: 4)
+        var c = try ByteCursor(file, offset: 4, count: 4)
         #expect(c.readerIndex == 4)
         #expect(try c.readInteger(endianness: .big, as: UInt32.self) == 0x0506_0708)
         #expect(failure { try c.readByte() } == ByteCursorError(.truncated(needed: 1, available: 0), offset: 8, reading: "UInt8"))

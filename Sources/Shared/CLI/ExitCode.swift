@@ -11,6 +11,7 @@ public enum SysExit: Int32, Sendable {
     case cantCreate = 73   // EX_CANTCREAT: an output cannot be created
     case ioError = 74      // EX_IOERR: reading or writing failed
     case tempFail = 75     // EX_TEMPFAIL: not yet; try again later (a part of a partitioned run is unfinished)
+    case noPermission = 77 // EX_NOPERM: a server refused the request (a missing or wrong credential)
 }
 
 /// Every error this project throws conforms, so one place can print it as a single

@@ -49,6 +49,8 @@ public final class Progress {
             line += " / \(formatBytes(total)) (\(Int(100 * Double(bytes) / Double(total)))%)"
         }
         line += ", \(tensors) tensors, \(formatBytes(Int(rate)))/s"
+        let fetched = RemoteObject.totalFetched
+        if fetched > 0 { line += ", \(formatBytes(fetched)) fetched" }
         if let total = totalBytes, rate > 0, bytes < total {
             line += ", ETA \(Int((Double(total - bytes) / rate).rounded(.up)))s"
         }

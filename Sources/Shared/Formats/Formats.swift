@@ -32,6 +32,7 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
 
     /// Recognises an input by its content (magic bytes), or a folder or index by what it names.
     public static func detect(_ path: String) throws -> CheckpointFormat {
+        if RemoteLocation.isRemote(path) { return try locateRemote(path).format }
         var st = stat()
         guard stat(path, &st) == 0 else { throw IOError(.open, path: path, errno: errno) }
         if (st.st_mode & S_IFMT) == S_IFDIR {
@@ -51,14 +52,44 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
         return try detectFile(path)
     }
 
+    /// What a URL holds, and the URL to give its reader. A URL names a file, recognised by
+    /// its content like a local one, or a folder (a Hub repo, a bucket prefix), which cannot be
+    /// listed: a folder is what answers 404 itself, and holds the files formats name (Orbax's
+    /// metadata, transformers' index or single file), looked for in that order; the reader then
+    /// gets that file (an Orbax checkpoint, the folder).
+    static func locateRemote(_ path: String) throws -> (format: CheckpointFormat, path: String) {
+        let location = try RemoteLocation(path)
+        if location.name.hasSuffix(".json") {
+            let idx = try SafetensorsIndex.parse(try readWholeFile(path, limit: 1 << 30), file: path)
+            return (idx.weightMap.allSatisfy({ $0.file.hasSuffix(".safetensors") }) ? .safetensors : .torch, path)
+        }
+        if !path.hasSuffix("/"), let object = try RemoteObject.openIfPresent(location) {
+            return (try detect(MappedFile(remote: object), path: path), path)
+        }
+        let probes: [(String, CheckpointFormat)] = [
+            ("_METADATA", .orbax), ("params/_METADATA", .orbax), ("default/_METADATA", .orbax), ("_CHECKPOINT_METADATA", .orbax),
+            ("model.safetensors.index.json", .safetensors), ("model.safetensors", .safetensors),
+            ("pytorch_model.bin.index.json", .torch), ("pytorch_model.bin", .torch),
+        ]
+        for (name, format) in probes where try RemoteObject.openIfPresent(location.appending(name)) != nil {
+            return (format, format == .orbax ? location.display : location.appending(name).display)
+        }
+        throw RemoteError(.notFound, url: location.display + " (neither a file nor a folder holding " + probes.map(\.0).joined(separator: ", ")
+                                       + "; an Orbax CheckpointManager root cannot be listed: give --step N)")
+    }
+
     /// A file's format from its structure, each test one that no other format can pass (a
     /// first byte alone can: 0x80 opens a msgpack map and a protocol-2+ pickle; a safetensors
     /// length can start with any byte).
     static func detectFile(_ path: String) throws -> CheckpointFormat {
         guard let file = try MappedFile.open(path) else { throw FormatDetectionError(file: path, reason: .notARegularFile) }
+        return try detect(file, path: path)
+    }
+
+    static func detect(_ file: MappedFile, path: String) throws -> CheckpointFormat {
         let size = file.size
         guard size > 0 else { throw FormatDetectionError(file: path, reason: .empty) }
-        let head = file.bytes(at: 0, count: min(size, TorchReader.legacyMagicPrefix))
+        let head = try file.bytes(at: 0, count: min(size, TorchReader.legacyMagicPrefix))
         if head.starts(with: StreamFormat.magic) { return .ckpts }
         if head.starts(with: NpyHeader.magic) { return .npy }
         if head.starts(with: [0x50, 0x4B, 0x03, 0x04]) || head.starts(with: [0x50, 0x4B, 0x05, 0x06]) {
@@ -69,18 +100,20 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
             throw FormatDetectionError(file: path, reason: .unknownZip)
         }
         if TorchReader.startsWithLegacyMagic(head) { return .torch }
-        if size > 262, file.bytes(at: 257, count: 5).elementsEqual(Array("ustar".utf8)) { return .torch }  // tar-era torch, refused by its reader
+        if size > 262, try file.bytes(at: 257, count: 5).elementsEqual(Array("ustar".utf8)) { return .torch }  // tar-era torch, refused by its reader
         // safetensors: a u64 header length, then that many bytes of a JSON object (padded with spaces).
-        let bytes = ByteCursor(file)
-        if let length = try? bytes.getInteger(at: 0, endianness: .little, as: UInt64.self),
-           length >= 2, length <= UInt64(size - 8), (try? bytes.getInteger(at: 8, endianness: .little, as: UInt8.self)) == UInt8(ascii: "{"),
-           let last = try? bytes.getInteger(at: 8 + Int(length) - 1, endianness: .little, as: UInt8.self),
-           last == UInt8(ascii: "}") || last == UInt8(ascii: " ") {
-            return .safetensors
+        if size >= 10 {
+            let length = try ByteCursor(file, offset: 0, count: 9).getInteger(at: 0, endianness: .little, as: UInt64.self)
+            if length >= 2, length <= UInt64(size - 8), head[8] == UInt8(ascii: "{") {
+                let last = try file.bytes(at: 8 + Int(length) - 1, count: 1)[0]
+                if last == UInt8(ascii: "}") || last == UInt8(ascii: " ") { return .safetensors }
+            }
         }
         // Flax msgpack: one map that ends exactly where the file does.
         if (0x80...0x8F).contains(head[0]) || head[0] == 0xDE || head[0] == 0xDF {
-            var cursor = MsgpackCursor(bytes, file: path)
+            // Skipping the map reads all of it: not over a network.
+            if file.isRemote { throw RemoteError(.unsupported(detail: "Flax msgpack is read whole, not by position: download it first"), url: path) }
+            var cursor = MsgpackCursor(try ByteCursor(file), file: path)
             if (try? cursor.skip()) != nil, cursor.position == size { return .msgpack }
         }
         // Nothing matched: a file named for a format goes to that format's reader, whose error
@@ -131,7 +164,20 @@ public func openSource(_ path: String, options: ReadOptions, producer: String) t
     if path == "-" {
         return SelectedSource(try openStreamInput("-"), selection: options.selection)
     }
-    switch try CheckpointFormat.detect(path) {
+    var path = path
+    let format: CheckpointFormat
+    if RemoteLocation.isRemote(path) {
+        // --step names a step of an Orbax manager root, which a URL cannot list.
+        (format, path) = options.orbax.step != nil ? (.orbax, path) : try CheckpointFormat.locateRemote(path)
+        switch format {
+        case .safetensors, .torch, .npy, .npz, .orbax: break
+        case .ckpts: throw RemoteError(.unsupported(detail: "a saved ckpt stream is read from a pipe: curl -sf URL | ckpt-read -"), url: path)
+        case .msgpack, .eqx: throw RemoteError(.unsupported(detail: "\(format.rawValue) is read whole, not by position: download it first"), url: path)
+        }
+    } else {
+        format = try CheckpointFormat.detect(path)
+    }
+    switch format {
     case .ckpts: return SelectedSource(try openStreamInput(path), selection: options.selection)
     case .safetensors: return try SafetensorsReader.open(path: path, selection: options.selection, producer: producer)
     case .torch: return try TorchReader.openAny(path: path, selection: options.selection, options: options.torch, producer: producer)

@@ -85,11 +85,12 @@ public struct ByteCursor {
 
     /// Reads bytes `[offset, offset + count)` of a mapped file, in place; the cursor keeps
     /// the mapping alive. Indices are file offsets.
-    public init(_ file: MappedFile, offset: Int = 0, count: Int? = nil) {
+    public init(_ file: MappedFile, offset: Int = 0, count: Int? = nil) throws(RemoteError) {
         let count = count ?? file.size - offset
         // The caller's range, not input: every later check trusts these bounds.
         precondition(offset >= 0 && count >= 0 && count <= file.size - offset, "cursor range outside the mapped file")
-        self.init(storage: .memory(file.bytes(at: 0, count: file.size), owner: file), startIndex: offset, endIndex: offset + count)
+        _ = try file.bytes(at: offset, count: count)  // a remote file fetches the range
+        self.init(storage: .memory(file.unfetchedBytes, owner: file), startIndex: offset, endIndex: offset + count)
     }
 
     /// Reads memory the caller keeps valid for as long as the cursor (or a copy) is used,

@@ -23,8 +23,9 @@ public func isDirectory(_ path: String) -> Bool {
     return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
 }
 
-/// A small file's bytes (indexes, configs); refuses files over `limit`.
+/// A small file's bytes (indexes, configs); refuses files over `limit`. A URL is fetched.
 public func readWholeFile(_ path: String, limit: Int) throws -> [UInt8] {
+    if RemoteLocation.isRemote(path) { return try RemoteObject.open(RemoteLocation(path)).readAll(limit: limit) }
     let fd = try FileDescriptor.openForReading(path)
     defer { fd.close() }
     let size = try fd.regularFileSize() ?? 0

@@ -5,10 +5,17 @@ import Glibc
 ///
 /// If another process truncates the file while it is mapped, touching the lost pages
 /// raises SIGBUS; checkpoints are not expected to change while they are being read.
+///
+/// A remote file (`init(remote:)`) is the same API over memory filled on demand by HTTP range
+/// requests (`RemotePages`): `bytes` fetches what it returns, and can therefore fail.
 public final class MappedFile: @unchecked Sendable {
-    public let descriptor: FileDescriptor
+    /// The open file, for splicing by offset; nil for a remote file.
+    public let descriptor: FileDescriptor?
+    /// The file's path or URL, for messages.
+    public let path: String
     public let size: Int
     private let base: UnsafeMutableRawPointer?
+    private let remote: RemotePages?
     private var releasedUpTo = 0
     private static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
 
@@ -16,7 +23,9 @@ public final class MappedFile: @unchecked Sendable {
     /// caller still owns it.
     public init(_ descriptor: FileDescriptor, size: Int) throws {
         self.descriptor = descriptor
+        path = descriptor.path
         self.size = size
+        remote = nil
         if size == 0 {
             base = nil
             return
@@ -29,8 +38,10 @@ public final class MappedFile: @unchecked Sendable {
     }
 
     /// Opens and maps `path`; nil when it is not a regular file. The descriptor belongs to the
-    /// mapping from then on, and is closed on every failure.
+    /// mapping from then on, and is closed on every failure. A URL (`RemoteLocation`) opens
+    /// the remote file.
     public static func open(_ path: String) throws -> MappedFile? {
+        if RemoteLocation.isRemote(path) { return try MappedFile(remote: RemoteObject.open(RemoteLocation(path))) }
         let fd = try FileDescriptor.openForReading(path)
         do {
             guard let size = try fd.regularFileSize() else {
@@ -44,17 +55,39 @@ public final class MappedFile: @unchecked Sendable {
         }
     }
 
+    /// A remote file, fetched as it is read.
+    public init(remote object: RemoteObject) throws {
+        descriptor = nil
+        path = object.location.display
+        size = object.size
+        let pages = try RemotePages(object)
+        remote = pages
+        base = pages.base
+    }
+
+    /// Whether the bytes come over the network (no descriptor to splice from).
+    public var isRemote: Bool { remote != nil }
+
+    /// How far ahead a sequential reader should ask for (`willNeed`): a remote file needs
+    /// several requests in flight to fill the link.
+    public var readAheadWindow: Int { remote != nil ? RemotePages.window : 0 }
+
     /// The mapping owns its descriptor (kept open for splicing by offset): both go together.
     deinit {
-        if let base { munmap(base, size) }
-        descriptor.close()
+        if remote == nil, let base { munmap(base, size) }
+        descriptor?.close()
     }
 
     /// Bytes `[offset, offset + count)`; the caller has checked the range against `size`.
-    public func bytes(at offset: Int, count: Int) -> UnsafeRawBufferPointer {
+    /// Only a remote file throws (the fetch failed).
+    public func bytes(at offset: Int, count: Int) throws(RemoteError) -> UnsafeRawBufferPointer {
         precondition(offset >= 0 && count >= 0 && offset + count <= size, "mapped range out of bounds")
+        try remote?.ensure(offset: offset, count: count)
         return UnsafeRawBufferPointer(start: base.map { $0 + offset }, count: count)
     }
+
+    /// The whole mapping without fetching anything: for a cursor that fetches its own range first.
+    var unfetchedBytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: size) }
 
     /// Unmaps the pages wholly before `offset` from this process (the data stays in the page
     /// cache). Touched pages of a mapping count as resident memory: without this, reading a
@@ -63,6 +96,11 @@ public final class MappedFile: @unchecked Sendable {
         guard let base else { return }
         let end = offset - offset % MappedFile.pageSize
         guard end > releasedUpTo else { return }
+        if let remote {
+            remote.forget(offset: releasedUpTo, count: end - releasedUpTo)
+            releasedUpTo = end
+            return
+        }
         _ = madvise(base + releasedUpTo, end - releasedUpTo, MADV_DONTNEED)
         releasedUpTo = end
     }
@@ -71,6 +109,7 @@ public final class MappedFile: @unchecked Sendable {
     /// access: chunks read in any order). The data stays in the page cache.
     public func drop(offset: Int, count: Int) {
         guard let base, count > 0 else { return }
+        if let remote { return remote.forget(offset: offset, count: count) }
         let page = MappedFile.pageSize
         let start = (offset + page - 1) / page * page
         let end = (offset + count) / page * page
@@ -80,6 +119,7 @@ public final class MappedFile: @unchecked Sendable {
     /// Tells the kernel the range will be read soon (reads ahead in the background).
     public func willNeed(at offset: Int, count: Int) {
         guard let base, count > 0 else { return }
+        if let remote { return remote.prefetch(offset: offset, count: count) }
         let page = Int(sysconf(Int32(_SC_PAGESIZE)))
         let start = offset - offset % page
         _ = madvise(base + start, min(size - start, count + offset - start), MADV_WILLNEED)

@@ -355,9 +355,10 @@ public enum PartFinalizer {
             }
             guard r.format == .safetensors else { continue }
             for f in r.files {
-                let fd = try FileDescriptor.openForReading(folder + "/" + f.path)
-                defer { fd.close() }
-                let held = try SafetensorsHeader.read(from: fd, fileSize: f.size).entries.map(\.descriptor)
+                guard let mapped = try MappedFile.open(folder + "/" + f.path), mapped.size == f.size else {
+                    throw PartsError(.fileDamaged(part: r.spec, file: f.path, size: f.size, actual: nil, holds: true), folder: folder)
+                }
+                let held = try SafetensorsHeader.read(from: mapped).entries.map(\.descriptor)
                 let listed = r.tensors.filter { $0.file == f.path }
                 let same = held.count == listed.count && Set(held.map { "\($0.name) \($0.dtype.rawValue) \($0.shape)" })
                     == Set(listed.map { "\($0.name) \($0.dtype) \($0.shape)" })

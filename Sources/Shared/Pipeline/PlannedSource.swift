@@ -166,7 +166,7 @@ public final class PlannedSource: FileBackedSource {
         switch data {
         case .mapped(let f, let offset):
             let out = try AlignedBuffer(capacity: max(n, 1))
-            out.pointer.copyMemory(from: f.bytes(at: offset, count: n).baseAddress ?? UnsafeRawPointer(out.pointer), byteCount: n)
+            out.pointer.copyMemory(from: try f.bytes(at: offset, count: n).baseAddress ?? UnsafeRawPointer(out.pointer), byteCount: n)
             f.drop(offset: offset, count: n)
             out.count = n
             return out
@@ -174,7 +174,7 @@ public final class PlannedSource: FileBackedSource {
             let out = try AlignedBuffer(capacity: max(n, 1))
             var at = 0
             for (offset, count) in pieces {
-                if count > 0 { (out.pointer + at).copyMemory(from: f.bytes(at: offset, count: count).baseAddress!, byteCount: count) }
+                if count > 0 { (out.pointer + at).copyMemory(from: try f.bytes(at: offset, count: count).baseAddress!, byteCount: count) }
                 f.drop(offset: offset, count: count)
                 at += count
             }
@@ -227,11 +227,12 @@ public final class PlannedSource: FileBackedSource {
         let at = offset + piecePosition
         // The previous chunk has been consumed (the caller's pointer is valid only until now).
         file!.release(before: at)
-        file!.willNeed(at: at + n, count: chunkSize)
+        file!.willNeed(at: at + n, count: max(chunkSize, file!.readAheadWindow))
         piecePosition += n
         position += n
-        lastChunkOrigin = (file!.descriptor, at)
-        return file!.bytes(at: at, count: n)
+        let bytes = try file!.bytes(at: at, count: n)
+        lastChunkOrigin = file!.descriptor.map { ($0, at) }  // a remote file has none to splice from
+        return bytes
     }
 }
 

@@ -35,7 +35,8 @@ public enum ZstdCodec {
     }
 
     /// Decompresses frames stored in a mapped file into exactly `output.count` bytes.
-    public static func decompress(_ file: MappedFile, offset: Int, count: Int, into output: UnsafeMutableRawBufferPointer) throws(Failure) {
+    /// Throws `Failure`, or the `RemoteError` of a remote file whose bytes could not be fetched.
+    public static func decompress(_ file: MappedFile, offset: Int, count: Int, into output: UnsafeMutableRawBufferPointer) throws {
         let decoder = try FileDecoder(file, offset: offset, count: count, expected: output.count)
         _ = try decoder.read(into: output)
         try decoder.finish()
@@ -70,21 +71,24 @@ public enum ZstdCodec {
         deinit { ZSTD_freeDCtx(dctx) }
 
         /// Moves `input` to the next piece of the stored bytes; false when there is none.
-        private func nextPiece() -> Bool {
+        private func nextPiece() throws(RemoteError) -> Bool {
             if pieceCount > 0 { file.drop(offset: offset + pieceStart, count: pieceCount) }
             pieceStart += pieceCount
             pieceCount = min(4 << 20, count - pieceStart)
             guard pieceCount > 0 else { return false }
-            input = ZSTD_inBuffer(src: file.bytes(at: offset + pieceStart, count: pieceCount).baseAddress, size: pieceCount, pos: 0)
+            // A remote file fetches the rest of the frames ahead, several requests at a time.
+            let next = pieceStart + pieceCount
+            if file.isRemote && next < count { file.willNeed(at: offset + next, count: min(file.readAheadWindow, count - next)) }
+            input = ZSTD_inBuffer(src: try file.bytes(at: offset + pieceStart, count: pieceCount).baseAddress, size: pieceCount, pos: 0)
             return true
         }
 
         /// Fills `output` with the next bytes (all of it unless fewer than that remain of
         /// `expected`); returns how many.
-        public func read(into output: UnsafeMutableRawBufferPointer) throws(Failure) -> Int {
+        public func read(into output: UnsafeMutableRawBufferPointer) throws -> Int {
             var out = ZSTD_outBuffer(dst: output.baseAddress, size: min(output.count, expected - produced), pos: 0)
             while out.pos < out.size {
-                let inputLeft = input.pos < input.size || nextPiece()
+                let inputLeft = try input.pos < input.size || nextPiece()
                 // With no input left zstd may still hold output: it must be asked again as long as
                 // it fills the buffer (zstd.h); it is done when a call moves nothing.
                 let before = (input.pos, out.pos)
@@ -100,10 +104,10 @@ public enum ZstdCodec {
         }
 
         /// Checks, once `expected` bytes were read, that the frames end exactly there.
-        public func finish() throws(Failure) {
+        public func finish() throws {
             guard produced == expected else { throw Failure(description: "decompressed to \(produced) bytes, expected \(expected)") }
             var scratch: UInt64 = 0
-            while input.pos < input.size || nextPiece() {
+            while try input.pos < input.size || nextPiece() {
                 let before = input.pos
                 let extra = withUnsafeMutableBytes(of: &scratch) { s -> Int in
                     var out = ZSTD_outBuffer(dst: s.baseAddress, size: s.count, pos: 0)

@@ -95,7 +95,7 @@ public struct EqxTemplate {
             guard offset < weights.size else { throw EqxError(.blobCount(leaves: list.count, blobs: i), file: weightsPath) }
             var hints = DTypeHints()
             hints.rules = [("*", dtype)]  // bfloat16 and float8 are saved as opaque <V2 / |V1
-            let rest = weights.bytes(at: offset, count: weights.size - offset)
+            let rest = try weights.bytes(at: offset, count: weights.size - offset)
             let header = try NpyHeader.parse(rest, name: path, hints: hints, file: weightsPath)
             let d: TensorDescriptor
             do { d = try TensorDescriptor(name: path, dtype: header.dtype, shape: header.shape) } catch {

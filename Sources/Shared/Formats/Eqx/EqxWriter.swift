@@ -88,7 +88,7 @@ public final class EqxWriter: TensorSink {
                 skeleton.append((position, nil, header))
                 position += header.count + d.byteCount
             } else if leaf.isScalar || keep.contains(where: { globMatches($0, leaf.path) }) {
-                skeleton.append((position, template.weights.bytes(at: leaf.blob.lowerBound, count: leaf.blob.count), []))
+                skeleton.append((position, try template.weights.bytes(at: leaf.blob.lowerBound, count: leaf.blob.count), []))
                 position += leaf.blob.count
             } else {
                 missing.append(leaf.path)

@@ -25,7 +25,7 @@ public enum FlaxMsgpackReader {
                             producer: String) throws -> PlannedSource {
         guard let file = try MappedFile.open(path) else { throw MsgpackError(.notARegularFile, file: path, offset: 0) }
         let size = file.size
-        var cursor = MsgpackCursor(ByteCursor(file), file: path)
+        var cursor = MsgpackCursor(try ByteCursor(file), file: path)
         var plan: [(TensorHeader, TensorData)] = []
         var metadata = JSONObject()
         var names = Set<String>()

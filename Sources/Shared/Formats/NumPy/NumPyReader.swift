@@ -256,14 +256,14 @@ public enum NumPyReader {
         let size = file.size
         var plan: [(TensorHeader, TensorData)] = []
         let format: String
-        if size >= 6, file.bytes(at: 0, count: 6).starts(with: NpyHeader.magic) {
+        if size >= 6, try file.bytes(at: 0, count: 6).starts(with: NpyHeader.magic) {
             format = "npy"
             var name = splitPath(path).name
             if name.hasSuffix(".npy") { name.removeLast(4) }
-            let h = try NpyHeader.parse(file.bytes(at: 0, count: size), name: name, hints: hints, file: path)
+            let h = try NpyHeader.parse(try headerBytes(file, at: 0, available: size), name: name, hints: hints, file: path)
             if selection.includes(name) {
                 plan.append(try entry(name: name, header: h, file: path, available: size - h.dataOffset,
-                                      mapped: (file, h.dataOffset), exact: true) { file.bytes(at: h.dataOffset, count: size - h.dataOffset) })
+                                      mapped: (file, h.dataOffset), exact: true) { try file.bytes(at: h.dataOffset, count: size - h.dataOffset) })
             }
         } else {
             format = "npz"
@@ -275,15 +275,16 @@ public enum NumPyReader {
                 guard seen.insert(name).inserted else { throw NumPyError(.duplicateArray, file: path, tensor: name) }
                 guard selection.includes(name) else { continue }
                 if e.method == 0 {
-                    let h = try NpyHeader.parse(zip.storedBytes(e), name: name, hints: hints, file: path)
+                    let h = try NpyHeader.parse(try headerBytes(file, at: e.dataOffset, available: e.size), name: name, hints: hints, file: path)
                     // The closure keeps the mapping alive (through `file`) until the data is used.
                     plan.append(try entry(name: name, header: h, file: path, available: e.size - h.dataOffset,
                                           mapped: (file, e.dataOffset + h.dataOffset), exact: false) {
-                        file.bytes(at: e.dataOffset + h.dataOffset, count: e.size - h.dataOffset)
+                        try file.bytes(at: e.dataOffset + h.dataOffset, count: e.size - h.dataOffset)
                     })
                 } else {
                     // Deflated: inflate the header now (for the manifest), the data when its turn comes.
-                    let head = try ZlibCodec.inflateRawPrefix(file.bytes(at: e.dataOffset, count: e.compressedSize), upTo: min(e.size, 65536 + 12))
+                    // (A remote member is fetched whole here: npz members are deflated only by np.savez_compressed.)
+                    let head = try ZlibCodec.inflateRawPrefix(try file.bytes(at: e.dataOffset, count: e.compressedSize), upTo: min(e.size, 65536 + 12))
                     let h = try head.withUnsafeBytes { try NpyHeader.parse($0, name: name, hints: hints, file: path) }
                     let d = try TensorDescriptor(name: name, dtype: h.dtype, shape: h.shape)
                     guard e.size - h.dataOffset >= d.byteCount else {
@@ -300,8 +301,20 @@ public enum NumPyReader {
         return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: format), plan: plan)
     }
 
+    /// The bytes of an .npy header at `offset` (at most `available`), up to the length it
+    /// declares: its first 12 bytes are read first, so a remote file fetches only the header.
+    static func headerBytes(_ file: MappedFile, at offset: Int, available: Int) throws -> UnsafeRawBufferPointer {
+        let first = try file.bytes(at: offset, count: min(available, 12))
+        var span = available
+        if first.count >= 10, first.starts(with: NpyHeader.magic) {
+            let b = { (i: Int) in Int(first[i]) }
+            if first[6] == 1 { span = 10 + (b(8) | b(9) << 8) } else if first.count >= 12 { span = 12 + (b(8) | b(9) << 8 | b(10) << 16 | b(11) << 24) }
+        }
+        return try file.bytes(at: offset, count: min(available, span))
+    }
+
     static func entry(name: String, header h: NpyHeader, file: String, available: Int, mapped: (MappedFile, Int), exact: Bool,
-                      data: @escaping () -> UnsafeRawBufferPointer) throws -> (TensorHeader, TensorData) {
+                      data: @escaping () throws -> UnsafeRawBufferPointer) throws -> (TensorHeader, TensorData) {
         let d = try TensorDescriptor(name: name, dtype: h.dtype, shape: h.shape)
         guard available >= d.byteCount else {
             throw NumPyError(.dataTooShort(available: available, dtype: h.dtype.rawValue, shape: h.shape, needed: d.byteCount), file: file, tensor: name)

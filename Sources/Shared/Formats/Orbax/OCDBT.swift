@@ -1,3 +1,5 @@
+import Glibc
+
 // OCDBT, tensorstore's "optionally-cooperative distributed B+tree" key-value store, as
 // specified in tensorstore/kvstore/ocdbt/index.rst and format/*.cc. Read-only: the manifest's latest version
 // gives the B+tree root; leaves hold each key's value inline or as (data file, offset, length).
@@ -20,10 +22,10 @@ public enum KVValue: Sendable {
     }
 
     /// The value's bytes, valid while the value (and its file) lives.
-    public func withBytes<T>(_ body: (UnsafeRawBufferPointer) throws -> T) rethrows -> T {
+    public func withBytes<T>(_ body: (UnsafeRawBufferPointer) throws -> T) throws -> T {
         switch self {
         case .inline(let b): return try b.withUnsafeBytes(body)
-        case .file(let f, let o, let n): return try body(f.bytes(at: o, count: n))
+        case .file(let f, let o, let n): return try body(try f.bytes(at: o, count: n))
         }
     }
 }
@@ -58,16 +60,22 @@ public final class OCDBTStore {
     public let root: String
     public private(set) var values: [(key: String, value: KVValue)] = []
     private var files: [String: MappedFile] = [:]
+    private let storage: FolderStorage
 
     public static let manifestMagic: UInt32 = 0x0CDB_3A2A
     static let versionNodeMagic: UInt32 = 0x0CDB_1234
     static let btreeNodeMagic: UInt32 = 0x0CDB_20DE
 
     /// Opens the database in `directory` (its `manifest.ocdbt`) and lists every key.
-    public init(directory: String) throws {
-        root = directory
-        let manifestPath = directory + "/manifest.ocdbt"
-        let raw = try readWholeFile(manifestPath, limit: 1 << 30)
+    public convenience init(directory: String) throws { try self.init(LocalFolder(directory)) }
+
+    /// Opens the database in `storage` (local, or behind a URL: the manifest names every
+    /// file it reads, so nothing is listed).
+    public init(_ storage: FolderStorage) throws {
+        self.storage = storage
+        root = storage.root
+        let manifestPath = storage.path("manifest.ocdbt")
+        let raw = try storage.readWhole("manifest.ocdbt", limit: 1 << 30)
         let body = try OCDBTStore.envelope(raw, magic: OCDBTStore.manifestMagic, file: manifestPath, base: 0)
         let f = manifestPath + " (manifest body)"
         var c = ByteCursor(body)
@@ -154,9 +162,7 @@ public final class OCDBTStore {
 
     private func mapped(_ relative: String) throws -> MappedFile {
         if let f = files[relative] { return f }
-        let path = root + "/" + relative
-        let fd = try FileDescriptor.openForReading(path)
-        let f = try MappedFile(fd, size: try fd.regularFileSize() ?? 0)
+        guard let f = try storage.open(relative) else { throw IOError(.open, path: storage.path(relative), errno: ENOENT) }
         files[relative] = f
         return f
     }
@@ -173,7 +179,7 @@ public final class OCDBTStore {
     private func readNode(_ ref: (path: String, base: String), offset: UInt64, length: UInt64, height: Int, prefix: [UInt8], depth: Int = 0) throws {
         guard depth < 64 else { throw OrbaxError(.treeTooDeep(limit: 64), file: root) }
         let (file, at, count) = try region(ref, offset: offset, length: length)
-        let raw = [UInt8](file.bytes(at: at, count: count))
+        let raw = [UInt8](try file.bytes(at: at, count: count))
         let body = try OCDBTStore.envelope(raw, magic: OCDBTStore.btreeNodeMagic, file: root + "/" + ref.path, base: at)
         let f = root + "/" + ref.path + " (node at \(at))"
         var c = ByteCursor(body)

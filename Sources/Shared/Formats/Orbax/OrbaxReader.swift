@@ -27,65 +27,68 @@ public enum OrbaxReader {
     }
 
     /// Is `path` an Orbax checkpoint, a step folder holding one, or a manager root?
-    public static func recognises(_ path: String) -> Bool { (try? resolve(path, step: nil)) != nil }
+    public static func recognises(_ path: String) -> Bool { (try? resolve(LocalFolder(path), step: nil)) != nil }
 
-    /// Finds the PyTree checkpoint folder: `path` itself (it holds `_METADATA`), its `params/`
-    /// or `default/` item, or the latest (or `step`) numbered step of a CheckpointManager root.
-    static func resolve(_ path: String, step: Int?) throws -> String {
-        func exists(_ p: String) -> Bool { var st = stat(); return stat(p, &st) == 0 }
-        if exists(path + "/_METADATA") { return path }
-        for item in ["params", "default"] where exists(path + "/\(item)/_METADATA") { return path + "/" + item }
-        if exists(path + "/manifest.ocdbt") || exists(path + "/ocdbt.process_0") {
-            throw OrbaxError(.missingMetadata, file: path)
+    /// A remote manager root has no more chunk files per array than this (a URL cannot be
+    /// listed to count them): the bound a declared chunk grid is checked against there.
+    static let remoteChunkLimit = 1 << 16
+
+    /// Finds the PyTree checkpoint folder: `folder` itself (it holds `_METADATA`), its `params/`
+    /// or `default/` item, or the latest (or `step`) numbered step of a CheckpointManager root
+    /// (a URL cannot be listed: there the step must be given).
+    static func resolve(_ folder: FolderStorage, step: Int?) throws -> FolderStorage {
+        if try folder.exists("_METADATA") { return folder }
+        for item in ["params", "default"] where try folder.exists(item + "/_METADATA") { return folder.sub(item) }
+        if try folder.exists("manifest.ocdbt") || folder.list("ocdbt.process_0") != nil {
+            throw OrbaxError(.missingMetadata, file: folder.root)
         }
-        let names = (try? listDirectory(path)) ?? []
-        let steps = names.compactMap { Int($0) }.filter { isDirectory(path + "/\($0)") }.sorted()
-        guard !steps.isEmpty else { throw OrbaxError(.notACheckpoint, file: path) }
+        guard let names = folder.list("") else {
+            if let step { return try resolve(folder.sub(String(step)), step: nil) }
+            throw RemoteError(.unsupported(detail: "no _METADATA (nor params/ or default/) here, and a URL cannot be listed for steps: give --step N, or the step folder's URL"), url: folder.root)
+        }
+        let steps = names.compactMap { Int($0) }.filter { folder.list(String($0)) != nil }.sorted()
+        guard !steps.isEmpty else { throw OrbaxError(.notACheckpoint, file: folder.root) }
         let chosen: Int
         if let step {
-            guard steps.contains(step) else { throw OrbaxError(.noSuchStep(step: step, steps: steps), file: path) }
+            guard steps.contains(step) else { throw OrbaxError(.noSuchStep(step: step, steps: steps), file: folder.root) }
             chosen = step
         } else {
             chosen = steps.last!
         }
-        return try resolve(path + "/\(chosen)", step: nil)
+        return try resolve(folder.sub(String(chosen)), step: nil)
     }
 
     public static func open(path: String, selection: TensorSelection = .all, options: Options = Options(),
                             producer: String) throws -> PlannedSource {
-        let dir = try resolve(path, step: options.step)
-        let metaPath = dir + "/_METADATA"
+        let store = try resolve(RemoteLocation.isRemote(path) ? RemoteFolder(try RemoteLocation(path)) : LocalFolder(path), step: options.step)
+        let dir = store.root
+        let metaPath = store.path("_METADATA")
         let meta: JSONValue
-        do { meta = try JSONParser.parse(try readWholeFile(metaPath, limit: 1 << 30)) } catch let e as JSONParser.Error {
+        do { meta = try JSONParser.parse(try store.readWhole("_METADATA", limit: 1 << 30)) } catch let e as JSONParser.Error {
             throw OrbaxError(.metadataNotJSON(detail: e.description), file: metaPath)
         }
         guard let tree = meta.objectValue?["tree_metadata"]?.objectValue else { throw OrbaxError(.noTreeMetadata, file: metaPath) }
         let useOCDBT: Bool
         if case .bool(let b)? = meta.objectValue?["use_ocdbt"] { useOCDBT = b } else {
-            var st = stat()
-            useOCDBT = stat(dir + "/manifest.ocdbt", &st) == 0
+            useOCDBT = try store.exists("manifest.ocdbt")
         }
 
         // The store: OCDBT keys `<param>/<zarr key>`, or files `<dir>/<param>/<zarr key>`.
         // `get` runs on read-ahead threads too: `kv` is never changed after this, and the
         // file cache is locked.
-        let kv = useOCDBT ? Dictionary(try OCDBTStore(directory: dir).values.map { ($0.key, $0.value) }, uniquingKeysWith: { $1 }) : [:]
+        let kv = useOCDBT ? Dictionary(try OCDBTStore(store).values.map { ($0.key, $0.value) }, uniquingKeysWith: { $1 }) : [:]
         var fileCache: [String: MappedFile] = [:]
         let fileCacheLock = Mutex()
         func get(_ key: String) throws -> KVValue? {
             if useOCDBT { return kv[key] }
             guard !key.split(separator: "/").contains("..") else { return nil }
-            let p = dir + "/" + key
-            var st = stat()
-            guard stat(p, &st) == 0 else { return nil }
-            let f = try fileCacheLock.withLock {
-                if let f = fileCache[p] { return f }
-                let fd = try FileDescriptor.openForReading(p)
-                let f = try MappedFile(fd, size: try fd.regularFileSize() ?? 0)
-                fileCache[p] = f
+            let f = try fileCacheLock.withLock { () throws -> MappedFile? in
+                if let f = fileCache[key] { return f }
+                let f = try store.open(key)
+                fileCache[key] = f
                 return f
             }
-            return .file(f, offset: 0, count: f.size)
+            return f.map { .file($0, offset: 0, count: $0.size) }
         }
 
         // How many chunks each array has in the store, counted from what exists (OCDBT keys in
@@ -95,7 +98,8 @@ public enum OrbaxReader {
             let limit = a.chunkCount ?? Int.max
             let prefix = param + "/"
             guard useOCDBT else {
-                return countFiles(dir + "/" + param, atMost: limit, maxDepth: a.shape.count + 1, matching: { a.isChunkKey($0) })
+                return store.countFiles(param, atMost: limit, maxDepth: a.shape.count + 1, matching: { a.isChunkKey($0) })
+                    ?? remoteChunkLimit
             }
             var lo = 0, hi = sortedKeys.count
             while lo < hi {
@@ -140,8 +144,7 @@ public enum OrbaxReader {
                 metadata[keys.joined(separator: "/")] = v
             case "string":
                 if strings == nil {
-                    let p = dir + "/_strings.json"
-                    strings = (try? JSONParser.parse(try readWholeFile(p, limit: 1 << 26)))?.objectValue ?? JSONObject()
+                    strings = (try? JSONParser.parse(try store.readWhole("_strings.json", limit: 1 << 26)))?.objectValue ?? JSONObject()
                 }
                 metadata[keys.joined(separator: "/")] = strings?[param] ?? .null
             default:
@@ -196,7 +199,7 @@ public enum OrbaxReader {
     static func zarr(_ param: String, get: (String) throws -> KVValue?, file: String) throws -> ZarrArray {
         for (key, format) in [(".zarray", 2), ("zarr.json", 3)] {
             if let v = try get(param + "/" + key) {
-                let bytes = v.withBytes { [UInt8]($0) }
+                let bytes = try v.withBytes { [UInt8]($0) }
                 let a = try ZarrArray.parse(bytes, name: param, file: file)
                 guard a.zarrFormat == format else { throw OrbaxError(.zarrFormatMismatch(key: key, format: a.zarrFormat), file: file, tensor: param) }
                 return a

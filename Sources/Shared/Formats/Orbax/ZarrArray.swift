@@ -256,7 +256,7 @@ public struct ZarrArray: Sendable {
             out.count = count
             do {
                 try ZstdCodec.decompress(f, offset: o, count: n, into: UnsafeMutableRawBufferPointer(start: out.pointer, count: count))
-            } catch { throw ZarrArray.fail(name, .doesNotDecompress(detail: "\(error)"), file: file) }
+            } catch let e as RemoteError { throw e } catch { throw ZarrArray.fail(name, .doesNotDecompress(detail: "\(error)"), file: file) }
             return out
         }
         return try value.withBytes { try decode($0, count: count, file: file) }
@@ -302,7 +302,7 @@ public struct ZarrArray: Sendable {
             case nil:
                 guard v.count == chunkBytes else { throw ZarrArray.fail(name, .chunkSize(key: key, holds: v.count, needs: chunkBytes), file: file) }
             case .zstd:
-                let declared = v.withBytes { ZstdCodec.declaredSize($0) }
+                let declared = try v.withBytes { ZstdCodec.declaredSize($0) }
                 if let declared, declared != chunkBytes {
                     throw ZarrArray.fail(name, .zstdDeclaredSize(key: key, declared: declared, needs: chunkBytes), file: file)
                 }
@@ -483,7 +483,7 @@ final class ZarrStreamedChunk: ChunkProducer {
 
     func produce(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         let n: Int
-        do { n = try decoder.read(into: buffer) } catch { throw ZarrArray.fail(name, .doesNotDecompress(detail: "\(error)"), file: file) }
+        do { n = try decoder.read(into: buffer) } catch let e as RemoteError { throw e } catch { throw ZarrArray.fail(name, .doesNotDecompress(detail: "\(error)"), file: file) }
         if n < buffer.count {
             throw ZarrArray.fail(name, .endsEarly(produced: decoder.produced, expected: decoder.expected), file: file)
         }
@@ -491,7 +491,7 @@ final class ZarrStreamedChunk: ChunkProducer {
     }
 
     func finish() throws {
-        do { try decoder.finish() } catch { throw ZarrArray.fail(name, .doesNotDecompress(detail: "\(error)"), file: file) }
+        do { try decoder.finish() } catch let e as RemoteError { throw e } catch { throw ZarrArray.fail(name, .doesNotDecompress(detail: "\(error)"), file: file) }
     }
 }
 
@@ -553,7 +553,7 @@ private final class ChunkReader {
         if let decoder {
             guard try decoder.read(into: out) == out.count else { return false }
         } else if let (f, o) = mapped {
-            if out.count > 0 { out.baseAddress!.copyMemory(from: f.bytes(at: o + position, count: out.count).baseAddress!, byteCount: out.count) }
+            if out.count > 0 { out.baseAddress!.copyMemory(from: try f.bytes(at: o + position, count: out.count).baseAddress!, byteCount: out.count) }
             f.drop(offset: o + position, count: out.count)
         } else if let decoded {
             if out.count > 0 { out.baseAddress!.copyMemory(from: decoded.pointer + position, byteCount: out.count) }

@@ -27,19 +27,18 @@ public struct SafetensorsHeader {
     /// Where the data buffer starts in the file.
     public var dataStart: Int { 8 + headerLength }
 
-    /// Reads and validates the header of an open file of `fileSize` bytes.
-    public static func read(from fd: FileDescriptor, fileSize: Int) throws -> SafetensorsHeader {
-        guard fileSize >= 8 else { throw SafetensorsError(.headerTooSmall(fileSize: fileSize), file: fd.path) }
-        var lengthBytes = [UInt8](repeating: 0, count: 8)
-        try lengthBytes.withUnsafeMutableBytes { try fd.pread(into: $0, at: 0) }
-        let n = try! ByteCursor(lengthBytes).getInteger(at: 0, endianness: .little, as: UInt64.self)  // 8 bytes, read above
-        guard n <= UInt64(maxHeaderLength) else { throw SafetensorsError(.headerTooLarge(length: n), file: fd.path) }
+    /// Reads and validates the header of a mapped (or remote) file: the length first, then
+    /// only the bytes it declares, once checked against the file.
+    public static func read(from file: MappedFile) throws -> SafetensorsHeader {
+        let fileSize = file.size
+        guard fileSize >= 8 else { throw SafetensorsError(.headerTooSmall(fileSize: fileSize), file: file.path) }
+        let n = try ByteCursor(file, offset: 0, count: 8).getInteger(at: 0, endianness: .little, as: UInt64.self)
+        guard n <= UInt64(maxHeaderLength) else { throw SafetensorsError(.headerTooLarge(length: n), file: file.path) }
         guard 8 + Int(n) <= fileSize else {
-            throw SafetensorsError(.invalidHeaderLength(length: n, fileSize: fileSize), file: fd.path)
+            throw SafetensorsError(.invalidHeaderLength(length: n, fileSize: fileSize), file: file.path)
         }
-        var json = [UInt8](repeating: 0, count: Int(n))
-        try json.withUnsafeMutableBytes { try fd.pread(into: $0, at: 8) }
-        return try parse(json: json, fileSize: fileSize, file: fd.path)
+        let json = [UInt8](try file.bytes(at: 8, count: Int(n)))
+        return try parse(json: json, fileSize: fileSize, file: file.path)
     }
 
     /// Validates header JSON `json` (N bytes) for a file of `fileSize` bytes.

@@ -14,9 +14,8 @@ public enum SafetensorsReader {
             guard let mapped = try MappedFile.open(file) else {
                 throw SafetensorsError(.index(detail: "not a regular file"), file: file)
             }
-            let fd = mapped.descriptor, size = mapped.size
-            fd.adviseSequential()
-            let h = try SafetensorsHeader.read(from: fd, fileSize: size)
+            mapped.descriptor?.adviseSequential()
+            let h = try SafetensorsHeader.read(from: mapped)
             if i == 0, let m = h.metadata { metadata = m }
             for e in h.entries {
                 if let other = owner[e.descriptor.name] {
@@ -36,6 +35,7 @@ public enum SafetensorsReader {
 
     /// The files to read, in order, and the index if there is one.
     static func locate(_ path: String) throws -> ([String], (String, SafetensorsIndex)?) {
+        if RemoteLocation.isRemote(path) { return try locateRemote(path) }
         var st = stat()
         guard stat(path, &st) == 0 else { throw IOError(.open, path: path, errno: errno) }
         var indexPath: String?
@@ -59,11 +59,29 @@ public enum SafetensorsReader {
             indexPath = path
         }
         guard let indexPath else { return ([path], nil) }
-        let idx = try SafetensorsIndex.parse(try readWholeFile(indexPath, limit: 1 << 30), file: indexPath)
+        return try shards(indexPath: indexPath, bytes: try readWholeFile(indexPath, limit: 1 << 30))
+    }
+
+    /// The shard files an index names, next to it.
+    private static func shards(indexPath: String, bytes: [UInt8]) throws -> ([String], (String, SafetensorsIndex)?) {
+        let idx = try SafetensorsIndex.parse(bytes, file: indexPath)
         let (dir, _) = splitPath(indexPath)
         var files: [String] = []
         for f in Set(idx.weightMap.map(\.file)).sorted() { files.append((dir.isEmpty ? "" : dir + "/") + f) }
         return (files, (indexPath, idx))
+    }
+
+    /// A URL names a file (`.safetensors`, an `.index.json`) or a folder or Hub repo, which
+    /// cannot be listed: there the index transformers writes is looked for, then the single file.
+    static func locateRemote(_ path: String) throws -> ([String], (String, SafetensorsIndex)?) {
+        let location = try RemoteLocation(path)
+        if location.name.hasSuffix(".json") { return try shards(indexPath: path, bytes: try readWholeFile(path, limit: 1 << 30)) }
+        if location.name.hasSuffix(".safetensors") { return ([path], nil) }
+        let index = location.appending("model.safetensors.index.json")
+        if let object = try RemoteObject.openIfPresent(index) {
+            return try shards(indexPath: index.display, bytes: try object.readAll(limit: 1 << 30))
+        }
+        return ([location.appending("model.safetensors").display], nil)
     }
 }
 

@@ -115,14 +115,14 @@ public enum TorchReader {
                             producer: String) throws -> PlannedSource {
         guard let file = try MappedFile.open(path) else { throw TorchError(.notARegularFile, file: path) }
         let size = file.size
-        let head = file.bytes(at: 0, count: min(size, legacyMagicPrefix))
+        let head = try file.bytes(at: 0, count: min(size, legacyMagicPrefix))
         if head.starts(with: [0x50, 0x4B, 0x03, 0x04]) {
             return try openZip(file, path: path, selection: selection, options: options, producer: producer)
         }
         if startsWithLegacyMagic(head) {
             return try openLegacy(file, path: path, selection: selection, options: options, producer: producer)
         }
-        if size > 262, file.bytes(at: 257, count: 5).elementsEqual(Array("ustar".utf8)) {
+        if size > 262, try file.bytes(at: 257, count: 5).elementsEqual(Array("ustar".utf8)) {
             throw TorchError(.tarFormat, file: path)
         }
         throw TorchError(.notATorchFile, file: path)
@@ -205,7 +205,9 @@ public enum TorchReader {
     // MARK: - Legacy format
 
     static func openLegacy(_ file: MappedFile, path: String, selection: TensorSelection, options: Options, producer: String) throws -> PlannedSource {
-        let all = file.bytes(at: 0, count: file.size)
+        // Its storages follow the pickles with no index: the whole file is walked, so not over a network.
+        if file.isRemote { throw RemoteError(.unsupported(detail: "a legacy (pre-1.6) torch.save file is read whole, not by position: download it first"), url: path) }
+        let all = try file.bytes(at: 0, count: file.size)
         let noStorage: PersistentLoad = { _, at in
             throw PickleError(reason: .badValue("unexpected persistent id in a header pickle"), file: path, offset: at)
         }
@@ -242,7 +244,7 @@ public enum TorchReader {
             // Python 2 wrote the keys as byte strings (SHORT_BINSTRING).
             guard let key = storageKey(k) else { throw TorchError(.legacyKeyNotAString, file: path) }
             guard pos + 8 <= file.size else { throw TorchError(.endsBeforeStorage(key: key), file: path) }
-            let countBytes = file.bytes(at: pos, count: 8)
+            let countBytes = try file.bytes(at: pos, count: 8)
             let count = Int(Int64(littleEndian: countBytes.loadUnaligned(as: Int64.self)))
             guard let ref = storages[key] else {
                 throw TorchError(.unusedStorage(key: key), file: path)
@@ -425,8 +427,10 @@ extension TorchReader {
     /// A torch file, or a sharded checkpoint through `pytorch_model.bin.index.json` (or the
     /// folder holding it): every shard's tensors, checked against the index's weight_map.
     public static func openAny(path: String, selection: TensorSelection, options: Options, producer: String) throws -> PlannedSource {
+        // A URL is a file or an index (openSource resolved a folder to one of them).
         var st = stat()
-        guard stat(path, &st) == 0 else { throw IOError(.open, path: path, errno: errno) }
+        if RemoteLocation.isRemote(path) { st.st_mode = S_IFREG }
+        guard st.st_mode == S_IFREG || stat(path, &st) == 0 else { throw IOError(.open, path: path, errno: errno) }
         var indexPath: String?
         if (st.st_mode & S_IFMT) == S_IFDIR {
             let names = try listDirectory(path)

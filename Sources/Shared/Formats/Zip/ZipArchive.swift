@@ -71,7 +71,7 @@ public final class ZipArchive {
 
     public init(_ file: MappedFile) throws {
         self.file = file
-        path = file.descriptor.path
+        path = file.path
         entries = try ZipArchive.readCentralDirectory(file)
         var names: [String: Int] = [:]
         for (i, e) in entries.enumerated() where names[e.name] == nil { names[e.name] = i }
@@ -81,9 +81,9 @@ public final class ZipArchive {
     public func entry(_ name: String) -> Entry? { byName[name].map { entries[$0] } }
 
     /// A STORED member's bytes, in place (valid while the archive lives).
-    public func storedBytes(_ e: Entry) -> UnsafeRawBufferPointer {
+    public func storedBytes(_ e: Entry) throws(RemoteError) -> UnsafeRawBufferPointer {
         precondition(e.method == 0)
-        return file.bytes(at: e.dataOffset, count: e.size)
+        return try file.bytes(at: e.dataOffset, count: e.size)
     }
 
     /// A member's whole content: copied if stored, inflated if deflated (sizes checked).
@@ -93,9 +93,9 @@ public final class ZipArchive {
         out.count = e.size
         switch e.method {
         case 0:
-            if e.size > 0 { out.pointer.copyMemory(from: storedBytes(e).baseAddress!, byteCount: e.size) }
+            if e.size > 0 { out.pointer.copyMemory(from: try storedBytes(e).baseAddress!, byteCount: e.size) }
         case 8:
-            let input = file.bytes(at: e.dataOffset, count: e.compressedSize)
+            let input = try file.bytes(at: e.dataOffset, count: e.compressedSize)
             do {
                 try ZlibCodec.inflateRaw(input, into: UnsafeMutableRawBufferPointer(start: out.pointer, count: e.size))
             } catch {
@@ -113,16 +113,26 @@ public final class ZipArchive {
 
     // MARK: - Parsing
 
-    /// Runs `body`; any short read in it becomes `reason` (for `member`).
+    /// Runs `body`; any short read in it becomes `reason` (for `member`). A remote file's
+    /// failed fetch stays what it is.
     private static func reading<T>(_ path: String, _ reason: ZipError.Reason, member: String? = nil,
-                                   _ body: () throws -> T) throws(ZipError) -> T {
-        do { return try body() } catch let e as ZipError { throw e } catch { throw ZipError(reason, file: path, member: member) }
+                                   _ body: () throws -> T) throws -> T {
+        do { return try body() } catch let e as ZipError { throw e } catch let e as RemoteError { throw e } catch {
+            throw ZipError(reason, file: path, member: member)
+        }
     }
 
-    static func readCentralDirectory(_ file: MappedFile) throws(ZipError) -> [Entry] {
-        let path = file.descriptor.path
+    /// Throws `ZipError`, or `RemoteError` when a remote file's bytes cannot be fetched. Reads
+    /// only the regions it parses (the end records, the central directory, each local header),
+    /// so a remote archive is not fetched whole.
+    static func readCentralDirectory(_ file: MappedFile) throws -> [Entry] {
+        let path = file.path
         let size = file.size
-        let bytes = ByteCursor(file)
+        /// The bytes `[offset, offset + count)` clipped to the file, in file coordinates.
+        func region(_ offset: Int, _ count: Int) throws -> ByteCursor {
+            let start = min(max(offset, 0), size)
+            return try ByteCursor(file, offset: start, count: min(max(count, 0), size - start))
+        }
         func fail(_ r: ZipError.Reason, _ member: String? = nil) -> ZipError { ZipError(r, file: path, member: member) }
         func u16(_ c: inout ByteCursor) throws -> Int { Int(try c.readInteger(endianness: .little, as: UInt16.self)) }
         func u32(_ c: inout ByteCursor) throws -> Int { Int(try c.readInteger(endianness: .little, as: UInt32.self)) }
@@ -130,6 +140,8 @@ public final class ZipArchive {
 
         // The end record is 22 bytes plus a comment of up to 65535 bytes, at the very end.
         guard size >= 22 else { throw fail(.noEndRecord) }
+        let tailStart = max(0, size - 22 - 65535 - 20)  // the end record, its comment, a zip64 locator
+        let bytes = try region(tailStart, size - tailStart)
         let eocd = try reading(path, .noEndRecord) { () throws -> Int in
             var at = size - 22
             while at >= max(0, size - 22 - 65535) {
@@ -155,7 +167,7 @@ public final class ZipArchive {
             let z64 = try reading(path, .badZip64EndRecord) { try bytes.getInteger(at: eocd - 12, endianness: .little, as: UInt64.self) }
             guard z64 <= UInt64(size) else { throw fail(.badZip64EndRecord) }
             (count, cdSize, cdOffset) = try reading(path, .badZip64EndRecord) { () throws -> (Int, Int, Int) in
-                var r = try bytes.getSlice(at: Int(z64), count: 56)
+                var r = try region(Int(z64), 56).getSlice(at: Int(z64), count: 56)
                 guard try u32(&r) == 0x0606_4B50 else { throw fail(.badZip64EndRecord) }
                 try r.skip(28)  // record size, versions, disk numbers, entries on this disk
                 let c = try u64(&r), s = try u64(&r), o = try u64(&r)
@@ -167,7 +179,7 @@ public final class ZipArchive {
         // Each entry takes at least 46 bytes: refuse counts the directory cannot hold.
         guard count <= cdSize / 46 else { throw fail(.badCentralEntry(index: cdSize / 46)) }
 
-        var cd = try reading(path, .centralDirectoryOutOfBounds(offset: cdOffset, size: cdSize)) { try bytes.getSlice(at: cdOffset, count: cdSize) }
+        var cd = try reading(path, .centralDirectoryOutOfBounds(offset: cdOffset, size: cdSize)) { try region(cdOffset, cdSize).getSlice(at: cdOffset, count: cdSize) }
         var entries: [Entry] = []
         entries.reserveCapacity(count)
         for index in 0..<count {
@@ -175,7 +187,7 @@ public final class ZipArchive {
             // The fixed 46 bytes, then the name, extra field and comment they announce.
             var (flags, method, crc, csize, usize, localOffset) = (0, 0, 0, 0, 0, 0)
             var nameBytes: [UInt8] = []
-            var extra = bytes
+            var extra = cd
             try reading(path, bad) {
                 guard try u32(&cd) == 0x0201_4B50 else { throw fail(bad) }
                 try cd.skip(4)  // versions made by and needed
@@ -215,7 +227,7 @@ public final class ZipArchive {
             // The data starts after the local header, whose name and extra lengths may differ
             // from the central directory's (torch pads there).
             var local = try reading(path, .memberOutOfBounds(offset: localOffset, size: 30), member: name) {
-                try bytes.getSlice(at: localOffset, count: 30)
+                try region(localOffset, 30).getSlice(at: localOffset, count: 30)
             }
             let (signature, localNameLength, localExtraLength) = try reading(path, .badLocalHeader, member: name) {
                 let signature = try u32(&local)
