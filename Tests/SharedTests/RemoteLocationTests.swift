@@ -20,6 +20,10 @@ import Testing
         // huggingface_hub quotes the revision with safe="": refs/pr/1 stays one segment.
         let pr = try RemoteLocation("hf://org/repo@refs/pr/1", environment: env(["HF_ENDPOINT": "http://127.0.0.1:9/"]))
         #expect(pr.url == "http://127.0.0.1:9/org/repo/resolve/refs%2Fpr%2F1")
+        let prFile = try RemoteLocation("hf://org/repo@refs/pr/1/model.safetensors", environment: none)
+        #expect(prFile.url == "https://huggingface.co/org/repo/resolve/refs%2Fpr%2F1/model.safetensors")
+        #expect(try RemoteLocation("hf://org/repo@refs%2Fpr%2F1/model.safetensors", environment: none) == prFile)
+        #expect(try RemoteLocation(prFile.display, environment: none) == prFile)
         let data = try RemoteLocation("hf://datasets/org/d/x.npz", environment: none)
         #expect(data.url == "https://huggingface.co/datasets/org/d/resolve/main/x.npz")
         // A display form parses back to the same location (shards are named from it).
@@ -60,7 +64,7 @@ import Testing
     @Test func contentRangeParsing() {
         #expect(ContentRange("bytes 0-99/1000") == ContentRange(first: 0, last: 99, total: 1000))
         #expect(ContentRange("bytes 5-5/*")?.total == nil)
-        for bad in [nil, "", "bytes 9-1/10", "bytes 0-10/10", "bytes -1-2/5", "items 0-1/2", "bytes 0-1", "bytes 0-x/5"] {
+        for bad in [nil, "", "bytes 9-1/10", "bytes 0-10/10", "bytes -1-2/5", "items 0-1/2", "bytes 0-1", "bytes 0-x/5", "bytes +1-2/5", "bytes 1-2/+5"] {
             #expect(ContentRange(bad) == nil, "\(bad ?? "nil")")
         }
     }

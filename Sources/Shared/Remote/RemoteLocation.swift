@@ -76,11 +76,17 @@ public struct RemoteLocation: Sendable, Equatable {
             if let at = segments[1].firstIndex(of: "@") {
                 revision = String(segments[1][segments[1].index(after: at)...])
                 segments[1] = String(segments[1][..<at])
+                // huggingface_hub's special refs hold slashes: @refs/pr/1, @refs/convert/parquet.
+                if revision == "refs", segments.count >= 4, ["pr", "convert"].contains(segments[2]) {
+                    revision = "refs/" + segments[2] + "/" + segments[3]
+                    segments.removeSubrange(2...3)
+                }
             } else if segments.count > 2, let last = segments.last, let at = last.lastIndex(of: "@") {
                 revision = String(last[last.index(after: at)...])
                 segments[segments.count - 1] = String(last[..<at])
             }
             if let r = revision, r.isEmpty { throw bad("empty revision after @") }
+            revision = revision.map(RemoteLocation.percentDecoded)  // @refs%2Fpr%2F1 is the same revision
             let rev = revision ?? "main"
             var endpoint = environment("HF_ENDPOINT").flatMap { $0.isEmpty ? nil : $0 } ?? "https://huggingface.co"
             while endpoint.hasSuffix("/") { endpoint.removeLast() }

@@ -184,10 +184,11 @@ struct ContentRange: Equatable {
         guard let text, text.hasPrefix("bytes ") else { return nil }
         let parts = text.dropFirst(6).split(separator: "/", maxSplits: 1)
         guard parts.count == 2 else { return nil }
-        let range = parts[0].split(separator: "-", maxSplits: 1)
-        guard range.count == 2, let a = Int(range[0]), let b = Int(range[1]), a >= 0, b >= a else { return nil }
+        func number(_ s: Substring) -> Int? { !s.isEmpty && s.allSatisfy({ $0.isASCII && $0.isNumber }) ? Int(s) : nil }
+        let range = parts[0].split(separator: "-", maxSplits: 1, omittingEmptySubsequences: false)
+        guard range.count == 2, let a = number(range[0]), let b = number(range[1]), b >= a else { return nil }
         first = a
         last = b
-        if parts[1] == "*" { total = nil } else if let t = Int(parts[1]), t > b { total = t } else { return nil }
+        if parts[1] == "*" { total = nil } else if let t = number(parts[1]), t > b { total = t } else { return nil }
     }
 }
