@@ -3,6 +3,9 @@
 #
 #   scripts/openpi-to-pytorch.sh CKPT_STEP_DIR OUT_DIR [options]
 #
+#   CKPT_STEP_DIR may be a URL (gs://openpi-assets/checkpoints/pi0_base, hf://, https://): the
+#   weights stream from it; a URL cannot be listed, so assets/ come only with --asset-id ID
+#
 #   --precision float32|bfloat16   output type (default: float32; openpi's LoRA training keeps
 #                                  the frozen base in bf16, and the merge is computed in f32)
 #   --llm-lora CONFIG              LoRA config of the PaliGemma Gemma (default gemma_2b_lora:
@@ -11,8 +14,9 @@
 #   --action-horizon N             written to config.json (not stored in the weights; default 50)
 #   --lerobot                      write a LeRobot 0.4.x policy folder instead (LeRobot's config.json,
 #                                  policy_preprocessor/postprocessor .json and normalizer stats)
-#   --asset-id ID                  (--lerobot) the stats in assets/ID/norm_stats.json (default: the
-#                                  one folder under assets/ that has norm_stats.json)
+#   --asset-id ID                  the stats in assets/ID/norm_stats.json (--lerobot's default: the
+#                                  one folder under assets/ that has them; for a URL, the only
+#                                  asset fetched)
 #   --cameras A,B,C                (--lerobot) the image features observation.images.A, ...
 #                                  (default openpi's base_0_rgb,left_wrist_0_rgb,right_wrist_0_rgb)
 #   --part K/N                     convert only part K of N (K from 0; e.g. a Slurm array task):
@@ -26,7 +30,7 @@
 # consumed: an adapter lora-merge could not place, or a key no rule converts, fails the run and
 # no output is left.
 set -euo pipefail
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 64; }
+usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 64; }
 [ $# -ge 2 ] || usage
 CKPT="$1" OUT="$2"
 shift 2
@@ -46,18 +50,38 @@ while [ $# -gt 0 ]; do
     *) usage ;;
     esac
 done
-[ $LEROBOT = 1 ] || [ -z "$ASSET_ID" ] || { echo "openpi-to-pytorch: --asset-id goes with --lerobot" >&2; exit 64; }
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=lib/remote.sh
+. "$HERE/scripts/lib/remote.sh"
+REMOTE=0
+is_remote "$CKPT" && REMOTE=1
+CKPT="${CKPT%/}"
+[ $LEROBOT = 1 ] || [ -z "$ASSET_ID" ] || [ $REMOTE = 1 ] || { echo "openpi-to-pytorch: --asset-id goes with --lerobot or a URL" >&2; exit 64; }
 if [ -n "$PART" ] || [ $FINALIZE = 1 ]; then
     # LeRobot loads one model.safetensors; a partitioned run writes shards and an index.
     [ $LEROBOT = 0 ] || { echo "openpi-to-pytorch: --part and --finalize write a sharded model.safetensors.index.json, which --lerobot folders do not take" >&2; exit 64; }
     [ -z "$PART" ] || [ $FINALIZE = 0 ] || { echo "openpi-to-pytorch: give --part K/N for each part, then --finalize once" >&2; exit 64; }
 fi
 case "$PRECISION" in float32) DTYPE=F32 ;; bfloat16) DTYPE=BF16 ;; *) echo "openpi-to-pytorch: --precision is float32 or bfloat16" >&2; exit 64 ;; esac
-HERE="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="${CKPT_BIN:-$HERE/.build/release}"
 [ -x "$BIN/ckpt-read" ] || BIN="$HERE/.build/debug"
 PARAMS="$CKPT/params"
-[ -d "$PARAMS" ] || { echo "openpi-to-pytorch: $PARAMS is not a folder (give the step folder holding params/ and assets/)" >&2; exit 66; }
+ASSETS="$CKPT/assets"
+if [ $REMOTE = 1 ]; then
+    # Only the asset named can be fetched (a URL cannot be listed); --lerobot needs it.
+    ASSETS="$(mktemp -d)/assets"
+    trap 'rm -rf "$(dirname "$ASSETS")"' EXIT
+    if [ -n "$ASSET_ID" ]; then
+        mkdir -p "$ASSETS/$ASSET_ID"
+        remote_fetch "$CKPT/assets/$ASSET_ID/norm_stats.json" "$ASSETS/$ASSET_ID/norm_stats.json"
+    elif [ $LEROBOT = 1 ]; then
+        echo "openpi-to-pytorch: --lerobot from a URL needs --asset-id ID (assets/ID/norm_stats.json; a URL cannot be listed)" >&2; exit 64
+    else
+        echo "openpi-to-pytorch: assets/ are not copied from a URL unless named: give --asset-id ID for assets/ID/norm_stats.json" >&2
+    fi
+elif [ ! -d "$PARAMS" ]; then
+    echo "openpi-to-pytorch: $PARAMS is not a folder (give the step folder holding params/ and assets/)" >&2; exit 66
+fi
 
 # What the checkpoint is, from its keys (metadata only: no data is read).
 KEYS="$("$BIN/ckpt-read" --root params --list "$PARAMS" | awk 'NR > 1 && NF == 4 { print $1 }')"
@@ -123,8 +147,8 @@ cat > "$OUT/config.json" <<EOF
   "precision": "$PRECISION"
 }
 EOF
-if [ -d "$CKPT/assets" ]; then
+if [ -d "$ASSETS" ]; then
     rm -rf "$OUT/assets"
-    cp -r "$CKPT/assets" "$OUT/assets"
+    cp -r "$ASSETS" "$OUT/assets"
 fi
-echo "openpi-to-pytorch: wrote $OUT/$([ $FINALIZE = 1 ] && echo model.safetensors.index.json || echo model.safetensors), config.json$([ -d "$CKPT/assets" ] && echo ", assets/")" >&2
+echo "openpi-to-pytorch: wrote $OUT/$([ $FINALIZE = 1 ] && echo model.safetensors.index.json || echo model.safetensors), config.json$([ -d "$ASSETS" ] && echo ", assets/")" >&2

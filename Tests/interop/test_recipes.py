@@ -443,3 +443,33 @@ def test_a_connection_cut_mid_stream_fails_loudly_and_leaves_nothing(tmp_path, m
     assert b"ckpt-slice: " in err or b"ckpt-write: " in err
     assert b"truncated" in err or b"end frame" in err or b"ended" in err, err.decode()
     assert not out.exists() and os.listdir(out.parent) == []
+
+
+def test_openpi_recipe_from_a_bucket_equals_the_local_run(tmp_path):
+    """scripts/openpi-to-pytorch.sh gs://... against a local server standing in for GCS
+    (STORAGE_EMULATOR_HOST): the same model.safetensors as from the local folder, and the
+    asset named fetched beside it."""
+    from range_server import RangeServer
+    root = tmp_path / "root"
+    step = root / "openpi-assets" / "checkpoints" / "pi0_lora" / "30000"
+    openpi_lora_checkpoint(str(step), False)
+    local = tmp_path / "local"
+    assert recipe(step, local).returncode == 0
+    srv = RangeServer(str(root)).start()
+    try:
+        env = dict(os.environ, CKPT_BIN=BIN, STORAGE_EMULATOR_HOST=srv.url)
+        def remote(out, *args):
+            return subprocess.run(["bash", os.path.join(ROOT, "scripts", "openpi-to-pytorch.sh"), "gs://openpi-assets/checkpoints/pi0_lora/30000",
+                                   str(out), "--llm-lora", f"rank={R_LLM},alpha={ALPHA_LLM:g}", "--expert-lora", f"rank={R_EXP},alpha={ALPHA_EXP:g}", *args],
+                                  capture_output=True, env=env)
+        p = remote(tmp_path / "remote", "--asset-id", "robot")
+        assert p.returncode == 0, p.stderr.decode()
+        assert (tmp_path / "remote" / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
+        assert (tmp_path / "remote" / "assets" / "robot" / "norm_stats.json").read_bytes() == (step / "assets" / "robot" / "norm_stats.json").read_bytes()
+        assert (tmp_path / "remote" / "config.json").read_bytes() == (local / "config.json").read_bytes()
+        p = remote(tmp_path / "missing", "--asset-id", "nosuch")
+        assert p.returncode == 66 and b"assets/nosuch/norm_stats.json" in p.stderr
+        assert not (tmp_path / "missing" / "model.safetensors").exists()
+    finally:
+        srv.shutdown()
+        srv.server_close()

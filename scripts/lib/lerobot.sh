@@ -1,5 +1,5 @@
 # LeRobot 0.4.x policy folder for openpi-to-pytorch.sh --lerobot (sourced; uses its variables:
-# OUT, CKPT, BIN, HERE, VARIANT, PRECISION, HORIZON, ACTION_DIM, LISTING, ASSET_ID, CAMERAS).
+# OUT, CKPT, ASSETS, BIN, HERE, VARIANT, PRECISION, HORIZON, ACTION_DIM, LISTING, ASSET_ID, CAMERAS).
 #
 # Every file is written as LeRobot 0.4.4 writes it (docs/formats.md, "LeRobot policy folder"):
 #   config.json                    draccus.dump of PI0Config / PI05Config (indent 4), the defaults
@@ -17,7 +17,7 @@ lerobot_die() { echo "openpi-to-pytorch: $*" >&2; exit "${LEROBOT_EXIT:-65}"; }
 # Finds and converts the norm stats; sets STATS_FILE, STATS_BYTES (printf %b escapes),
 # STATE_FEATURE_DIM, ACTION_FEATURE_DIM, MAX_STATE_DIM, MAX_ACTION_DIM.
 lerobot_stats() {
-    local assets="$CKPT/assets" found line kind a b
+    local assets="$ASSETS" found line kind a b
     if [ -n "$ASSET_ID" ]; then
         STATS_FILE="$assets/$ASSET_ID/norm_stats.json"
         [ -f "$STATS_FILE" ] || LEROBOT_EXIT=66 lerobot_die "--asset-id $ASSET_ID: $STATS_FILE does not exist"
