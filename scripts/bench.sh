@@ -19,7 +19,10 @@
 # ckpt-parts2 (not run by default: BENCH_CASES="ckpt ckpt-parts2" for the speed-up of a
 # partitioned conversion) converts the same input in 2 parts at once (ckpt-read --part K/2 |
 # ckpt-write --part K/2 under xargs -P 2, then ckpt-write --finalize; timed as a whole, checked
-# equal to the input with ckpt-diff after the timing)
+# equal to the input with ckpt-diff after the timing); curl-http, ckpt-http, curl-then-ckpt
+# (not run by default: BENCH_CASES="cat ckpt curl-http ckpt-http curl-then-ckpt"): the input
+# served by scripts/range_server.py on 127.0.0.1, downloaded by curl (the server's rate),
+# converted from its URL by ckpt-read, and downloaded then converted
 #
 # Makes SIZE_GIB of random f32 and bf16 tensors as one .safetensors file (written in the
 # safetensors library's own layout), warms it into the page cache, then runs each case REPS
@@ -134,6 +137,17 @@ esac
 # `$TIME -o $WORK/rss.N` so we get its peak RSS. Appends "NAME wall rss1 rss2" to results.
 RESULTS="$WORK/results.txt"
 : > "$RESULTS"
+case " $CASES " in *http*)
+    # A local range server (scripts/range_server.py: threaded Python, 1 MiB writes) stands in
+    # for a bucket or the Hub; it shares the two cores with the case it serves.
+    HTTP_PORT="${BENCH_HTTP_PORT:-18765}"
+    "$PY" scripts/range_server.py "$WORK" "$HTTP_PORT" > "$WORK/range-server.log" 2>&1 &
+    HTTP_PID=$!
+    trap 'kill $HTTP_PID 2>/dev/null' EXIT
+    URL="http://127.0.0.1:$HTTP_PORT/$(basename "$IN")"
+    for _ in $(seq 50); do curl -sf -r 0-0 -o /dev/null "$URL" && break; sleep 0.1; done
+    ;;
+esac
 run() {
     local name="$1" cmd="$2"
     rm -f "$OUT" "$WORK"/rss.* "$WORK"/py-out.safetensors
@@ -190,6 +204,13 @@ for rep in $(seq "$REPS"); do
             run python-peft "$(T 1) $PY scripts/bench_peft_merge.py '$IN' '$LORA' '$OUT'" ;;
         python-safetensors)
             run python-safetensors "$(T 1) $PY -c 'import sys, ml_dtypes; from safetensors.numpy import load_file, save_file; save_file(load_file(sys.argv[1]), sys.argv[2])' '$IN' '$OUT'" ;;
+        curl-http)  # what the server delivers to one client that does nothing with it (the "link")
+            run curl-http "$(T 1) curl -sf '$URL' -o '$OUT'" ;;
+        ckpt-http)  # ckpt-read URL | ckpt-write: ranges, 4 in flight, straight into the conversion
+            ckpt_case ckpt-http "$URL" 1 ;;
+        curl-then-ckpt)  # the usual way: download first, then convert the local copy
+            run curl-then-ckpt "$(T 1) curl -sf '$URL' -o '$WORK/download.safetensors' && $(T 2) $BIN/ckpt-read '$WORK/download.safetensors' | $(T 3) $BIN/ckpt-write '$OUT'"
+            rm -f "$WORK/download.safetensors" ;;
         cat-pt) run cat-pt "$(T 1) cat '$PT' > '$OUT'" ;;
         ckpt-pt) ckpt_case ckpt-pt "$PT" 1 ;;
         python-torch)
