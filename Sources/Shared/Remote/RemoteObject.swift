@@ -49,6 +49,21 @@ public final class RemoteObject: @unchecked Sendable {
     /// Opens `location`: one request for its first bytes, which also tells its size and pins
     /// its version.
     public static func open(_ location: RemoteLocation) throws(RemoteError) -> RemoteObject {
+        // A file opened again (a probe, then its reader) is the same pinned object: its head
+        // is not fetched twice.
+        if let known = recent.withLock({ opened.first(where: { $0.location.url == location.url }) }) { return known }
+        let object = try openUncached(location)
+        recent.withLock {
+            opened.append(object)
+            if opened.count > 32 { opened.removeFirst() }
+        }
+        return object
+    }
+
+    private static let recent = Mutex()
+    nonisolated(unsafe) private static var opened: [RemoteObject] = []
+
+    private static func openUncached(_ location: RemoteLocation) throws(RemoteError) -> RemoteObject {
         try HTTPClient.load(for: location.display)
         var head = [UInt8](repeating: 0, count: headSize)
         var attempt = 0
