@@ -46,8 +46,17 @@ static struct {
 static pthread_once_t load_once = PTHREAD_ONCE_INIT;
 
 static void load(void) {
+    // CKPT_LIBCURL names the library to load instead (one in an unusual place).
+    const char *chosen = getenv("CKPT_LIBCURL");
     const char *names[] = {"libcurl.so.4", "libcurl-gnutls.so.4", "libcurl-nss.so.4", "libcurl.dylib", NULL};
     void *lib = NULL;
+    if (chosen && *chosen) {
+        lib = dlopen(chosen, RTLD_NOW | RTLD_LOCAL);
+        if (!lib) {
+            snprintf(curl.error, sizeof curl.error, "CKPT_LIBCURL=%s cannot be loaded: %s", chosen, dlerror());
+            return;
+        }
+    }
     for (int i = 0; names[i] && !lib; i++) lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
     if (!lib) {
         snprintf(curl.error, sizeof curl.error, "libcurl is not installed (Debian/Ubuntu: apt install libcurl4; Fedora: dnf install libcurl)");

@@ -223,3 +223,18 @@ def test_orbax_manager_root_needs_the_step_over_a_url(server):
     p = read(server, "gs://b/run", "--step", "0")
     assert p.returncode == 0, p.stderr
     assert stream_tensors(p.stdout) == stream_tensors(local.stdout)
+
+
+def test_without_libcurl_a_url_is_exit_69_and_files_still_work(server, minilm):
+    p = read(server, f"{server.url}/x.safetensors", CKPT_LIBCURL="/nonexistent/libcurl.so.4")
+    assert p.returncode == 69 and b"CKPT_LIBCURL=/nonexistent/libcurl.so.4 cannot be loaded" in p.stderr
+    p = read(server, minilm, "--list", CKPT_LIBCURL="/nonexistent/libcurl.so.4")
+    assert p.returncode == 0
+
+
+def test_progress_counts_the_bytes_fetched(server, tmp_path):
+    big_file(server, 8)
+    p = read(server, f"{server.url}/big/model.safetensors", "--progress")
+    assert p.returncode == 0, p.stderr
+    last = p.stderr.decode().split("\r")[-1]
+    assert "8.0 MiB fetched" in last and "8 tensors" in last, last
