@@ -34,6 +34,7 @@ class Faults:
         self.change_after = {}  # path -> replies after which the ETag changes
         self.require_token = None  # (path prefix, token): 401 without it, 403 with another
         self.wrong_range = set()  # paths whose 206 replies claim a Content-Range one byte off
+        self.claim_total = {}  # path -> the total size its Content-Range claims (a lying server)
 
     def take_cut(self, path):
         with self.lock:
@@ -140,7 +141,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(206 if partial else 200)
         if partial:
             off = 1 if path in srv.faults.wrong_range and first > 0 else 0
-            self.send_header("Content-Range", f"bytes {first + off}-{last + off}/{size}")
+            total = srv.faults.claim_total.get(path, size)
+            self.send_header("Content-Range", f"bytes {first + off}-{last + off}/{total}")
         self.send_header("Content-Length", str(length))
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", etag)

@@ -170,6 +170,21 @@ def test_a_wrong_content_range_is_an_error(server, tmp_path):
     assert p.returncode == 74 and b"Content-Range" in p.stderr
 
 
+@pytest.mark.parametrize("claimed", [1 << 45, 1 << 62])
+def test_a_server_claiming_a_huge_file_gets_an_error_not_an_allocation(server, tmp_path, claimed):
+    big_file(server, 4)
+    server.faults.claim_total["/big/model.safetensors"] = claimed
+    probe = ("import resource, subprocess, sys\n"
+             "p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
+             "sys.stderr.buffer.write(p.stderr)\n"
+             "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+    p = subprocess.run(["python3", "-c", probe, tool("ckpt-read"), f"{server.url}/big/model.safetensors"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_for(server))
+    rc, peak_kib = map(int, p.stdout.split())
+    assert rc == 74, p.stderr
+    assert peak_kib < 64 << 10, f"peak RSS {peak_kib >> 10} MiB"
+
+
 def test_a_copy_holds_a_bounded_window_not_the_file(server, tmp_path):
     big_file(server, 400)
     # A fresh parent whose only child is ckpt-read, so RUSAGE_CHILDREN is that child's peak.

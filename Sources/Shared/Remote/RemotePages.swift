@@ -10,10 +10,13 @@ import Glibc
 ///     file:   | forgotten (absent) | present | in flight ... | absent ............ |
 ///                                  ^ reader      ^ prefetched up to reader + window
 ///
-/// Pages are 64 KiB: small random reads (a zip's local headers) fetch little, and a page once
+/// Pages are 64 KiB (larger past 64 GiB): small random reads (a zip's local headers) fetch little, and a page once
 /// present is not fetched again until forgotten, so each byte is fetched about once.
 final class RemotePages: @unchecked Sendable {
-    static let pageSize = 64 << 10
+    static let smallestPage = 64 << 10
+    /// 64 KiB, or larger for a file over 64 GiB, so the page table stays under a million
+    /// entries whatever size a server declares.
+    let pageSize: Int
     /// The largest single request.
     static let requestSize = 8 << 20
     /// Requests in flight at once (connections).
@@ -44,9 +47,12 @@ final class RemotePages: @unchecked Sendable {
             throw IOError(.mmap, path: object.location.display, errno: errno)
         }
         base = p
-        pages = Array(repeating: .absent, count: (size + RemotePages.pageSize - 1) / RemotePages.pageSize)
+        var page = RemotePages.smallestPage
+        while size / page > 1 << 20 { page *= 2 }
+        pageSize = page
+        pages = Array(repeating: .absent, count: (size + page - 1) / page)
         // The head arrived with the open: its whole pages are present.
-        let headPages = object.head.count == size ? pages.count : object.head.count / RemotePages.pageSize
+        let headPages = object.head.count == size ? pages.count : object.head.count / pageSize
         if headPages > 0 {
             object.head.withUnsafeBytes { base.copyMemory(from: $0.baseAddress!, byteCount: min(object.head.count, size)) }
             for i in 0..<headPages { pages[i] = .present }
@@ -60,7 +66,7 @@ final class RemotePages: @unchecked Sendable {
 
     private func pageRange(_ offset: Int, _ count: Int) -> Range<Int> {
         guard count > 0 else { return 0..<0 }
-        return offset / RemotePages.pageSize..<(offset + count - 1) / RemotePages.pageSize + 1
+        return offset / pageSize..<(offset + count - 1) / pageSize + 1
     }
 
     /// Fetches what is missing of `[offset, offset + count)` and waits for it.
@@ -92,8 +98,8 @@ final class RemotePages: @unchecked Sendable {
     /// Gives the whole pages inside `[offset, offset + count)` back (zero-filled, absent again).
     /// Pages being fetched are left alone.
     func forget(offset: Int, count: Int) {
-        let first = (offset + RemotePages.pageSize - 1) / RemotePages.pageSize
-        let end = min((offset + count) / RemotePages.pageSize, pages.count)
+        let first = (offset + pageSize - 1) / pageSize
+        let end = min((offset + count) / pageSize, pages.count)
         guard first < end else { return }
         lock.withLock {
             var i = first
@@ -101,7 +107,7 @@ final class RemotePages: @unchecked Sendable {
                 guard pages[i] == .present else { i += 1; continue }
                 var j = i
                 while j < end && pages[j] == .present { pages[j] = .absent; j += 1 }
-                _ = madvise(base + i * RemotePages.pageSize, min(j * RemotePages.pageSize, size) - i * RemotePages.pageSize, MADV_DONTNEED)
+                _ = madvise(base + i * pageSize, min(j * pageSize, size) - i * pageSize, MADV_DONTNEED)
                 i = j
             }
         }
@@ -110,7 +116,7 @@ final class RemotePages: @unchecked Sendable {
     /// Marks the absent pages of `range` wanted and queues them in runs of at most
     /// `requestSize`; starts workers up to `connections`. Called with the lock held.
     private func enqueue(_ range: Range<Int>, urgent: Bool) {
-        let perRequest = RemotePages.requestSize / RemotePages.pageSize
+        let perRequest = max(1, RemotePages.requestSize / pageSize)
         var runs: [Range<Int>] = []
         var i = range.lowerBound
         while i < range.upperBound {
@@ -141,8 +147,8 @@ final class RemotePages: @unchecked Sendable {
                 return r
             }
             guard let run else { return }
-            let start = run.lowerBound * RemotePages.pageSize
-            let end = min(run.upperBound * RemotePages.pageSize, size)
+            let start = run.lowerBound * pageSize
+            let end = min(run.upperBound * pageSize, size)
             var error: RemoteError?
             do { try object.read(into: UnsafeMutableRawBufferPointer(start: base + start, count: end - start), at: start) } catch let e {
                 error = e
