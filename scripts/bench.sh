@@ -22,7 +22,8 @@
 # equal to the input with ckpt-diff after the timing); curl-http, ckpt-http, curl-then-ckpt
 # (not run by default: BENCH_CASES="cat ckpt curl-http ckpt-http curl-then-ckpt"): the input
 # served by scripts/range_server.py on 127.0.0.1, downloaded by curl (the server's rate),
-# converted from its URL by ckpt-read, and downloaded then converted
+# converted from its URL by ckpt-read, and downloaded then converted (BENCH_HTTP=nginx: served
+# by nginx instead)
 #
 # Makes SIZE_GIB of random f32 and bf16 tensors as one .safetensors file (written in the
 # safetensors library's own layout), warms it into the page cache, then runs each case REPS
@@ -140,10 +141,20 @@ RESULTS="$WORK/results.txt"
 case " $CASES " in *http*)
     # A local range server (scripts/range_server.py: threaded Python, 1 MiB writes) stands in
     # for a bucket or the Hub; it shares the two cores with the case it serves.
+    # BENCH_HTTP=nginx serves it with nginx instead (sendfile, C): a server fast enough that the
+    # client is what is measured.
     HTTP_PORT="${BENCH_HTTP_PORT:-18765}"
-    "$PY" scripts/range_server.py "$WORK" "$HTTP_PORT" > "$WORK/range-server.log" 2>&1 &
-    HTTP_PID=$!
-    trap 'kill $HTTP_PID 2>/dev/null' EXIT
+    if [ "${BENCH_HTTP:-python}" = nginx ]; then
+        mkdir -p "$WORK/nginx"
+        printf 'worker_processes 2;\npid %s/nginx/pid;\nerror_log %s/nginx/error.log;\nevents { worker_connections 256; }\nhttp { access_log off; sendfile on; server { listen 127.0.0.1:%s; root %s; } }\n' \
+            "$WORK" "$WORK" "$HTTP_PORT" "$WORK" > "$WORK/nginx/nginx.conf"
+        nginx -c "$WORK/nginx/nginx.conf"
+        trap 'kill "$(cat "$WORK/nginx/pid")" 2>/dev/null' EXIT
+    else
+        "$PY" scripts/range_server.py "$WORK" "$HTTP_PORT" > "$WORK/range-server.log" 2>&1 &
+        HTTP_PID=$!
+        trap 'kill $HTTP_PID 2>/dev/null' EXIT
+    fi
     URL="http://127.0.0.1:$HTTP_PORT/$(basename "$IN")"
     for _ in $(seq 50); do curl -sf -r 0-0 -o /dev/null "$URL" && break; sleep 0.1; done
     ;;

@@ -47,6 +47,10 @@ final class RemotePages: @unchecked Sendable {
             throw IOError(.mmap, path: object.location.display, errno: errno)
         }
         base = p
+        // Filled once by memcpy from the socket: 2 MiB pages fault 512x less often (measured on a
+        // 2 GiB copy from a local nginx: 3.0 s -> 1.05 s, most of it page faults serialised
+        // across the fetching threads). Where THP is off this changes nothing.
+        _ = madvise(p, length, MADV_HUGEPAGE)
         var page = RemotePages.smallestPage
         while size / page > 1 << 20 { page *= 2 }
         pageSize = page
