@@ -253,3 +253,22 @@ def test_progress_counts_the_bytes_fetched(server, tmp_path):
     assert p.returncode == 0, p.stderr
     last = p.stderr.decode().split("\r")[-1]
     assert "8.0 MiB fetched" in last and "8 tensors" in last, last
+
+
+def test_proxies_come_from_the_environment(server, minilm, tmp_path):
+    """libcurl's proxy variables: a second server stands in for the proxy (a forward proxy gets
+    the absolute URL in the request line; this one serves the path from its own folder). The
+    origin host does not resolve: only the proxy can answer."""
+    os.makedirs(tmp_path / "proxyroot")
+    proxy = RangeServer(str(tmp_path / "proxyroot")).start()
+    try:
+        shutil.copyfile(minilm, tmp_path / "proxyroot" / "m.safetensors")
+        url = "http://weights.invalid/m.safetensors"
+        p = read(server, url, "--list", http_proxy=proxy.url)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.count(b"\n") > 100 and proxy.stats.requests
+        p = read(server, url, "--list", http_proxy=proxy.url, no_proxy="weights.invalid")
+        assert p.returncode == 74 and b"weights.invalid" in p.stderr  # direct: the host does not resolve
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
