@@ -91,6 +91,18 @@ def test_wheel_installs_and_converts_in_a_fresh_venv(dist, tmp_path):
     q = load_file(str(flax))["bert/encoder/layer/0/attention/self/query/kernel"]
     assert np.array_equal(q, tensors["bert.encoder.layer.0.attention.self.query.weight"].T)
 
+    # URLs: the packaged binary loads the system's libcurl at run time (it links none).
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from range_server import RangeServer
+    server = RangeServer(str(tmp_path)).start()
+    try:
+        p = bare(bin_dir, f"ckpt-read {server.url}/model.safetensors | ckpt-write {tmp_path}/from-url.safetensors")
+        assert p.returncode == 0, p.stderr.decode()
+        assert (tmp_path / "from-url.safetensors").read_bytes() == src.read_bytes()
+    finally:
+        server.shutdown()
+        server.server_close()
+
     # ckpt_stream is importable from the venv's own Python, no sys.path set-up.
     p = subprocess.run([str(bin_dir / "python"), "-c", "import ckpt_stream, sys; print(ckpt_stream.__file__)"],
                        capture_output=True, text=True, cwd=tmp_path)
