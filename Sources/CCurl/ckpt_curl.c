@@ -90,6 +90,8 @@ int ckpt_curl_load(char *error, size_t error_length) {
 
 const char *ckpt_curl_version(void) { return curl.loaded ? curl.version() : ""; }
 
+const char *ckpt_http_result_headers(const ckpt_http_result *result) { return result->headers; }
+
 void *ckpt_http_handle_new(void) { return curl.loaded ? curl.easy_init() : NULL; }
 
 void ckpt_http_handle_free(void *handle) {
@@ -109,13 +111,17 @@ static size_t on_header(char *data, size_t size, size_t count, void *context) {
     size_t n = size * count;
     if (n >= 5 && memcmp(data, "HTTP/", 5) == 0) {
         t->result->headers_length = 0;
+        t->result->headers_truncated = 0;
         const char *space = memchr(data, ' ', n);
         t->result->status = space ? strtol(space + 1, NULL, 10) : 0;
     }
-    size_t room = sizeof t->result->headers - 1 - t->result->headers_length;
-    size_t copy = n < room ? n : room;
-    memcpy(t->result->headers + t->result->headers_length, data, copy);
-    t->result->headers_length += copy;
+    // libcurl passes one whole line per call: keep it whole, or not at all.
+    if (n > sizeof t->result->headers - 1 - t->result->headers_length) {
+        t->result->headers_truncated = 1;
+        return n;
+    }
+    memcpy(t->result->headers + t->result->headers_length, data, n);
+    t->result->headers_length += n;
     t->result->headers[t->result->headers_length] = 0;
     return n;
 }

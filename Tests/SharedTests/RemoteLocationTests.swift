@@ -61,6 +61,18 @@ import Testing
         #expect(RemoteError(.changed(detail: "x"), url: "u").exitStatus == .ioError)
     }
 
+    @Test func namesFromACheckpointStayInItsFolder() throws {
+        #expect(RemoteLocation.staysInside("d/0a1b") && RemoteLocation.staysInside("model-00001-of-00002.safetensors"))
+        for bad in ["../x", "a/../../b", "a//b", "./a", "a/", ""] { #expect(!RemoteLocation.staysInside(bad), "\(bad)") }
+        // A query (a presigned URL) is the object's own: siblings do not carry it, messages hide it.
+        let signed = try RemoteLocation("https://u:p@h.example/a/model.safetensors?sig=s3cr3t", environment: env([:]))
+        #expect(signed.url == "https://u:p@h.example/a/model.safetensors?sig=s3cr3t")
+        #expect(signed.display == "https://…@h.example/a/model.safetensors?…")
+        #expect(signed.name == "model.safetensors")
+        #expect(signed.parent.folder.appending("x.json").url == "https://u:p@h.example/a/x.json")
+        #expect(signed.text == signed.url)
+    }
+
     @Test func contentRangeParsing() {
         #expect(ContentRange("bytes 0-99/1000") == ContentRange(first: 0, last: 99, total: 1000))
         #expect(ContentRange("bytes 5-5/*")?.total == nil)

@@ -174,29 +174,43 @@ def test_a_wrong_content_range_is_an_error(server, tmp_path):
 def test_a_server_claiming_a_huge_file_gets_an_error_not_an_allocation(server, tmp_path, claimed):
     big_file(server, 4)
     server.faults.claim_total["/big/model.safetensors"] = claimed
+    rc, peak_kib, err = peak_rss(server, f"{server.url}/big/model.safetensors")
+    assert rc == 74, err
+    assert peak_kib < 64 << 10, f"peak RSS {peak_kib >> 10} MiB"
+
+
+def peak_rss(srv, *args):
+    """Runs ckpt-read ARGS (output discarded) under a fresh parent whose only child it is, so
+    RUSAGE_CHILDREN is its peak: (exit status, peak RSS in KiB, stderr)."""
     probe = ("import resource, subprocess, sys\n"
              "p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
              "sys.stderr.buffer.write(p.stderr)\n"
              "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
-    p = subprocess.run(["python3", "-c", probe, tool("ckpt-read"), f"{server.url}/big/model.safetensors"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_for(server))
+    p = subprocess.run(["python3", "-c", probe, tool("ckpt-read"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_for(srv))
     rc, peak_kib = map(int, p.stdout.split())
-    assert rc == 74, p.stderr
-    assert peak_kib < 64 << 10, f"peak RSS {peak_kib >> 10} MiB"
+    return rc, peak_kib, p.stderr
 
 
 def test_a_copy_holds_a_bounded_window_not_the_file(server, tmp_path):
     big_file(server, 400)
-    # A fresh parent whose only child is ckpt-read, so RUSAGE_CHILDREN is that child's peak.
-    probe = ("import resource, subprocess, sys\n"
-             "p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
-             "sys.stderr.buffer.write(p.stderr)\n"
-             "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
-    p = subprocess.run(["python3", "-c", probe, tool("ckpt-read"), f"{server.url}/big/model.safetensors"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_for(server))
-    rc, peak_kib = map(int, p.stdout.split())
-    assert rc == 0, p.stderr
+    rc, peak_kib, err = peak_rss(server, f"{server.url}/big/model.safetensors")
+    assert rc == 0, err
     assert 8 << 10 < peak_kib < 128 << 10, f"peak RSS {peak_kib >> 10} MiB"
+    # Out of file order (--first: the last tensors, then the rest from the start): what was
+    # read behind the release point is given back too.
+    rc, peak_kib, err = peak_rss(server, "--first", "t39*", f"{server.url}/big/model.safetensors")
+    assert rc == 0, err
+    assert peak_kib < 128 << 10, f"peak RSS {peak_kib >> 10} MiB with --first"
+
+
+def test_many_small_zip_members_do_not_each_take_a_huge_page(server, tmp_path):
+    """Opening a torch zip reads every member's local header (scattered 64 KiB pages): they must
+    not be backed by 2 MiB pages each."""
+    os.makedirs(server.root + "/many")
+    torch.save({f"w{i}": torch.full((4096,), float(i)) for i in range(400)}, server.root + "/many/model.pt")
+    rc, peak_kib, err = peak_rss(server, "--list", f"{server.url}/many/model.pt")
+    assert rc == 0, err
+    assert peak_kib < 96 << 10, f"peak RSS {peak_kib >> 10} MiB"
 
 
 ORBAX = os.path.join(os.path.dirname(__file__), "..", "fixtures", "orbax")
@@ -272,3 +286,23 @@ def test_proxies_come_from_the_environment(server, minilm, tmp_path):
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+def test_a_query_is_kept_for_the_request_and_hidden_in_messages(server, minilm, tmp_path):
+    """A presigned URL: the query goes to the server, never to stderr."""
+    publish(server, minilm, "signed/model.safetensors")
+    out = tmp_path / "o.safetensors"
+    p = convert(server, f"{server.url}/signed/model.safetensors?X-Goog-Signature=SECRET123", out)
+    assert p.returncode == 0, p.stderr
+    assert out.read_bytes() == open(minilm, "rb").read()
+    assert any(r[0] == "/signed/model.safetensors" for r in server.stats.requests)
+    p = read(server, f"http://user:pw@127.0.0.1:{server.server_address[1]}/signed/missing.safetensors?X-Goog-Signature=SECRET123")
+    assert p.returncode == 66, p.stderr
+    assert b"SECRET123" not in p.stderr and b"pw@" not in p.stderr and b"missing.safetensors?\xe2\x80\xa6" in p.stderr
+
+
+def test_a_malformed_retry_after_waits_a_while_instead_of_failing(server, tmp_path):
+    big_file(server, 2)
+    server.faults.status["/big/model.safetensors"] = [503, 1, "-1"]
+    p = read(server, f"{server.url}/big/model.safetensors", "--list")
+    assert p.returncode == 0, p.stderr

@@ -14,16 +14,21 @@ const char *ckpt_curl_version(void);
 
 /// What one GET delivered. The body of a 2xx reply goes to `buffer` (at most `capacity` bytes:
 /// more aborts the transfer and sets `overflow`); any other reply's body is dropped. `headers`
-/// holds the last response's header lines (after redirects), NUL-terminated, cut at its size.
+/// holds the last response's header lines (after redirects), NUL-terminated; a line that does
+/// not fit is left out whole and `headers_truncated` set.
 typedef struct {
     long status;
     size_t received;
     int overflow;
     int curl_code;
     char curl_error[256];
-    char headers[4096];
+    char headers[16384];
     size_t headers_length;
+    int headers_truncated;
 } ckpt_http_result;
+
+/// `result->headers` (Swift does not import a C array this long).
+const char *ckpt_http_result_headers(const ckpt_http_result *result);
 
 /// An easy handle (its connection is reused by later requests on it), or NULL.
 void *ckpt_http_handle_new(void);

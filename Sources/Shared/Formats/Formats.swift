@@ -72,7 +72,7 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
             ("pytorch_model.bin.index.json", .torch), ("pytorch_model.bin", .torch),
         ]
         for (name, format) in probes where try RemoteObject.openIfPresent(location.appending(name)) != nil {
-            return (format, format == .orbax ? location.display : location.appending(name).display)
+            return (format, format == .orbax ? location.text : location.appending(name).text)
         }
         throw RemoteError(.notFound, url: location.display + " (neither a file nor a folder holding " + probes.map(\.0).joined(separator: ", ")
                                        + "; an Orbax CheckpointManager root cannot be listed: give --step N)")

@@ -17,6 +17,8 @@ public final class MappedFile: @unchecked Sendable {
     private let base: UnsafeMutableRawPointer?
     private let remote: RemotePages?
     private var releasedUpTo = 0
+    /// A run of consumed bytes behind `releasedUpTo` (tensors read out of file order).
+    private var behind = 0..<0
     private static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
 
     /// Maps `descriptor`, which the mapping then owns (closed when it goes); on failure the
@@ -89,19 +91,29 @@ public final class MappedFile: @unchecked Sendable {
     /// The whole mapping without fetching anything: for a cursor that fetches its own range first.
     var unfetchedBytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: size) }
 
-    /// Unmaps the pages wholly before `offset` from this process (the data stays in the page
-    /// cache). Touched pages of a mapping count as resident memory: without this, reading a
-    /// 100 GB file would show a 100 GB RSS and could push other memory out.
-    public func release(before offset: Int) {
-        guard let base else { return }
-        let end = offset - offset % MappedFile.pageSize
+    /// The reader is done with `[offset, offset + count)`, read in file order: the pages up to
+    /// its end are unmapped from this process (a local file's stay in the page cache; a remote
+    /// file's are given back and would be fetched again). Touched pages of a mapping count as
+    /// resident memory: without this, reading a 100 GB file would show a 100 GB RSS and could
+    /// push other memory out. A range behind what was released already (tensors read out of
+    /// file order, `--first`) is unmapped on its own.
+    public func consumed(offset: Int, count: Int) {
+        guard let base, count > 0 else { return }
+        guard offset >= releasedUpTo else {
+            // Behind: a run continued gives back the page the last piece left partly read.
+            let from = offset == behind.upperBound ? max(behind.lowerBound, offset - (remote?.pageSize ?? MappedFile.pageSize)) : offset
+            behind = (offset == behind.upperBound ? behind.lowerBound : offset)..<(offset + count)
+            return drop(offset: from, count: offset + count - from)
+        }
+        // Whole pages of the mapping: the system's, or the remote file's (64 KiB or more).
+        let page = remote?.pageSize ?? MappedFile.pageSize
+        let end = (offset + count) / page * page
         guard end > releasedUpTo else { return }
         if let remote {
             remote.forget(offset: releasedUpTo, count: end - releasedUpTo)
-            releasedUpTo = end
-            return
+        } else {
+            _ = madvise(base + releasedUpTo, end - releasedUpTo, MADV_DONTNEED)
         }
-        _ = madvise(base + releasedUpTo, end - releasedUpTo, MADV_DONTNEED)
         releasedUpTo = end
     }
 
@@ -114,6 +126,15 @@ public final class MappedFile: @unchecked Sendable {
         let start = (offset + page - 1) / page * page
         let end = (offset + count) / page * page
         if end > start { _ = madvise(base + start, end - start, MADV_DONTNEED) }
+    }
+
+    /// A value whose bytes start at `valueStart` was read in order, up to `end`, and dropped
+    /// before up to `done`: drops what is now whole pages, reaching back over the page the last
+    /// drop left partly read (it is this value's), so a value read in small pieces leaves no
+    /// page behind but its two ends.
+    public func dropConsumed(valueStart: Int, done: Int, upTo end: Int) {
+        let from = max(valueStart, done - (remote?.pageSize ?? MappedFile.pageSize))
+        drop(offset: from, count: end - from)
     }
 
     /// Tells the kernel the range will be read soon (reads ahead in the background).

@@ -58,6 +58,8 @@ public final class PlannedSource: FileBackedSource {
     private var materialized: AlignedBuffer?
     private var file: MappedFile?
     private var pieces: [(offset: Int, count: Int)] = []
+    /// The chunk last handed out of a mapped file: consumed once the caller asks for more.
+    private var handedOut: (file: MappedFile, offset: Int, count: Int)?
     private var piece = 0
     private var piecePosition = 0
     /// The current tensor's decoder, when it is streamed.
@@ -117,7 +119,14 @@ public final class PlannedSource: FileBackedSource {
         }
     }
 
+    /// The caller is done with the chunk it was given (its pointer is valid only until now).
+    private func releaseHandedOut() {
+        if let h = handedOut { h.file.consumed(offset: h.offset, count: h.count) }
+        handedOut = nil
+    }
+
     public func nextTensor() throws -> TensorHeader? {
+        releaseHandedOut()
         materialized = nil
         file = nil
         streamed = nil
@@ -199,6 +208,7 @@ public final class PlannedSource: FileBackedSource {
     }
 
     public func nextChunk() throws -> UnsafeRawBufferPointer? {
+        releaseHandedOut()
         guard position < currentLength else {
             materialized = nil
             file = nil
@@ -225,14 +235,34 @@ public final class PlannedSource: FileBackedSource {
         let (offset, count) = pieces[piece]
         let n = min(chunkSize, count - piecePosition)
         let at = offset + piecePosition
-        // The previous chunk has been consumed (the caller's pointer is valid only until now).
-        file!.release(before: at)
-        file!.willNeed(at: at + n, count: max(chunkSize, file!.readAheadWindow))
+        // This chunk first (a remote file fetches it now), then what comes next.
+        let bytes = try file!.bytes(at: at, count: n)
+        readAhead(file!, at: at + n, inPiece: count - piecePosition - n)
+        handedOut = (file!, at, n)
         piecePosition += n
         position += n
-        let bytes = try file!.bytes(at: at, count: n)
         lastChunkOrigin = file!.descriptor.map { ($0, at) }  // a remote file has none to splice from
         return bytes
+    }
+}
+
+extension PlannedSource {
+    /// Asks for what will be read next: the rest of this piece, then the next tensors of the
+    /// plan that lie in mapped files, up to a chunk (a local file: the kernel reads ahead) or
+    /// a remote file's window (several requests in flight). Only what the plan will read: a
+    /// remote file fetched past it would hold pages no read gives back.
+    fileprivate func readAhead(_ file: MappedFile, at: Int, inPiece: Int) {
+        var budget = max(chunkSize, file.readAheadWindow)
+        let here = min(budget, inPiece)
+        if here > 0 { file.willNeed(at: at, count: here) }
+        budget -= here
+        var i = next
+        while budget > 0, i < plan.count, case .mapped(let f, let offset) = plan[i].1 {
+            let n = min(budget, plan[i].0.descriptor.byteCount)
+            if n > 0 { f.willNeed(at: offset, count: n) }
+            budget -= max(n, 1)
+            i += 1
+        }
     }
 }
 

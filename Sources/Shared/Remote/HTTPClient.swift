@@ -14,6 +14,8 @@ struct HTTPReply {
     var curlError: String
     /// The last response's header fields, names lowercased (the last of repeated names wins).
     var headers: [String: String]
+    /// Some header lines did not fit (16 KiB): the reply cannot be checked.
+    var headersTruncated = false
 }
 
 /// GET requests through libcurl (see `ckpt_curl.h`: loaded at run time). Each request borrows
@@ -34,6 +36,15 @@ enum HTTPClient {
     /// The loaded libcurl's version line (docs and `--version`).
     static var version: String { String(cString: ckpt_curl_version()) }
 
+    /// Whether the loaded libcurl keeps a custom Authorization header from a redirect to
+    /// another host (7.58) or another port or scheme (7.83, CVE-2022-27776).
+    static var keepsCredentialsHome: Bool {
+        guard let v = version.split(separator: " ").first?.split(separator: "/").last else { return false }
+        let parts = v.split(separator: ".").compactMap { Int($0.prefix(while: \.isNumber)) }
+        guard parts.count >= 2 else { return false }
+        return parts[0] > 7 || (parts[0] == 7 && parts[1] >= 83)
+    }
+
     /// GETs `url` with `headers` (and `Range: bytes=lower-upper` when given) into `buffer`.
     static func get(_ url: String, headers: [String], range: ClosedRange<Int>?, into buffer: UnsafeMutableRawBufferPointer,
                     connectTimeout: Int = 30, lowSpeedTime: Int = 60) -> HTTPReply {
@@ -52,14 +63,15 @@ enum HTTPClient {
         }
         // A handle whose transfer failed may hold a broken connection: libcurl drops it itself.
         pool.withLock { idle.append(handle) }
-        let headerText = withUnsafeBytes(of: result.headers) { raw in
-            String(decoding: raw.prefix(Int(result.headers_length)), as: UTF8.self)
+        let headerText = withUnsafePointer(to: &result) { r in
+            String(decoding: UnsafeRawBufferPointer(start: ckpt_http_result_headers(r), count: Int(r.pointee.headers_length)), as: UTF8.self)
         }
         let curlError = withUnsafeBytes(of: result.curl_error) { raw in
             String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
         }
         return HTTPReply(status: result.status, received: result.received, overflow: result.overflow != 0,
-                         curlCode: code, curlError: curlError, headers: parseHeaders(headerText))
+                         curlCode: code, curlError: curlError, headers: parseHeaders(headerText),
+                         headersTruncated: result.headers_truncated != 0)
     }
 
     /// `Name: value` lines into a dictionary with lowercased names (the status line is skipped).

@@ -6,14 +6,22 @@ public struct RemoteFolder: FolderStorage {
 
     public init(_ location: RemoteLocation) { self.location = location }
 
-    public func exists(_ relative: String) throws -> Bool { try RemoteObject.openIfPresent(location.appending(relative)) != nil }
+    /// The file `relative` names, refused if the name leaves the folder.
+    private func file(_ relative: String) throws(RemoteError) -> RemoteLocation {
+        guard RemoteLocation.staysInside(relative) else {
+            throw RemoteError(.badURL(detail: "a file name in the checkpoint leaves its folder: \(relative)"), url: location.display)
+        }
+        return location.appending(relative)
+    }
+
+    public func exists(_ relative: String) throws -> Bool { try RemoteObject.openIfPresent(file(relative)) != nil }
 
     public func readWhole(_ relative: String, limit: Int) throws -> [UInt8] {
-        try RemoteObject.open(location.appending(relative)).readAll(limit: limit)
+        try RemoteObject.open(file(relative)).readAll(limit: limit)
     }
 
     public func open(_ relative: String) throws -> MappedFile? {
-        try RemoteObject.openIfPresent(location.appending(relative)).map { try MappedFile(remote: $0) }
+        try RemoteObject.openIfPresent(file(relative)).map { try MappedFile(remote: $0) }
     }
 
     public func list(_ relative: String) -> [String]? { nil }

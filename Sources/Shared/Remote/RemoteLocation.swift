@@ -27,6 +27,9 @@ public struct RemoteLocation: Sendable, Equatable {
     public let display: String
     /// The URL asked for.
     public let url: String
+    /// Text that parses back to this location (a reader is handed this): the URL for the web,
+    /// the `gs://`/`hf://` form otherwise (whose display hides nothing).
+    public var text: String { service == .web ? url : display }
     /// Extra request header lines (credentials). Never printed.
     let headers: [String]
     /// The variable that holds the credential this service takes, and whether it is set.
@@ -50,7 +53,14 @@ public struct RemoteLocation: Sendable, Equatable {
             guard let host = rest.split(separator: "/", omittingEmptySubsequences: false).first, !host.isEmpty else {
                 throw bad("no host in the URL")
             }
-            self.init(service: .web, display: text, url: text, headers: [], credentialName: nil, credentialSent: false)
+            // Messages never show a query (a presigned URL's signature) or a user:password@.
+            let scheme = text.hasPrefix("https://") ? "https://" : "http://"
+            let afterScheme = text.dropFirst(scheme.count)
+            let authority = afterScheme.prefix(while: { $0 != "/" && $0 != "?" && $0 != "#" })
+            var shown = scheme + (authority.lastIndex(of: "@").map { "…@" + authority[authority.index(after: $0)...] } ?? String(authority))
+            shown += RemoteLocation.withoutQuery(String(afterScheme.dropFirst(authority.count)))
+            if RemoteLocation.withoutQuery(text).count < text.count { shown += "?…" }
+            self.init(service: .web, display: shown, url: text, headers: [], credentialName: nil, credentialSent: false)
         } else if text.hasPrefix("gs://") {
             let path = String(text.dropFirst(5))
             guard let bucket = path.split(separator: "/").first, !bucket.isEmpty else { throw bad("no bucket: gs://BUCKET/OBJECT") }
@@ -112,11 +122,19 @@ public struct RemoteLocation: Sendable, Equatable {
         self.credentialSent = credentialSent
     }
 
-    /// The file `relative` (a `/`-separated path, no `..`) inside this location, taken as a folder.
+    /// Whether `relative` stays inside a folder: no empty, `.` or `..` segment (a name read
+    /// from a checkpoint must not reach other paths on a host the credential is sent to).
+    public static func staysInside(_ relative: String) -> Bool {
+        !relative.split(separator: "/", omittingEmptySubsequences: false).contains { $0.isEmpty || $0 == "." || $0 == ".." }
+    }
+
+    /// The file `relative` (a `/`-separated path; `staysInside`) inside this location, taken as
+    /// a folder (a query is the object's own, and is not carried over).
     public func appending(_ relative: String) -> RemoteLocation {
+        precondition(RemoteLocation.staysInside(relative), "relative path leaves its folder")
         func join(_ a: String, _ b: String) -> String { a.hasSuffix("/") ? a + b : a + "/" + b }
-        return RemoteLocation(service: service, display: join(display, relative),
-                              url: join(url, RemoteLocation.percentEncoded(relative, keepSlashes: true)),
+        return RemoteLocation(service: service, display: join(RemoteLocation.withoutQuery(display), relative),
+                              url: join(RemoteLocation.withoutQuery(url), RemoteLocation.percentEncoded(relative, keepSlashes: true)),
                               headers: headers, credentialName: credentialName, credentialSent: credentialSent)
     }
 
@@ -128,13 +146,18 @@ public struct RemoteLocation: Sendable, Equatable {
             guard let slash = t.lastIndex(of: "/") else { return (String(t), "") }
             return (String(t[..<slash]), String(t[t.index(after: slash)...]))
         }
-        let (u, name) = cut(url), (d, _) = cut(display)
+        let (u, name) = cut(RemoteLocation.withoutQuery(url)), (d, _) = cut(RemoteLocation.withoutQuery(display))
         return (RemoteLocation(service: service, display: d, url: u, headers: headers, credentialName: credentialName,
                                credentialSent: credentialSent), RemoteLocation.percentDecoded(name))
     }
 
     /// The last path segment (`model.safetensors`), decoded.
     public var name: String { parent.name }
+
+    /// `text` up to its first `?` or `#`.
+    static func withoutQuery(_ text: String) -> String {
+        String(text.prefix(while: { $0 != "?" && $0 != "#" }))
+    }
 
     public static func processEnvironment(_ name: String) -> String? { getenv(name).map { String(cString: $0) } }
 
@@ -168,3 +191,4 @@ public struct RemoteLocation: Sendable, Equatable {
         return String(decoding: bytes, as: UTF8.self)
     }
 }
+

@@ -65,11 +65,15 @@ public final class RemoteObject: @unchecked Sendable {
 
     private static func openUncached(_ location: RemoteLocation) throws(RemoteError) -> RemoteObject {
         try HTTPClient.load(for: location.display)
+        if location.credentialSent && !HTTPClient.keepsCredentialsHome {
+            throw RemoteError(.clientUnavailable(detail: "\(HTTPClient.version) could send \(location.credentialName ?? "the token") to a redirect's other host (fixed in libcurl 7.83): upgrade libcurl, or unset it for public files"), url: location.display)
+        }
         var head = [UInt8](repeating: 0, count: headSize)
         var attempt = 0
         while true {
             attempt += 1
             let reply = head.withUnsafeMutableBytes { HTTPClient.get(location.url, headers: location.headers, range: 0...(headSize - 1), into: $0) }
+            if reply.headersTruncated { throw RemoteError(.badReply(detail: "reply headers longer than 16 KiB"), url: location.display) }
             if reply.curlCode == 0 || reply.overflow {
                 switch reply.status {
                 case 206:
@@ -122,8 +126,11 @@ public final class RemoteObject: @unchecked Sendable {
             let detail = reply.curlCode != 0 ? reply.curlError : "HTTP \(reply.status)"
             throw RemoteError(.transfer(detail: detail, attempts: attempt), url: url)
         }
-        // Retry-After in seconds (an HTTP date is treated as "a while").
-        if let after = reply.headers["retry-after"] { return min(Double(after) ?? 5, 60) }
+        // Retry-After in whole seconds, at most a minute (an HTTP date, or anything else, is "a while").
+        if let after = reply.headers["retry-after"] {
+            guard !after.isEmpty, after.allSatisfy({ $0.isASCII && $0.isNumber }), let s = Int(after.prefix(6)) else { return 5 }
+            return Double(min(s, 60))
+        }
         return min(0.25 * Double(1 << (attempt - 1)), 8)
     }
 
@@ -157,6 +164,7 @@ public final class RemoteObject: @unchecked Sendable {
     /// A 2xx reply to a request for `[first, last]` must be that range of this version.
     private func check(_ reply: HTTPReply, first: Int, last: Int) throws(RemoteError) {
         let url = location.display
+        if reply.headersTruncated { throw RemoteError(.badReply(detail: "reply headers longer than 16 KiB"), url: url) }
         if let pinned = etag, let now = reply.headers["etag"], now != pinned {
             throw RemoteError(.changed(detail: "ETag \(pinned), now \(now)"), url: url)
         }

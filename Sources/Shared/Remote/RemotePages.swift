@@ -38,6 +38,7 @@ final class RemotePages: @unchecked Sendable {
     private var queue: [Range<Int>] = []
     private var workers = 0
     private var failure: RemoteError?
+    private var hugePages = false
 
     init(_ object: RemoteObject) throws {
         self.object = object
@@ -47,10 +48,6 @@ final class RemotePages: @unchecked Sendable {
             throw IOError(.mmap, path: object.location.display, errno: errno)
         }
         base = p
-        // Filled once by memcpy from the socket: 2 MiB pages fault 512x less often (measured on a
-        // 2 GiB copy from a local nginx: 3.0 s -> 1.05 s, most of it page faults serialised
-        // across the fetching threads). Where THP is off this changes nothing.
-        _ = madvise(p, length, MADV_HUGEPAGE)
         var page = RemotePages.smallestPage
         while size / page > 1 << 20 { page *= 2 }
         pageSize = page
@@ -95,12 +92,24 @@ final class RemotePages: @unchecked Sendable {
         guard offset < end else { return }
         lock.withLock {
             guard failure == nil else { return }
+            if !hugePages {
+                // A sequential reader has begun: the file is filled by memcpy from the socket
+                // from here on, and 2 MiB pages fault 512x less often (a 2 GiB copy from a local
+                // nginx: 3.0 s -> 1.05 s; 4 KiB faults were serialised across the fetching
+                // threads). Not before: the scattered 64 KiB reads of opening a file (a zip's
+                // local headers) would each take a 2 MiB page. One madvise for the mapping (one
+                // per request contends for the address-space lock: 2.1 s). Where THP is off,
+                // nothing changes.
+                hugePages = true
+                _ = madvise(base, max(size, 1), MADV_HUGEPAGE)
+            }
             enqueue(pageRange(offset, end - offset), urgent: false)
         }
     }
 
-    /// Gives the whole pages inside `[offset, offset + count)` back (zero-filled, absent again).
-    /// Pages being fetched are left alone.
+    /// Gives the whole pages inside `[offset, offset + count)` back (zero-filled, absent again),
+    /// absent ones too (a huge page partly filled holds memory under them). Pages being fetched
+    /// are left alone.
     func forget(offset: Int, count: Int) {
         let first = (offset + pageSize - 1) / pageSize
         let end = min((offset + count) / pageSize, pages.count)
@@ -108,9 +117,9 @@ final class RemotePages: @unchecked Sendable {
         lock.withLock {
             var i = first
             while i < end {
-                guard pages[i] == .present else { i += 1; continue }
+                guard pages[i] == .present || pages[i] == .absent else { i += 1; continue }
                 var j = i
-                while j < end && pages[j] == .present { pages[j] = .absent; j += 1 }
+                while j < end && (pages[j] == .present || pages[j] == .absent) { pages[j] = .absent; j += 1 }
                 _ = madvise(base + i * pageSize, min(j * pageSize, size) - i * pageSize, MADV_DONTNEED)
                 i = j
             }
@@ -134,7 +143,26 @@ final class RemotePages: @unchecked Sendable {
         if urgent { queue.insert(contentsOf: runs, at: 0) } else { queue.append(contentsOf: runs) }
         while workers < RemotePages.connections && workers < queue.count {
             workers += 1
-            DispatchQueue.global().async { self.work() }
+            startWorker()
+        }
+    }
+
+    /// A thread of its own, not the shared dispatch pool: readers waiting in `ensure` may hold
+    /// pool threads (a concurrentPerform assembling an array), and the fetch must not wait
+    /// for them.
+    private func startWorker() {
+        let box = Unmanaged.passRetained(self)
+        var thread = pthread_t()
+        let started = pthread_create(&thread, nil, { raw in
+            let pages = Unmanaged<RemotePages>.fromOpaque(raw!).takeRetainedValue()
+            pages.work()
+            return nil
+        }, box.toOpaque())
+        if started == 0 {
+            pthread_detach(thread)
+        } else {
+            box.release()
+            DispatchQueue.global().async { self.work() }  // no thread to be had: the pool it is
         }
     }
 

@@ -20,6 +20,10 @@ public enum ZstdCodec {
         return n
     }
 
+    /// The longest a frame header can be (RFC 8878 3.1.1.1: magic 4, descriptor 1, window 1,
+    /// dictionary id 4, content size 8): its declared size is read from this many bytes.
+    public static let frameHeaderMax = 18
+
     /// The content size a frame declares, if it declares one.
     public static func declaredSize(_ input: UnsafeRawBufferPointer) -> Int? {
         let n = ZSTD_getFrameContentSize(input.baseAddress, input.count)
@@ -72,7 +76,7 @@ public enum ZstdCodec {
 
         /// Moves `input` to the next piece of the stored bytes; false when there is none.
         private func nextPiece() throws(RemoteError) -> Bool {
-            if pieceCount > 0 { file.drop(offset: offset + pieceStart, count: pieceCount) }
+            if pieceCount > 0 { file.dropConsumed(valueStart: offset, done: offset + pieceStart, upTo: offset + pieceStart + pieceCount) }
             pieceStart += pieceCount
             pieceCount = min(4 << 20, count - pieceStart)
             guard pieceCount > 0 else { return false }

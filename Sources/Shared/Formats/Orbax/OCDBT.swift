@@ -21,6 +21,14 @@ public enum KVValue: Sendable {
         if case .file(let f, let o, let n) = self { f.drop(offset: o, count: n) }
     }
 
+    /// The value's first `count` bytes (or all, if fewer): a remote file fetches only those.
+    public func withPrefix<T>(_ count: Int, _ body: (UnsafeRawBufferPointer) throws -> T) throws -> T {
+        switch self {
+        case .inline(let b): return try b.prefix(count).withUnsafeBytes(body)
+        case .file(let f, let o, let n): return try body(try f.bytes(at: o, count: min(n, count)))
+        }
+    }
+
     /// The value's bytes, valid while the value (and its file) lives.
     public func withBytes<T>(_ body: (UnsafeRawBufferPointer) throws -> T) throws -> T {
         switch self {

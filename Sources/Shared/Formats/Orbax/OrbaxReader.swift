@@ -192,8 +192,11 @@ public enum OrbaxReader {
                 plan.append((TensorHeader(d), .materialized { try array.assemble(file: dir, get: { try get(param + "/" + $0) }) }))
             }
         }
+        // Over a URL, one array at a time: a remote file's pages are given back once read (they
+        // are its memory, not a page cache), so no other thread may be reading the same data
+        // file while the stream releases what it has sent.
         return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "orbax", metadata: metadata), plan: plan,
-                             readAhead: options.readAhead)
+                             readAhead: store is RemoteFolder ? .off : options.readAhead)
     }
 
     static func zarr(_ param: String, get: (String) throws -> KVValue?, file: String) throws -> ZarrArray {

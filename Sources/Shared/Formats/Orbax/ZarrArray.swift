@@ -302,7 +302,7 @@ public struct ZarrArray: Sendable {
             case nil:
                 guard v.count == chunkBytes else { throw ZarrArray.fail(name, .chunkSize(key: key, holds: v.count, needs: chunkBytes), file: file) }
             case .zstd:
-                let declared = try v.withBytes { ZstdCodec.declaredSize($0) }
+                let declared = try v.withPrefix(ZstdCodec.frameHeaderMax) { ZstdCodec.declaredSize($0) }
                 if let declared, declared != chunkBytes {
                     throw ZarrArray.fail(name, .zstdDeclaredSize(key: key, declared: declared, needs: chunkBytes), file: file)
                 }
@@ -541,7 +541,7 @@ private final class ChunkReader {
                 left -= n
             }
         } else if let (f, o) = mapped {
-            f.drop(offset: o + position, count: count)
+            f.dropConsumed(valueStart: o, done: o + position, upTo: o + position + count)
         }
         position += count
         return true
@@ -554,7 +554,7 @@ private final class ChunkReader {
             guard try decoder.read(into: out) == out.count else { return false }
         } else if let (f, o) = mapped {
             if out.count > 0 { out.baseAddress!.copyMemory(from: try f.bytes(at: o + position, count: out.count).baseAddress!, byteCount: out.count) }
-            f.drop(offset: o + position, count: out.count)
+            f.dropConsumed(valueStart: o, done: o + position, upTo: o + position + out.count)
         } else if let decoded {
             if out.count > 0 { out.baseAddress!.copyMemory(from: decoded.pointer + position, byteCount: out.count) }
         }

@@ -79,9 +79,9 @@ public enum SafetensorsReader {
         if location.name.hasSuffix(".safetensors") { return ([path], nil) }
         let index = location.appending("model.safetensors.index.json")
         if let object = try RemoteObject.openIfPresent(index) {
-            return try shards(indexPath: index.display, bytes: try object.readAll(limit: 1 << 30))
+            return try shards(indexPath: index.text, bytes: try object.readAll(limit: 1 << 30))
         }
-        return ([location.appending("model.safetensors").display], nil)
+        return ([location.appending("model.safetensors").text], nil)
     }
 }
 
