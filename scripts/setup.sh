@@ -2,7 +2,8 @@
 # Installs what building and testing ckpt needs on a fresh Debian machine, idempotently:
 #   apt:  zlib1g-dev (zlib: stream compression, zip, CRC-32), libzstd-dev (zstd: Orbax
 #         checkpoints), time (peak-memory figures), parallel (GNU parallel: the partitioned
-#         conversion's recipe is tested under it)
+#         conversion's recipe is tested under it), curl (its libcurl4 is what ckpt-read loads
+#         to read URLs; the openpi recipe fetches norm stats from a URL with curl itself)
 #   pip:  a virtualenv in .venv with numpy, safetensors, ml-dtypes, huggingface_hub, pytest, wheel
 #         (scripts/package.sh packs the pip wheel with it), zstandard (ckpt_stream's zstd chunks),
 #         torch==2.13.0 (the CPU wheel these machines offer), flax + jax + msgpack (flax's
@@ -17,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in zlib1g-dev libzstd-dev time parallel; do
+for pkg in zlib1g-dev libzstd-dev time parallel curl; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
