@@ -29,7 +29,8 @@ enum HTTPClient {
     static func load(for url: String) throws(RemoteError) {
         var message = [CChar](repeating: 0, count: 256)
         guard ckpt_curl_load(&message, message.count) == 0 else {
-            throw RemoteError(.clientUnavailable(detail: String(cString: message)), url: url)
+            let text = String(decoding: message.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            throw RemoteError(.clientUnavailable(detail: text), url: url)
         }
     }
 

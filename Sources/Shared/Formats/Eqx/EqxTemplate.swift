@@ -115,8 +115,8 @@ public struct EqxTemplate {
         self.leaves = leaves
         let metadataPath = folder + "/metadata.json"
         if let bytes = try? readWholeFile(metadataPath, limit: 1 << 26) {
-            do { metadata = try JSONParser.parse(bytes) } catch let e as JSONParser.Error {
-                throw EqxError(.metadataNotJSON(detail: e.description), file: metadataPath)
+            do { metadata = try JSONParser.parse(bytes) } catch {
+                throw EqxError(.metadataNotJSON(detail: error.description), file: metadataPath)
             }
         } else {
             metadata = nil
