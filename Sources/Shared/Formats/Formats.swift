@@ -103,7 +103,7 @@ public enum CheckpointFormat: String, CaseIterable, Sendable {
         if size > 262, try file.bytes(at: 257, count: 5).elementsEqual(Array("ustar".utf8)) { return .torch }  // tar-era torch, refused by its reader
         // safetensors: a u64 header length, then that many bytes of a JSON object (padded with spaces).
         if size >= 10 {
-            let length = try ByteCursor(file, offset: 0, count: 9).getInteger(at: 0, endianness: .little, as: UInt64.self)
+            let length = try ByteCursor(unsafeBytes: head).getInteger(at: 0, endianness: .little, as: UInt64.self)
             if length >= 2, length <= UInt64(size - 8), head[8] == UInt8(ascii: "{") {
                 let last = try file.bytes(at: 8 + Int(length) - 1, count: 1)[0]
                 if last == UInt8(ascii: "}") || last == UInt8(ascii: " ") { return .safetensors }

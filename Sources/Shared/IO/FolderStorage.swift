@@ -6,6 +6,10 @@ import Glibc
 public protocol FolderStorage: Sendable {
     /// The folder's path or URL, for messages (and joined with `/relative`).
     var root: String { get }
+    /// Whether its files come over the network (fetched as read, their pages given back).
+    var isRemote: Bool { get }
+    /// The same storage one folder down.
+    func sub(_ relative: String) -> FolderStorage
     /// Whether `relative` is a file there.
     func exists(_ relative: String) throws -> Bool
     /// A small file's bytes; refuses one over `limit`.
@@ -22,18 +26,16 @@ public protocol FolderStorage: Sendable {
 extension FolderStorage {
     /// `relative` below this folder, for messages.
     public func path(_ relative: String) -> String { relative.isEmpty ? root : root + "/" + relative }
-
-    /// The same storage one folder down.
-    public func sub(_ relative: String) -> FolderStorage {
-        if let remote = self as? RemoteFolder { return RemoteFolder(remote.location.appending(relative)) }
-        return LocalFolder(path(relative))
-    }
 }
 
 /// A folder on the local file system.
 public struct LocalFolder: FolderStorage {
     public let root: String
     public init(_ root: String) { self.root = root }
+
+    public var isRemote: Bool { false }
+
+    public func sub(_ relative: String) -> FolderStorage { LocalFolder(path(relative)) }
 
     public func exists(_ relative: String) throws -> Bool {
         var st = stat()

@@ -70,6 +70,9 @@ public final class MappedFile: @unchecked Sendable {
     /// Whether the bytes come over the network (no descriptor to splice from).
     public var isRemote: Bool { remote != nil }
 
+    /// The unit pages are given back in: the system's page, or a remote file's (64 KiB or more).
+    private var pageGranularity: Int { remote?.pageSize ?? MappedFile.pageSize }
+
     /// How far ahead a sequential reader should ask for (`willNeed`): a remote file needs
     /// several requests in flight to fill the link.
     public var readAheadWindow: Int { remote != nil ? RemotePages.window : 0 }
@@ -101,13 +104,11 @@ public final class MappedFile: @unchecked Sendable {
         guard let base, count > 0 else { return }
         guard offset >= releasedUpTo else {
             // Behind: a run continued gives back the page the last piece left partly read.
-            let from = offset == behind.upperBound ? max(behind.lowerBound, offset - (remote?.pageSize ?? MappedFile.pageSize)) : offset
+            let from = offset == behind.upperBound ? max(behind.lowerBound, offset - pageGranularity) : offset
             behind = (offset == behind.upperBound ? behind.lowerBound : offset)..<(offset + count)
             return drop(offset: from, count: offset + count - from)
         }
-        // Whole pages of the mapping: the system's, or the remote file's (64 KiB or more).
-        let page = remote?.pageSize ?? MappedFile.pageSize
-        let end = (offset + count) / page * page
+        let end = (offset + count) / pageGranularity * pageGranularity
         guard end > releasedUpTo else { return }
         if let remote {
             remote.forget(offset: releasedUpTo, count: end - releasedUpTo)
@@ -133,7 +134,7 @@ public final class MappedFile: @unchecked Sendable {
     /// drop left partly read (it is this value's), so a value read in small pieces leaves no
     /// page behind but its two ends.
     public func dropConsumed(valueStart: Int, done: Int, upTo end: Int) {
-        let from = max(valueStart, done - (remote?.pageSize ?? MappedFile.pageSize))
+        let from = max(valueStart, done - pageGranularity)
         drop(offset: from, count: end - from)
     }
 
@@ -141,8 +142,7 @@ public final class MappedFile: @unchecked Sendable {
     public func willNeed(at offset: Int, count: Int) {
         guard let base, count > 0 else { return }
         if let remote { return remote.prefetch(offset: offset, count: count) }
-        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
-        let start = offset - offset % page
+        let start = offset - offset % MappedFile.pageSize
         _ = madvise(base + start, min(size - start, count + offset - start), MADV_WILLNEED)
     }
 }

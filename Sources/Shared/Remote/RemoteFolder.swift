@@ -6,6 +6,10 @@ public struct RemoteFolder: FolderStorage {
 
     public init(_ location: RemoteLocation) { self.location = location }
 
+    public var isRemote: Bool { true }
+
+    public func sub(_ relative: String) -> FolderStorage { RemoteFolder(location.appending(relative)) }
+
     /// The file `relative` names, refused if the name leaves the folder.
     private func file(_ relative: String) throws(RemoteError) -> RemoteLocation {
         guard RemoteLocation.staysInside(relative) else {

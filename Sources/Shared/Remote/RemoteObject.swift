@@ -13,16 +13,11 @@ public final class RemoteObject: @unchecked Sendable {
     /// The first bytes of the file, fetched by the request that opened it (format detection
     /// and headers need them first).
     public let head: [UInt8]
-    private let counter = Mutex()
-    private var fetched = 0
 
     /// How much the opening request asks for.
     static let headSize = 64 << 10
     /// Attempts per range that make no progress before giving up.
     static let attempts = 5
-
-    /// Bytes received so far for this object (all requests).
-    public var bytesFetched: Int { counter.withLock { fetched } }
 
     private static let processCounter = Mutex()
     nonisolated(unsafe) private static var processFetched = 0
@@ -30,13 +25,14 @@ public final class RemoteObject: @unchecked Sendable {
     public static var totalFetched: Int { processCounter.withLock { processFetched } }
     private static func count(_ n: Int) { processCounter.withLock { processFetched += n } }
 
-    private init(location: RemoteLocation, size: Int, etag: String?, lastModified: String?, head: [UInt8]) {
+    /// The object as `reply` (to the opening request) shows it: `size` bytes, its version, and
+    /// the first `head` bytes.
+    private init(location: RemoteLocation, size: Int, pinnedBy reply: HTTPReply, head: [UInt8]) {
         self.location = location
         self.size = size
-        self.etag = etag
-        self.lastModified = lastModified
+        etag = reply.headers["etag"]
+        lastModified = reply.headers["last-modified"]
         self.head = head
-        fetched = head.count
         RemoteObject.count(head.count)
     }
 
@@ -81,8 +77,7 @@ public final class RemoteObject: @unchecked Sendable {
                           r.last < total, r.last - r.first + 1 == reply.received else {
                         throw RemoteError(.badReply(detail: "206 for bytes 0-\(headSize - 1) with Content-Range \(reply.headers["content-range"] ?? "missing") and \(reply.received) bytes"), url: location.display)
                     }
-                    return RemoteObject(location: location, size: total, etag: reply.headers["etag"],
-                                        lastModified: reply.headers["last-modified"], head: Array(head.prefix(reply.received)))
+                    return RemoteObject(location: location, size: total, pinnedBy: reply, head: Array(head.prefix(reply.received)))
                 case 200:
                     // The server ignored Range: fine if the whole file fit in what was asked for.
                     guard !reply.overflow else {
@@ -91,28 +86,24 @@ public final class RemoteObject: @unchecked Sendable {
                     if let length = reply.headers["content-length"].flatMap({ Int($0) }), length != reply.received {
                         throw RemoteError(.badReply(detail: "Content-Length \(length), \(reply.received) bytes received"), url: location.display)
                     }
-                    return RemoteObject(location: location, size: reply.received, etag: reply.headers["etag"],
-                                        lastModified: reply.headers["last-modified"], head: Array(head.prefix(reply.received)))
+                    return RemoteObject(location: location, size: reply.received, pinnedBy: reply, head: Array(head.prefix(reply.received)))
                 case 416:
                     // An empty file has no byte 0: "bytes */0".
                     guard let r = reply.headers["content-range"], r.hasSuffix("/0") else {
                         throw RemoteError(.badReply(detail: "416 to bytes 0-\(headSize - 1)"), url: location.display)
                     }
-                    return RemoteObject(location: location, size: 0, etag: reply.headers["etag"],
-                                        lastModified: reply.headers["last-modified"], head: [])
+                    return RemoteObject(location: location, size: 0, pinnedBy: reply, head: [])
                 default:
                     break
                 }
             }
-            if let wait = try retryDelay(reply, attempt: attempt, location: location) {
-                usleep(UInt32(wait * 1_000_000))
-                continue
-            }
+            usleep(UInt32(try retryDelay(reply, attempt: attempt, location: location) * 1_000_000))
         }
     }
 
-    /// Whether to try again after `reply`, and after how many seconds; throws when not.
-    private static func retryDelay(_ reply: HTTPReply, attempt: Int, location: RemoteLocation) throws(RemoteError) -> Double? {
+    /// How many seconds to wait before trying again after `reply`, the `attempt`-th failure in a
+    /// row; throws when not to try again.
+    private static func retryDelay(_ reply: HTTPReply, attempt: Int, location: RemoteLocation) throws(RemoteError) -> Double {
         let url = location.display
         if reply.curlCode == 0 {
             switch reply.status {
@@ -138,26 +129,25 @@ public final class RemoteObject: @unchecked Sendable {
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(RemoteError) {
         precondition(offset >= 0 && buffer.count <= size - offset, "remote range out of bounds")
         var done = 0
-        var attempt = 0
+        var failures = 0  // in a row: a reply that brings bytes starts the count afresh
         while done < buffer.count {
-            attempt += 1
             let first = offset + done, last = offset + buffer.count - 1
             let rest = UnsafeMutableRawBufferPointer(rebasing: buffer[done...])
             let reply = HTTPClient.get(location.url, headers: location.headers, range: first...last, into: rest)
             if reply.status == 206 || reply.status == 200 {
                 try check(reply, first: first, last: last)
-                counter.withLock { fetched += reply.received }
                 RemoteObject.count(reply.received)
-                if reply.received > 0 { attempt = 0 }  // progress: the next failure starts a fresh count
                 done += reply.received
                 if reply.curlCode == 0 && done < buffer.count {
                     throw RemoteError(.badReply(detail: "short reply: bytes \(first)-\(last) asked, \(reply.received) received"), url: location.display)
                 }
-                if done == buffer.count { return }
+                if reply.received > 0 {  // a cut connection that brought bytes: resume at once
+                    failures = 0
+                    continue
+                }
             }
-            if let wait = try RemoteObject.retryDelay(reply, attempt: max(attempt, 1), location: location) {
-                if attempt > 0 { usleep(UInt32(wait * 1_000_000)) }
-            }
+            failures += 1
+            usleep(UInt32(try RemoteObject.retryDelay(reply, attempt: failures, location: location) * 1_000_000))
         }
     }
 

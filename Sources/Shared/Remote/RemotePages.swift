@@ -10,8 +10,9 @@ import Glibc
 ///     file:   | forgotten (absent) | present | in flight ... | absent ............ |
 ///                                  ^ reader      ^ prefetched up to reader + window
 ///
-/// Pages are 64 KiB (larger past 64 GiB): small random reads (a zip's local headers) fetch little, and a page once
-/// present is not fetched again until forgotten, so each byte is fetched about once.
+/// Pages are 64 KiB (larger past 64 GiB): small random reads (a zip's local headers) fetch
+/// little, and a page once present is not fetched again until forgotten, so each byte is
+/// fetched about once.
 final class RemotePages: @unchecked Sendable {
     static let smallestPage = 64 << 10
     /// 64 KiB, or larger for a file over 64 GiB, so the page table stays under a million
@@ -32,7 +33,7 @@ final class RemotePages: @unchecked Sendable {
         case absent, wanted, inFlight, present
     }
 
-    private let lock = ConditionLock()
+    private let lock = Mutex()
     private var pages: [Page]
     /// Runs of pages waiting for a worker, urgent ones (someone waits) first.
     private var queue: [Range<Int>] = []
@@ -115,31 +116,34 @@ final class RemotePages: @unchecked Sendable {
         let end = min((offset + count) / pageSize, pages.count)
         guard first < end else { return }
         lock.withLock {
-            var i = first
-            while i < end {
-                guard pages[i] == .present || pages[i] == .absent else { i += 1; continue }
-                var j = i
-                while j < end && (pages[j] == .present || pages[j] == .absent) { pages[j] = .absent; j += 1 }
-                _ = madvise(base + i * pageSize, min(j * pageSize, size) - i * pageSize, MADV_DONTNEED)
-                i = j
+            for run in runs(in: first..<end, where: { $0 == .present || $0 == .absent }) {
+                for i in run { pages[i] = .absent }
+                _ = madvise(base + run.lowerBound * pageSize, min(run.upperBound * pageSize, size) - run.lowerBound * pageSize, MADV_DONTNEED)
             }
         }
+    }
+
+    /// The maximal runs of consecutive pages in `range` whose state satisfies `matches`, each
+    /// at most `limit` pages. Called with the lock held.
+    private func runs(in range: Range<Int>, limit: Int = .max, where matches: (Page) -> Bool) -> [Range<Int>] {
+        var runs: [Range<Int>] = []
+        var i = range.lowerBound
+        while i < range.upperBound {
+            guard matches(pages[i]) else { i += 1; continue }
+            var j = i + 1
+            while j < range.upperBound && matches(pages[j]) && j - i < limit { j += 1 }
+            runs.append(i..<j)
+            i = j
+        }
+        return runs
     }
 
     /// Marks the absent pages of `range` wanted and queues them in runs of at most
     /// `requestSize`; starts workers up to `connections`. Called with the lock held.
     private func enqueue(_ range: Range<Int>, urgent: Bool) {
-        let perRequest = max(1, RemotePages.requestSize / pageSize)
-        var runs: [Range<Int>] = []
-        var i = range.lowerBound
-        while i < range.upperBound {
-            guard pages[i] == .absent else { i += 1; continue }
-            var j = i
-            while j < range.upperBound && pages[j] == .absent && j - i < perRequest { pages[j] = .wanted; j += 1 }
-            runs.append(i..<j)
-            i = j
-        }
+        let runs = runs(in: range, limit: max(1, RemotePages.requestSize / pageSize), where: { $0 == .absent })
         guard !runs.isEmpty else { return }
+        for run in runs { for i in run { pages[i] = .wanted } }
         if urgent { queue.insert(contentsOf: runs, at: 0) } else { queue.append(contentsOf: runs) }
         while workers < RemotePages.connections && workers < queue.count {
             workers += 1

@@ -196,7 +196,7 @@ public enum OrbaxReader {
         // are its memory, not a page cache), so no other thread may be reading the same data
         // file while the stream releases what it has sent.
         return PlannedSource(header: StreamHeader(producer: producer, sourceFormat: "orbax", metadata: metadata), plan: plan,
-                             readAhead: store is RemoteFolder ? .off : options.readAhead)
+                             readAhead: store.isRemote ? .off : options.readAhead)
     }
 
     static func zarr(_ param: String, get: (String) throws -> KVValue?, file: String) throws -> ZarrArray {

@@ -71,17 +71,11 @@ public enum SafetensorsReader {
         return (files, (indexPath, idx))
     }
 
-    /// A URL names a file (`.safetensors`, an `.index.json`) or a folder or Hub repo, which
-    /// cannot be listed: there the index transformers writes is looked for, then the single file.
+    /// A URL names a file or an index: a folder or Hub repo, which cannot be listed, was
+    /// resolved to one of them by `CheckpointFormat.locateRemote` (`openSource`).
     static func locateRemote(_ path: String) throws -> ([String], (String, SafetensorsIndex)?) {
-        let location = try RemoteLocation(path)
-        if location.name.hasSuffix(".json") { return try shards(indexPath: path, bytes: try readWholeFile(path, limit: 1 << 30)) }
-        if location.name.hasSuffix(".safetensors") { return ([path], nil) }
-        let index = location.appending("model.safetensors.index.json")
-        if let object = try RemoteObject.openIfPresent(index) {
-            return try shards(indexPath: index.text, bytes: try object.readAll(limit: 1 << 30))
-        }
-        return ([location.appending("model.safetensors").text], nil)
+        guard try RemoteLocation(path).name.hasSuffix(".json") else { return ([path], nil) }
+        return try shards(indexPath: path, bytes: try readWholeFile(path, limit: 1 << 30))
     }
 }
 

@@ -428,11 +428,14 @@ extension TorchReader {
     /// folder holding it): every shard's tensors, checked against the index's weight_map.
     public static func openAny(path: String, selection: TensorSelection, options: Options, producer: String) throws -> PlannedSource {
         // A URL is a file or an index (openSource resolved a folder to one of them).
-        var st = stat()
-        if RemoteLocation.isRemote(path) { st.st_mode = S_IFREG }
-        guard st.st_mode == S_IFREG || stat(path, &st) == 0 else { throw IOError(.open, path: path, errno: errno) }
+        var isFolder = false
+        if !RemoteLocation.isRemote(path) {
+            var st = stat()
+            guard stat(path, &st) == 0 else { throw IOError(.open, path: path, errno: errno) }
+            isFolder = (st.st_mode & S_IFMT) == S_IFDIR
+        }
         var indexPath: String?
-        if (st.st_mode & S_IFMT) == S_IFDIR {
+        if isFolder {
             let names = try listDirectory(path)
             let indexes = names.filter { $0.hasSuffix(".bin.index.json") }
             if let only = indexes.first, indexes.count == 1 {
