@@ -325,3 +325,85 @@ void ckpt_transpose(const void *in, size_t in_stride, void *out, size_t out_stri
     default: transpose_uint64_t(in, in_stride, out, out_stride, rows, cols); break;
     }
 }
+
+// ---- byte shuffle (the stream's codecs 2 and 4) ------------------------------------------
+// Widths 2 and 4 (bf16/f16, f32) split bytes by position in SSE2 registers: keep the low byte
+// of each 16-bit lane (mask) or the high one (shift), and pack two registers' worth into one;
+// width 4 is that split done twice. Other widths, and the tails, are plain loops.
+
+#define SHUFFLE_LOOP(W, FROM)                                                        \
+    for (size_t i = (FROM); i < m; i++)                                              \
+        for (size_t b = 0; b < (W); b++) dst[b * m + i] = src[i * (W) + b];
+#define UNSHUFFLE_LOOP(W, FROM)                                                      \
+    for (size_t i = (FROM); i < m; i++)                                              \
+        for (size_t b = 0; b < (W); b++) dst[i * (W) + b] = src[b * m + i];
+
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#define LOAD(p) _mm_loadu_si128((const __m128i *)(p))
+#define STORE(p, v) _mm_storeu_si128((__m128i *)(p), v)
+// The even bytes of a then b, and the odd bytes of a then b.
+#define EVENS(a, b) _mm_packus_epi16(_mm_and_si128(a, low), _mm_and_si128(b, low))
+#define ODDS(a, b) _mm_packus_epi16(_mm_srli_epi16(a, 8), _mm_srli_epi16(b, 8))
+#endif
+
+void ckpt_byte_shuffle(const unsigned char *restrict src, unsigned char *restrict dst, size_t m, size_t width) {
+    size_t done = 0;
+#if defined(__x86_64__)
+    const __m128i low = _mm_set1_epi16(0x00FF);
+    if (width == 2) {
+        for (; done + 16 <= m; done += 16) {
+            __m128i a = LOAD(src + 2 * done), b = LOAD(src + 2 * done + 16);
+            STORE(dst + done, EVENS(a, b));
+            STORE(dst + m + done, ODDS(a, b));
+        }
+    } else if (width == 4) {
+        for (; done + 16 <= m; done += 16) {
+            const unsigned char *s = src + 4 * done;
+            __m128i a = LOAD(s), b = LOAD(s + 16), c = LOAD(s + 32), d = LOAD(s + 48);
+            __m128i e1 = EVENS(a, b), e2 = EVENS(c, d);  // bytes 0 and 2, alternating
+            __m128i o1 = ODDS(a, b), o2 = ODDS(c, d);    // bytes 1 and 3
+            STORE(dst + done, EVENS(e1, e2));
+            STORE(dst + m + done, EVENS(o1, o2));
+            STORE(dst + 2 * m + done, ODDS(e1, e2));
+            STORE(dst + 3 * m + done, ODDS(o1, o2));
+        }
+    }
+#endif
+    switch (width) {
+    case 2: SHUFFLE_LOOP(2, done) break;
+    case 4: SHUFFLE_LOOP(4, done) break;
+    case 8: SHUFFLE_LOOP(8, done) break;
+    default: SHUFFLE_LOOP(width, done) break;
+    }
+}
+
+void ckpt_byte_unshuffle(const unsigned char *restrict src, unsigned char *restrict dst, size_t m, size_t width) {
+    size_t done = 0;
+#if defined(__x86_64__)
+    if (width == 2) {
+        for (; done + 16 <= m; done += 16) {
+            __m128i a = LOAD(src + done), b = LOAD(src + m + done);
+            STORE(dst + 2 * done, _mm_unpacklo_epi8(a, b));
+            STORE(dst + 2 * done + 16, _mm_unpackhi_epi8(a, b));
+        }
+    } else if (width == 4) {
+        for (; done + 16 <= m; done += 16) {
+            __m128i b0 = LOAD(src + done), b1 = LOAD(src + m + done), b2 = LOAD(src + 2 * m + done), b3 = LOAD(src + 3 * m + done);
+            __m128i l01 = _mm_unpacklo_epi8(b0, b1), h01 = _mm_unpackhi_epi8(b0, b1);  // byte pairs 0,1
+            __m128i l23 = _mm_unpacklo_epi8(b2, b3), h23 = _mm_unpackhi_epi8(b2, b3);  // byte pairs 2,3
+            unsigned char *d = dst + 4 * done;
+            STORE(d, _mm_unpacklo_epi16(l01, l23));
+            STORE(d + 16, _mm_unpackhi_epi16(l01, l23));
+            STORE(d + 32, _mm_unpacklo_epi16(h01, h23));
+            STORE(d + 48, _mm_unpackhi_epi16(h01, h23));
+        }
+    }
+#endif
+    switch (width) {
+    case 2: UNSHUFFLE_LOOP(2, done) break;
+    case 4: UNSHUFFLE_LOOP(4, done) break;
+    case 8: UNSHUFFLE_LOOP(8, done) break;
+    default: UNSHUFFLE_LOOP(width, done) break;
+    }
+}

@@ -22,6 +22,26 @@ import Testing
         }
     }
 
+    /// The SIMD kernels (widths 2 and 4, 16 elements a step) against the definition, byte by
+    /// byte, for lengths around their steps and tails.
+    @Test func shuffleMatchesItsDefinition() {
+        var rng = SplitMix64(seed: 11)
+        for width in 1...9 {
+            for n in [15, 16, 17, 33, 255, 256, 1000, 4099].map({ $0 * width + (width > 1 ? 1 : 0) }) {
+                let src = (0..<n).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+                let m = n / width
+                var expected = src
+                for i in 0..<m { for b in 0..<width { expected[b * m + i] = src[i * width + b] } }
+                var got = [UInt8](repeating: 0, count: n)
+                src.withUnsafeBytes { s in got.withUnsafeMutableBytes { ByteShuffle.shuffle(s, into: $0, width: width) } }
+                #expect(got == expected, "shuffle width \(width) n \(n)")
+                var back = [UInt8](repeating: 0, count: n)
+                expected.withUnsafeBytes { s in back.withUnsafeMutableBytes { ByteShuffle.unshuffle(s, into: $0, width: width) } }
+                #expect(back == src, "unshuffle width \(width) n \(n)")
+            }
+        }
+    }
+
     @Test func writerShufflesMultiByteTypesOnly() throws {
         let t = [tensor("f", .f32, [256], pattern(1024, seed: 1)), tensor("u", .u8, [256], pattern(256, seed: 2))]
         let bytes = try streamBytes(MemorySource(t), compression: .zlib(level: 1))

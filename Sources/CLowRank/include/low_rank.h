@@ -11,7 +11,13 @@ void ckpt_low_rank_update(float *c, size_t ldc, const float *l, const float *r,
 /// 1 when the AVX2+FMA kernel is in use (for benchmark reports).
 int ckpt_low_rank_uses_avx2(void);
 
-#endif
+/// The byte shuffle of `m` elements of `width` bytes: dst[b * m + i] = src[i * width + b]
+/// (all first bytes, then all second bytes, ...). `src` and `dst` must not overlap.
+void ckpt_byte_shuffle(const unsigned char *src, unsigned char *dst, size_t m, size_t width);
+
+/// Its inverse: dst[i * width + b] = src[b * m + i].
+void ckpt_byte_unshuffle(const unsigned char *src, unsigned char *dst, size_t m, size_t width);
+
 
 /// bfloat16 bits → float32 (exact).
 void ckpt_bf16_to_f32(const unsigned short *src, float *dst, size_t n);
@@ -35,3 +41,5 @@ void ckpt_count_non_finite(const float *src, size_t n, ckpt_round_stats *stats);
 /// `elem` bytes (1, 2, 4 or 8): one 2-D transpose, in cache-sized tiles.
 void ckpt_transpose(const void *in, size_t in_stride, void *out, size_t out_stride,
                     size_t rows, size_t cols, size_t elem);
+
+#endif

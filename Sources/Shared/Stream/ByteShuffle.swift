@@ -1,3 +1,5 @@
+import CLowRank
+
 /// The byte shuffle of codec 2: `n` bytes read as elements of `width` bytes are regrouped
 /// by byte position (all first bytes, then all second bytes, ...); the `n % width` tail
 /// bytes stay at the end as they are. Float weights have a few skewed exponent bytes and
@@ -7,29 +9,24 @@
 public enum ByteShuffle {
     public static func shuffle(_ src: UnsafeRawBufferPointer, into dst: UnsafeMutableRawBufferPointer, width: Int) {
         let m = src.count / width
-        transpose(src, into: dst, rows: m, columns: width)
+        reorder(src, into: dst, elements: m, width: width, ckpt_byte_shuffle)
     }
 
     public static func unshuffle(_ src: UnsafeRawBufferPointer, into dst: UnsafeMutableRawBufferPointer, width: Int) {
         let m = src.count / width
-        transpose(src, into: dst, rows: width, columns: m)
+        reorder(src, into: dst, elements: m, width: width, ckpt_byte_unshuffle)
     }
 
-    /// Transposes the leading `rows × columns` bytes (row-major) and copies the tail as is.
-    /// Shuffling is the transpose of an elements × width matrix; unshuffling, of width × elements.
-    static func transpose(_ src: UnsafeRawBufferPointer, into dst: UnsafeMutableRawBufferPointer, rows: Int, columns: Int) {
-        precondition(dst.count >= src.count && rows * columns <= src.count)
+    /// Regroups the leading `elements × width` bytes with `kernel` (SSE2 for widths 2 and 4)
+    /// and copies the tail as is.
+    private static func reorder(_ src: UnsafeRawBufferPointer, into dst: UnsafeMutableRawBufferPointer, elements m: Int, width: Int,
+                                _ kernel: (UnsafePointer<UInt8>?, UnsafeMutablePointer<UInt8>?, Int, Int) -> Void) {
+        precondition(dst.count >= src.count && m * width <= src.count)
+        guard src.count > 0 else { return }
         let s = src.baseAddress!.assumingMemoryBound(to: UInt8.self)
         let d = dst.baseAddress!.assumingMemoryBound(to: UInt8.self)
-        for c in 0..<columns {
-            let out = d + c * rows
-            var p = s + c
-            for r in 0..<rows {
-                out[r] = p.pointee
-                p += columns
-            }
-        }
-        let body = rows * columns
+        kernel(s, d, m, width)
+        let body = m * width
         if src.count > body { (d + body).update(from: s + body, count: src.count - body) }
     }
 

@@ -242,7 +242,9 @@ final class CompressJob: Job, @unchecked Sendable {
     override func run() throws {
         switch compression {
         case .zlib(let level): packed.count = try ZlibCodec.compress(raw.bytes, into: packed.whole, level: level, strategy: .rle)
-        case .zstd(let level): packed.count = try ZstdCodec.compress(raw.bytes, into: packed.whole, level: level)
+        case .zstd(let level):
+            let hashLog = shuffleWidth > 0 && level == 1 ? ZstdCodec.shuffledHashLog : nil
+            packed.count = try ZstdCodec.compress(raw.bytes, into: packed.whole, level: level, hashLog: hashLog)
         case .none: preconditionFailure("a compress job for an uncompressed stream")
         }
     }

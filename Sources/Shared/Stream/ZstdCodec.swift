@@ -13,12 +13,24 @@ public enum ZstdCodec {
 
     /// Compresses `input` into one frame in `output` (at least `bound(input.count)` bytes) and
     /// returns its length. The frame records its content size, so a reader can check it.
+    /// `hashLog` overrides the level's match-finder table size (log2 of its entries).
     public static func compress(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer,
-                                level: Int32) throws(Failure) -> Int {
-        let n = ZSTD_compress(output.baseAddress, output.count, input.baseAddress, input.count, level)
+                                level: Int32, hashLog: Int32? = nil) throws(Failure) -> Int {
+        guard let cctx = ZSTD_createCCtx() else { throw Failure(description: "cannot create a zstd context") }
+        defer { ZSTD_freeCCtx(cctx) }
+        var n = ZSTD_CCtx_setParameter(cctx, ZSTD_c_compressionLevel, level)
+        if ZSTD_isError(n) == 0, let hashLog { n = ZSTD_CCtx_setParameter(cctx, ZSTD_c_hashLog, hashLog) }
+        if ZSTD_isError(n) == 0 { n = ZSTD_compress2(cctx, output.baseAddress, output.count, input.baseAddress, input.count) }
         if ZSTD_isError(n) != 0 { throw Failure(description: String(cString: ZSTD_getErrorName(n))) }
         return n
     }
+
+    /// The match-finder table the stream writer gives zstd level 1 (the default) on
+    /// byte-shuffled chunks: 64 entries (zstd's least). What compresses in float weights is the skew of the
+    /// sign/exponent bytes, which the literals' Huffman coding takes; matches are short and
+    /// rare, and a table that stays in L1 finds the useful ones at ~2x the speed of the
+    /// level's own (2^13) table, and a slightly smaller output (docs/performance.md).
+    public static let shuffledHashLog: Int32 = 6
 
     /// The longest a frame header can be (RFC 8878 3.1.1.1: magic 4, descriptor 1, window 1,
     /// dictionary id 4, content size 8): its declared size is read from this many bytes.
