@@ -201,6 +201,42 @@ import Testing
         #expect(sink.tensors[0].1 == expected)
     }
 
+    /// Unstacking one leading-axis slice at a time, the next slice read and built on another
+    /// thread while this one is handed out, its parts shared without copies: every output
+    /// equals the transpose made here, for chunks that cut slices and elements apart and for
+    /// a stream upstream (whose whole chunks go straight into the slice).
+    @Test func unstacksSliceBySliceAheadAcrossChunkBoundaries() throws {
+        let (layers, parts, rows, cols) = (3, 2, 3, 5)
+        let values = (0..<(layers * parts * rows * cols)).map { Float($0) }
+        let input = values.withUnsafeBytes { [UInt8]($0) }
+        let rules = try SliceRuleParser.parse(#"w -> out.{L}.{s=a,b} | rearrange "L s i o -> L s o i""#, file: "t.rules")
+        var expected: [String: [Float]] = [:]
+        for l in 0..<layers {
+            for (p, name) in ["a", "b"].enumerated() {
+                let base = (l * parts + p) * rows * cols
+                expected["out.\(l).\(name)"] = (0..<cols).flatMap { o in (0..<rows).map { i in values[base + i * cols + o] } }
+            }
+        }
+        func upstreams() throws -> [TensorSource] {
+            let t = tensor("w", .f32, [layers, parts, rows, cols], input)
+            let dir = temporaryDirectory()
+            // 60-byte stream chunks: a slice (120 bytes) is two of them; 7-byte ones cut slices.
+            let stream = try streamBytes(MemorySource([t]), chunkSize: 60)
+            writeFile(dir + "/in.ckpts", stream)
+            return [MemorySource([t], chunk: 7), MemorySource([t], chunk: 1000),
+                    try StreamReader(try FileDescriptor.openForReading(dir + "/in.ckpts"))]
+        }
+        for upstream in try upstreams() {
+            let sink = CollectingSink()
+            try pump(from: try SliceSource(upstream: upstream, rules: rules, keepUnmatched: false), to: sink)
+            #expect(sink.tensors.count == layers * parts)
+            for (h, bytes) in sink.tensors {
+                #expect(h.descriptor.shape == [cols, rows])
+                #expect(bytes == expected[h.descriptor.name]?.withUnsafeBytes { [UInt8]($0) }, "\(h.descriptor.name)")
+            }
+        }
+    }
+
     @Test func insertZerosMakesTheFusedBiasOfAMissingPart() throws {
         // q and v biases (no k bias, as DINOv3) -> one fused [q, 0, v].
         let q: [Float] = [1, 2, 3], v: [Float] = [7, 8, 9]

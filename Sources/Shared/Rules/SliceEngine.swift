@@ -14,13 +14,13 @@ public final class SliceSource: TensorSource {
     private var unmatched: [String] = []
     private let upstream: TensorSource
     private var held: [String: AlignedBuffer] = [:]
-    private var queue: [(TensorHeader, AlignedBuffer)] = []
+    private var queue: [(TensorHeader, HeldBytes)] = []
     private enum Current {
         case none
         case upstream
         /// Element-wise conversion of upstream chunks: input type, ops, output type.
         case converting(from: DType, ops: [SliceOp], to: DType)
-        case buffer(AlignedBuffer)
+        case buffer(HeldBytes)
         /// Outputs made one leading-axis slice of the upstream tensor at a time.
         case slicing(SliceState)
     }
@@ -34,14 +34,20 @@ public final class SliceSource: TensorSource {
         let dtype: DType
         var k = 0
         /// The output being written, and the rest of the current slice's outputs.
-        var built: AlignedBuffer?
-        var rest: [AlignedBuffer] = []
+        var built: HeldBytes?
+        var rest: [HeldBytes] = []
         var leftover: [UInt8] = []
+        /// Slices along the leading axis, and how many have been handed out.
+        let slices: Int
+        var taken = 0
+        /// The next slice, being read and built on another core while this one is written.
+        var ahead: SliceJob?
         init(group: SlicePlan.Group, per: Rearrange) {
             self.group = group
             self.per = per
             sliceShape = Array(group.inputs[0].shape.dropFirst())
             dtype = group.inputs[0].dtype
+            slices = group.inputs[0].shape.first ?? 0
         }
         var sliceBytes: Int { sliceShape.reduce(1, *) * dtype.size }
     }
@@ -89,11 +95,18 @@ public final class SliceSource: TensorSource {
     }
 
     public func nextTensor() throws -> TensorHeader? {
-        if case .slicing(let st) = current, st.k + 1 < st.group.outputs.count {
-            st.k += 1
-            st.built = nil
-            position = 0
-            return TensorHeader(st.group.outputs[st.k])
+        if case .slicing(let st) = current {
+            if st.k + 1 < st.group.outputs.count {
+                st.k += 1
+                st.built = nil
+                position = 0
+                return TensorHeader(st.group.outputs[st.k])
+            }
+            if let job = st.ahead {
+                // Only when a tensor is left half-read: the job reads upstream, so it ends first.
+                st.ahead = nil
+                try? job.wait()
+            }
         }
         current = .none
         position = 0
@@ -206,7 +219,7 @@ public final class SliceSource: TensorSource {
         }
         precondition(shape == g.finalShape, "plan and build disagree on \(g.rule.location)")
         if g.unstackAxes.isEmpty {
-            queue.append((TensorHeader(g.outputs[0]), data))
+            queue.append((TensorHeader(g.outputs[0]), HeldBytes(data)))
             return
         }
         for (out, b) in zip(g.outputs, try SliceSource.unstack(data, dtype.size, shape: shape, axes: g.unstackAxes)) {
@@ -235,23 +248,50 @@ public final class SliceSource: TensorSource {
     }
 
     /// One tensor per index of the `axes` (positions in `shape`), in row-major order over them.
-    static func unstack(_ data: AlignedBuffer, _ elementSize: Int, shape: [Int], axes: [Int]) throws -> [AlignedBuffer] {
-        guard !axes.isEmpty else { return [data] }
+    /// Along leading axes each is a contiguous part of `data`, handed out without a copy.
+    static func unstack(_ data: AlignedBuffer, _ elementSize: Int, shape: [Int], axes: [Int]) throws -> [HeldBytes] {
+        guard !axes.isEmpty else { return [HeldBytes(data)] }
         guard axes.allSatisfy({ shape[$0] > 0 }) else { return [] }
+        if axes == Array(0..<axes.count) {
+            let parts = shape[..<axes.count].reduce(1, *)
+            let size = shape[axes.count...].reduce(1, *) * elementSize
+            return (0..<parts).map { HeldBytes(data, start: $0 * size, count: size) }
+        }
         var strides = [Int](repeating: 1, count: shape.count)
         for d in strides.indices.reversed().dropFirst() { strides[d] = strides[d + 1] * shape[d + 1] }
         let keptAxes = shape.indices.filter { !axes.contains($0) }
-        var out: [AlignedBuffer] = []
+        var out: [HeldBytes] = []
         var cursor = StridedCursor(shape: axes.map { shape[$0] }, step: axes.map { strides[$0] })
         repeat {
-            out.append(try gather(data, elementSize, offset: cursor.offset, shape: keptAxes.map { shape[$0] }, strides: keptAxes.map { strides[$0] }))
+            out.append(HeldBytes(try gather(data, elementSize, offset: cursor.offset, shape: keptAxes.map { shape[$0] }, strides: keptAxes.map { strides[$0] })))
         } while cursor.advance(axes: axes.count)
         return out
     }
 
+    /// The next slice's outputs: built ahead if a job has it, else here. Then starts the job
+    /// for the slice after, so reading and rearranging it overlaps writing this one (the
+    /// consumer touches only the outputs handed out; the job alone touches upstream).
+    private func takeSlice(_ st: SliceState) throws -> [HeldBytes] {
+        let outputs: [HeldBytes]
+        if let job = st.ahead {
+            st.ahead = nil
+            try job.wait()
+            outputs = job.outputs
+        } else {
+            outputs = try buildSlice(st)
+        }
+        st.taken += 1
+        if st.taken < st.slices {
+            let job = SliceJob { try self.buildSlice(st) }  // holds self until it has run
+            st.ahead = job
+            job.start()
+        }
+        return outputs
+    }
+
     /// Reads the next leading-axis slice of the upstream tensor and makes its outputs (one, or
     /// one per index of the other unstacked axes).
-    private func buildSlice(_ st: SliceState) throws -> [AlignedBuffer] {
+    private func buildSlice(_ st: SliceState) throws -> [HeldBytes] {
         let g = st.group
         func fail(_ r: RuleError.Reason) -> RuleError { RuleError(r, file: g.rule.file, line: g.rule.line) }
         let need = st.sliceBytes
@@ -259,7 +299,14 @@ public final class SliceSource: TensorSource {
         var have = min(st.leftover.count, need)
         st.leftover.withUnsafeBytes { if have > 0 { slice.pointer.copyMemory(from: $0.baseAddress!, byteCount: have) } }
         st.leftover.removeFirst(have)
-        while have < need, let chunk = try upstream.nextChunk() {
+        let reader = upstream as? StreamReader
+        while have < need {
+            if let reader, let n = try reader.nextChunkLength(), n <= need - have {
+                // A chunk inside the slice: straight from the input into it, one copy fewer.
+                have += try reader.nextChunk(copyingInto: UnsafeMutableRawBufferPointer(start: slice.pointer + have, count: need - have)) ?? 0
+                continue
+            }
+            guard let chunk = try upstream.nextChunk() else { break }
             let take = min(chunk.count, need - have)
             (slice.pointer + have).copyMemory(from: chunk.baseAddress!, byteCount: take)
             have += take
@@ -318,7 +365,7 @@ public final class SliceSource: TensorSource {
             return b.chunk(from: &position)
         case .slicing(let st):
             if st.built == nil {
-                if st.rest.isEmpty { st.rest = try buildSlice(st) }
+                if st.rest.isEmpty { st.rest = try takeSlice(st) }
                 st.built = st.rest.removeFirst()
             }
             return st.built!.chunk(from: &position)
@@ -348,5 +395,47 @@ public final class SliceSource: TensorSource {
             }
             return nil
         }
+    }
+}
+
+/// One leading-axis slice read and built on a worker thread (`SliceSource.takeSlice`).
+final class SliceJob: Job, @unchecked Sendable {
+    private var build: (() throws -> [HeldBytes])?
+    private(set) var outputs: [HeldBytes] = []
+
+    init(_ build: @escaping () throws -> [HeldBytes]) {
+        self.build = build
+    }
+
+    override func run() throws {
+        defer { build = nil }
+        outputs = try build!()
+    }
+}
+
+/// Bytes a source holds and hands out chunk by chunk: a whole buffer, or a contiguous part of
+/// one that several outputs share.
+struct HeldBytes {
+    let buffer: AlignedBuffer
+    let start: Int
+    let count: Int
+
+    init(_ buffer: AlignedBuffer) {
+        self.init(buffer, start: 0, count: buffer.count)
+    }
+
+    init(_ buffer: AlignedBuffer, start: Int, count: Int) {
+        precondition(start >= 0 && count >= 0 && start + count <= buffer.count)
+        self.buffer = buffer
+        self.start = start
+        self.count = count
+    }
+
+    /// The next piece from `position` (advanced past it), nil at the end.
+    func chunk(from position: inout Int) -> UnsafeRawBufferPointer? {
+        guard position < count else { return nil }
+        let n = min(StreamFormat.defaultChunkSize, count - position)
+        defer { position += n }
+        return UnsafeRawBufferPointer(start: buffer.pointer + start + position, count: n)
     }
 }

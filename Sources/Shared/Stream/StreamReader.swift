@@ -144,6 +144,17 @@ public final class StreamReader: DirectChunkSource {
         }
     }
 
+    /// The length of the current tensor's next chunk, or nil when the tensor ends next; the
+    /// chunk stays unread (a caller can pick where `nextChunk(copyingInto:)` puts it).
+    public func nextChunkLength() throws -> Int? {
+        guard currentTensor != nil else { return nil }
+        switch try peekEvent() {
+        case .chunk(let job): return job.rawLength
+        case .rawChunk(let ch, _, _): return Int(ch.rawLength)
+        default: return nil
+        }
+    }
+
     /// Copies the next chunk to `destination` (at least the chunk's length) and returns its
     /// length, or nil at the end of the tensor. An uncompressed chunk is read from the input
     /// straight into `destination`, without passing through this reader's buffers.
