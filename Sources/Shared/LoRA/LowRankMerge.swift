@@ -319,13 +319,25 @@ public final class StreamingMerge {
     /// Takes the next chunk of the base; returns the merged rows it completed (possibly none),
     /// valid until the call after the next.
     public func take(_ chunk: UnsafeRawBufferPointer) throws -> UnsafeRawBufferPointer {
-        if staged + chunk.count > staging.capacity {
-            let bigger = try AlignedBuffer(capacity: staged + chunk.count)
+        let room = try stagingRoom(chunk.count)
+        room.baseAddress!.copyMemory(from: chunk.baseAddress!, byteCount: chunk.count)
+        return try takeStaged(chunk.count)
+    }
+
+    /// Room for the next `count` bytes of the base after those staged: a reader can put a chunk
+    /// there itself (then `takeStaged`) instead of handing it to `take` to copy.
+    func stagingRoom(_ count: Int) throws -> UnsafeMutableRawBufferPointer {
+        if staged + count > staging.capacity {
+            let bigger = try AlignedBuffer(capacity: staged + count)
             bigger.pointer.copyMemory(from: staging.pointer, byteCount: staged)
             staging = bigger
         }
-        (staging.pointer + staged).copyMemory(from: chunk.baseAddress!, byteCount: chunk.count)
-        staged += chunk.count
+        return UnsafeMutableRawBufferPointer(start: staging.pointer + staged, count: count)
+    }
+
+    /// `count` bytes were put in the `stagingRoom`: as `take`.
+    func takeStaged(_ count: Int) throws -> UnsafeRawBufferPointer {
+        staged += count
         let rows = rowIn == 0 ? 0 : staged / rowIn
         guard rows > 0 else { return UnsafeRawBufferPointer(start: outputs[flip].pointer, count: 0) }
         flip ^= 1
@@ -419,8 +431,17 @@ final class AheadStreamingMerge: @unchecked Sendable {
         running = true
         DispatchQueue.global(qos: .userInitiated).async(group: ready) { [self] in
             result = Result {
-                while let chunk = try upstream.nextChunk() {
-                    let merged = try merge.take(chunk)
+                let reader = upstream as? StreamReader
+                while true {
+                    let merged: UnsafeRawBufferPointer
+                    if let reader, let n = try reader.nextChunkLength() {
+                        // Straight from the input into the staging rows: one copy fewer.
+                        merged = try merge.takeStaged(try reader.nextChunk(copyingInto: try merge.stagingRoom(n)) ?? 0)
+                    } else if let chunk = try upstream.nextChunk() {
+                        merged = try merge.take(chunk)
+                    } else {
+                        break
+                    }
                     if merged.count > 0 { return merged }
                 }
                 try merge.finish()
