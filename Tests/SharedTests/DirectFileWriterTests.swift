@@ -101,25 +101,37 @@ let noDirectIO: Comment = "the file system of /tmp refuses O_DIRECT: the direct 
 @Suite struct MappingCacheTests {
     private func map(_ n: Int) -> UnsafeMutableRawPointer { mmap(nil, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)! }
 
-    @Test func reusesSimilarSizesAndNeverRaisesThePeak() {
+    @Test func reusesPiecesJoinsNeighboursAndNeverRaisesThePeak() {
         let mib = 1 << 20
         let cache = MappingCache(limit: 10 * mib)
         // Two buffers live at once (peak 7 MiB), then released and kept.
         cache.willMap(4 * mib)
         cache.willMap(3 * mib)
-        let a = map(4 * mib), b = map(3 * mib)
+        // a and b with a gap between them (separate mappings could be neighbours, and join).
+        let a = map(8 * mib), b = a + 5 * mib
+        munmap(a + 4 * mib, 1 * mib)
         #expect(cache.give(a, 4 * mib) && cache.give(b, 3 * mib))
         #expect(cache.keptBytes == 7 * mib && cache.liveBytes == 0)
-        // The smallest kept mapping that holds the request and is at most twice its size.
-        #expect(cache.take(2 * mib).map { $0.0 } == b)
-        #expect(cache.take(1 * mib) == nil)  // 4 MiB is more than twice 1 MiB
-        #expect(cache.keptBytes == 4 * mib && cache.liveBytes == 3 * mib)
-        // 1 MiB of fresh pages: 3 live + 4 kept + 1 would pass the 7 MiB peak, so the kept
-        // 4 MiB go first.
+        // The front of the smallest kept mapping that holds the request; its rest stays kept.
+        let front = cache.take(2 * mib)
+        #expect(front?.0 == b && front?.1 == 2 * mib)
+        #expect(cache.keptBytes == 5 * mib && cache.liveBytes == 2 * mib)
+        let rest = cache.take(1 * mib)
+        #expect(rest?.0 == b + 2 * mib && rest?.1 == 1 * mib)
+        // A rest under 256 KiB goes with the piece taken.
+        let most = cache.take(4 * mib - 100 << 10)
+        #expect(most?.0 == a && most?.1 == 4 * mib)
+        #expect(cache.keptBytes == 0 && cache.liveBytes == 7 * mib)
+        // Given back, the two pieces of b are one mapping again.
+        #expect(cache.give(b + 2 * mib, 1 * mib) && cache.give(b, 2 * mib))
+        #expect(cache.take(3 * mib).map { $0.0 == b && $0.1 == 3 * mib } == true)
+        #expect(cache.give(b, 3 * mib))
+        // 1 MiB of fresh pages: 4 live + 3 kept + 1 would pass the 7 MiB peak, so the kept
+        // 3 MiB go first.
         cache.willMap(1 * mib)
-        #expect(cache.keptBytes == 0 && cache.liveBytes == 4 * mib)
+        #expect(cache.keptBytes == 0 && cache.liveBytes == 5 * mib)
         #expect(!cache.give(map(6 * mib), 6 * mib))  // more than half the limit: not kept (leaks in the test only)
-        munmap(b, 3 * mib)
+        munmap(a, 4 * mib)  // still live (b was unmapped by the cache)
     }
 }
 

@@ -15,7 +15,7 @@ public final class AlignedBuffer: @unchecked Sendable {
     /// Returned to `MappingCache` instead of unmapped (see `reusable`).
     private var cached = false
     private static let mapThreshold = 256 << 10
-    private static let hugePageThreshold = 16 << 20
+    static let hugePageThreshold = 16 << 20
 
     /// A buffer whose every byte the caller will write before reading (its contents are
     /// undefined): large ones come from recently released mappings of a similar size when there
@@ -126,8 +126,10 @@ extension AlignedBuffer {
 }
 
 /// Released large mappings kept for `AlignedBuffer.reusable`, up to a fixed total: reusing one
-/// avoids faulting fresh pages in. A request takes the smallest kept mapping that holds it and
-/// is at most twice its size.
+/// avoids faulting fresh pages in (on a VM the dearest thing a stage does with memory). A
+/// request takes the front of the smallest kept mapping that holds it; the rest stays kept as
+/// its own mapping, and kept neighbours are joined again when given back, so buffers of
+/// changing sizes (one tensor's slices, then the next's) keep using the same touched pages.
 ///
 /// Kept mappings never raise the process's peak: it counts every mapped buffer, and before
 /// fresh pages are mapped, kept ones are unmapped (oldest first) until live + kept + the new
@@ -142,23 +144,38 @@ final class MappingCache: @unchecked Sendable {
     private var live = 0
     private var peak = 0
     private let limit: Int
+    /// Pieces are cut at page boundaries, and large ones at huge-page boundaries (a cut inside
+    /// a huge page would split it).
+    private static let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+    private static let hugePage = 2 << 20
+    /// A rest smaller than this is not kept apart: it goes with the piece taken.
+    static let smallestPiece = 256 << 10
 
     init(limit: Int) { self.limit = limit }
 
     var keptBytes: Int { lock.withLock { total } }
     var liveBytes: Int { lock.withLock { live } }
 
+    /// A mapping of at least `size` bytes from those kept, and its size; nil if none holds it.
     func take(_ size: Int) -> (UnsafeMutableRawPointer, Int)? {
         lock.withLock {
             var best: Int?
-            for (i, m) in kept.enumerated() where m.size >= size && m.size <= 2 * size {
+            for (i, m) in kept.enumerated() where m.size >= size {
                 if best == nil || m.size < kept[best!].size { best = i }
             }
             guard let i = best else { return nil }
             let m = kept.remove(at: i)
             total -= m.size
-            live += m.size
-            return (m.pointer, m.size)
+            let unit = size >= AlignedBuffer.hugePageThreshold ? MappingCache.hugePage : MappingCache.page
+            var used = (size + unit - 1) / unit * unit
+            if m.size - used < MappingCache.smallestPiece {
+                used = m.size
+            } else {
+                kept.append((m.pointer + used, m.size - used))
+                total += m.size - used
+            }
+            live += used
+            return (m.pointer, used)
         }
     }
 
@@ -190,16 +207,21 @@ final class MappingCache: @unchecked Sendable {
         lock.withLock { live -= size }
     }
 
-    /// Keeps a released mapping if it fits the limit (evicting older ones); false: the caller
-    /// unmaps it (and reports that with `didUnmap`).
+    /// Keeps a released mapping if it fits the limit (evicting older ones), joined with kept
+    /// neighbours; false: the caller unmaps it (and reports that with `didUnmap`).
     func give(_ pointer: UnsafeMutableRawPointer, _ size: Int) -> Bool {
         guard size <= limit / 2 else { return false }
         let evicted = lock.withLock {
             live -= size
-            let evicted = evictOldest(while: { total + size > limit })
-            kept.append((pointer, size))
-            total += size
-            return evicted
+            var joined = (pointer: pointer, size: size)
+            while let i = kept.firstIndex(where: { $0.pointer + $0.size == joined.pointer || joined.pointer + joined.size == $0.pointer }) {
+                let m = kept.remove(at: i)
+                joined = (min(m.pointer, joined.pointer), m.size + joined.size)
+            }
+            total -= joined.size - size  // the neighbours were counted already
+            kept.append(joined)
+            total += joined.size
+            return evictOldest(while: { total > limit })
         }
         for m in evicted { munmap(m.pointer, m.size) }
         return true
