@@ -118,10 +118,34 @@ extension AlignedBuffer {
     /// The next piece of at most `size` bytes from `position` (advanced past it), nil at the
     /// end: how a source hands out a tensor it holds whole, chunk by chunk.
     public func chunk(from position: inout Int, size: Int = StreamFormat.defaultChunkSize) -> UnsafeRawBufferPointer? {
+        HeldBytes(self).chunk(from: &position, size: size)
+    }
+}
+
+/// Bytes a source holds and hands out chunk by chunk: a whole buffer, or a contiguous part of
+/// one that several outputs share (`ckpt-slice` unstacking along a leading axis).
+struct HeldBytes {
+    let buffer: AlignedBuffer
+    let start: Int
+    let count: Int
+
+    init(_ buffer: AlignedBuffer) {
+        self.init(buffer, start: 0, count: buffer.count)
+    }
+
+    init(_ buffer: AlignedBuffer, start: Int, count: Int) {
+        precondition(start >= 0 && count >= 0 && start + count <= buffer.count)
+        self.buffer = buffer
+        self.start = start
+        self.count = count
+    }
+
+    /// The next piece of at most `size` bytes from `position` (advanced past it), nil at the end.
+    func chunk(from position: inout Int, size: Int = StreamFormat.defaultChunkSize) -> UnsafeRawBufferPointer? {
         guard position < count else { return nil }
         let n = min(size, count - position)
         defer { position += n }
-        return UnsafeRawBufferPointer(start: pointer + position, count: n)
+        return UnsafeRawBufferPointer(start: buffer.pointer + start + position, count: n)
     }
 }
 

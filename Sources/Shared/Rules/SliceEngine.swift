@@ -412,30 +412,3 @@ final class SliceJob: Job, @unchecked Sendable {
         outputs = try build!()
     }
 }
-
-/// Bytes a source holds and hands out chunk by chunk: a whole buffer, or a contiguous part of
-/// one that several outputs share.
-struct HeldBytes {
-    let buffer: AlignedBuffer
-    let start: Int
-    let count: Int
-
-    init(_ buffer: AlignedBuffer) {
-        self.init(buffer, start: 0, count: buffer.count)
-    }
-
-    init(_ buffer: AlignedBuffer, start: Int, count: Int) {
-        precondition(start >= 0 && count >= 0 && start + count <= buffer.count)
-        self.buffer = buffer
-        self.start = start
-        self.count = count
-    }
-
-    /// The next piece from `position` (advanced past it), nil at the end.
-    func chunk(from position: inout Int) -> UnsafeRawBufferPointer? {
-        guard position < count else { return nil }
-        let n = min(StreamFormat.defaultChunkSize, count - position)
-        defer { position += n }
-        return UnsafeRawBufferPointer(start: buffer.pointer + start + position, count: n)
-    }
-}
