@@ -133,7 +133,8 @@ static int wide = -1;
 
 static int detect(void) {
     __builtin_cpu_init();
-    wide = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("vpclmulqdq");
+    __atomic_store_n(&wide, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("vpclmulqdq"),
+                     __ATOMIC_RELAXED);
     return __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
 }
 #endif
@@ -142,8 +143,13 @@ static int accelerated = -1;
 
 int ckpt_crc32_is_accelerated(void) {
 #if defined(__x86_64__)
-    if (accelerated < 0) accelerated = detect();
-    return accelerated;
+    // Threads may race to detect first: they all find the same; `wide` is published before.
+    int a = __atomic_load_n(&accelerated, __ATOMIC_ACQUIRE);
+    if (a < 0) {
+        a = detect();
+        __atomic_store_n(&accelerated, a, __ATOMIC_RELEASE);
+    }
+    return a;
 #else
     return 0;
 #endif
@@ -159,16 +165,23 @@ static uint32_t zlib_crc(uint32_t crc, const uint8_t *p, size_t len) {
     return crc;
 }
 
-uint32_t ckpt_crc32(uint32_t crc, const void *data, size_t length) {
-    const uint8_t *p = (const uint8_t *)data;
+static uint32_t crc32_using(uint32_t crc, const uint8_t *p, size_t length, int allow_wide) {
 #if defined(__x86_64__)
     if (length >= 64 && ckpt_crc32_is_accelerated()) {
         size_t body = length & ~(size_t)15;
-        uint32_t raw = body >= 256 && wide == 1 ? fold_vpclmul(~crc, p, body) : fold_pclmul(~crc, p, body);
+        uint32_t raw = allow_wide && body >= 256 && __atomic_load_n(&wide, __ATOMIC_RELAXED) == 1 ? fold_vpclmul(~crc, p, body) : fold_pclmul(~crc, p, body);
         return zlib_crc(~raw, p + body, length - body);
     }
 #endif
     return zlib_crc(crc, p, length);
+}
+
+uint32_t ckpt_crc32(uint32_t crc, const void *data, size_t length) {
+    return crc32_using(crc, (const uint8_t *)data, length, 1);
+}
+
+uint32_t ckpt_crc32_narrow(uint32_t crc, const void *data, size_t length) {
+    return crc32_using(crc, (const uint8_t *)data, length, 0);
 }
 
 // ---- CRC-32C ------------------------------------------------------------------------------

@@ -1,3 +1,4 @@
+import CFastCRC
 import Testing
 @testable import Shared
 
@@ -19,7 +20,9 @@ import Testing
                 for start in [0, 1, 3, 8, 15] where start + length <= all.count {
                     let slice = UnsafeRawBufferPointer(rebasing: all[start..<start + length])
                     let seed = UInt32(truncatingIfNeeded: rng.next())
-                    #expect(CRC32.update(seed, slice) == CRC32.zlibReference(seed, slice), "length \(length) start \(start)")
+                    let expected = CRC32.zlibReference(seed, slice)
+                    #expect(CRC32.update(seed, slice) == expected, "length \(length) start \(start)")
+                    #expect(ckpt_crc32_narrow(seed, slice.baseAddress, slice.count) == expected, "128-bit fold, length \(length)")
                 }
             }
         }

@@ -220,11 +220,14 @@ import Testing
         func upstreams() throws -> [TensorSource] {
             let t = tensor("w", .f32, [layers, parts, rows, cols], input)
             let dir = temporaryDirectory()
-            // 60-byte stream chunks: a slice (120 bytes) is two of them; 7-byte ones cut slices.
-            let stream = try streamBytes(MemorySource([t]), chunkSize: 60)
-            writeFile(dir + "/in.ckpts", stream)
-            return [MemorySource([t], chunk: 7), MemorySource([t], chunk: 1000),
-                    try StreamReader(try FileDescriptor.openForReading(dir + "/in.ckpts"))]
+            // 60-byte stream chunks: a slice (120 bytes) is two of them; 50-byte ones are read
+            // into the slice whole or cut at its end, by turns; 7-byte ones cut elements.
+            var streams: [TensorSource] = []
+            for size in [60, 50] {
+                writeFile(dir + "/in\(size).ckpts", try streamBytes(MemorySource([t]), chunkSize: size))
+                streams.append(try StreamReader(try FileDescriptor.openForReading(dir + "/in\(size).ckpts")))
+            }
+            return [MemorySource([t], chunk: 7), MemorySource([t], chunk: 1000)] + streams
         }
         for upstream in try upstreams() {
             let sink = CollectingSink()
@@ -234,6 +237,20 @@ import Testing
                 #expect(h.descriptor.shape == [cols, rows])
                 #expect(bytes == expected[h.descriptor.name]?.withUnsafeBytes { [UInt8]($0) }, "\(h.descriptor.name)")
             }
+        }
+    }
+
+    /// A tensor whose axis to unstack is empty makes no outputs (and no crash), slice by slice
+    /// or held whole; the tensors after it still arrive.
+    @Test func unstackingAnEmptyAxisMakesNothing() throws {
+        let after = tensor("b", .f32, [2], ([5, 6] as [Float]).withUnsafeBytes { [UInt8]($0) })
+        for (rule, shape) in [(#"w -> out.{L} | rearrange "L i o -> L o i""#, [0, 2, 3]),
+                              (#"w -> out.{a} | rearrange "i a -> a i""#, [2, 0])] {
+            let rules = try SliceRuleParser.parse(rule + "\nb -> b", file: "t.rules")
+            let source = MemorySource([tensor("w", .f32, shape, []), after], chunk: 4)
+            let sink = CollectingSink()
+            try pump(from: try SliceSource(upstream: source, rules: rules, keepUnmatched: false), to: sink)
+            #expect(sink.tensors.map(\.0.descriptor.name) == ["b"], "\(rule)")
         }
     }
 

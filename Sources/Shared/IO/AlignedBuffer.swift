@@ -18,8 +18,8 @@ public final class AlignedBuffer: @unchecked Sendable {
     static let hugePageThreshold = 16 << 20
 
     /// A buffer whose every byte the caller will write before reading (its contents are
-    /// undefined): large ones come from recently released mappings of a similar size when there
-    /// are some, since a fresh page costs a fault and zeroing (and on a VM far more).
+    /// undefined): large ones come from recently released mappings (see `MappingCache`) when
+    /// there are some, since a fresh page costs a fault and zeroing (and on a VM far more).
     /// `pageAligned`: mapped even when small (direct I/O needs page-aligned memory).
     public static func reusable(capacity: Int, pageAligned: Bool = false) throws -> AlignedBuffer {
         guard capacity >= mapThreshold, let (p, size) = MappingCache.shared.take(capacity) else {
@@ -168,8 +168,9 @@ final class MappingCache: @unchecked Sendable {
     private var live = 0
     private var peak = 0
     private let limit: Int
-    /// Pieces are cut at page boundaries, and large ones at huge-page boundaries (a cut inside
-    /// a huge page would split it).
+    /// Pieces are whole pages, and large ones (huge pages asked for) whole multiples of 2 MiB
+    /// from the start of the mapping: where the kernel aligns large mappings to huge pages (it
+    /// does on x86-64 since Linux 6.7), cuts then fall between huge pages rather than split one.
     private static let page = Int(sysconf(Int32(_SC_PAGESIZE)))
     private static let hugePage = 2 << 20
     /// A rest smaller than this is not kept apart: it goes with the piece taken.
@@ -206,7 +207,7 @@ final class MappingCache: @unchecked Sendable {
     /// Fresh pages are about to be mapped: unmaps kept ones so they do not add to the peak.
     func willMap(_ size: Int) {
         let evicted = lock.withLock {
-            let evicted = evictOldest(while: { live + total + size > peak })
+            let evicted = evictOldest(bytes: live + total + size - peak)
             live += size
             peak = max(peak, live + total)
             return evicted
@@ -214,13 +215,24 @@ final class MappingCache: @unchecked Sendable {
         for m in evicted { munmap(m.pointer, m.size) }
     }
 
-    /// Removes the oldest kept mappings while `condition` holds (call with the lock held);
-    /// the caller unmaps them once the lock is released.
-    private func evictOldest(while condition: () -> Bool) -> [(pointer: UnsafeMutableRawPointer, size: Int)] {
+    /// Takes at least `bytes` (if positive) from the kept mappings, oldest first (call with the
+    /// lock held); the caller unmaps what is returned once the lock is released. A mapping
+    /// larger than what is still needed loses only its end, in whole pages: a joined mapping
+    /// of hundreds of MiB is not thrown away for a few MiB of fresh pages.
+    private func evictOldest(bytes: Int) -> [(pointer: UnsafeMutableRawPointer, size: Int)] {
+        var needed = bytes
         var evicted: [(pointer: UnsafeMutableRawPointer, size: Int)] = []
-        while condition(), !kept.isEmpty {
+        while needed > 0, !kept.isEmpty {
+            let cut = (needed + MappingCache.page - 1) / MappingCache.page * MappingCache.page
+            if kept[0].size - cut >= MappingCache.smallestPiece {
+                kept[0].size -= cut
+                evicted.append((kept[0].pointer + kept[0].size, cut))
+                total -= cut
+                break
+            }
             let m = kept.removeFirst()
             total -= m.size
+            needed -= m.size
             evicted.append(m)
         }
         return evicted
@@ -245,7 +257,7 @@ final class MappingCache: @unchecked Sendable {
             total -= joined.size - size  // the neighbours were counted already
             kept.append(joined)
             total += joined.size
-            return evictOldest(while: { total > limit })
+            return evictOldest(bytes: total - limit)
         }
         for m in evicted { munmap(m.pointer, m.size) }
         return true

@@ -103,9 +103,10 @@ public final class SliceSource: TensorSource {
                 return TensorHeader(st.group.outputs[st.k])
             }
             if let job = st.ahead {
-                // Only when a tensor is left half-read: the job reads upstream, so it ends first.
+                // Only when the consumer moved on without asking for the last slice's outputs:
+                // the job reads upstream, so it ends (and reports what it met) first.
                 st.ahead = nil
-                try? job.wait()
+                try job.wait()
             }
         }
         current = .none
@@ -139,6 +140,10 @@ public final class SliceSource: TensorSource {
                 current = renameOnly ? .upstream : .converting(from: d.dtype, ops: group.ops, to: out.dtype)
                 return TensorHeader(out, attributes: t.attributes)
             case .group(let g)? where plan.groups[g].perSlice != nil:
+                if plan.groups[g].outputs.isEmpty {  // an empty axis to unstack: nothing to make
+                    while try upstream.nextChunk() != nil {}
+                    continue
+                }
                 let st = SliceState(group: plan.groups[g], per: plan.groups[g].perSlice!)
                 current = .slicing(st)
                 return TensorHeader(st.group.outputs[0])
@@ -147,7 +152,7 @@ public final class SliceSource: TensorSource {
                 let group = plan.groups[g]
                 if (group.inputs + group.operands.values).allSatisfy({ held[$0.name] != nil }) {
                     try build(group)
-                    return emitQueued()
+                    if !queue.isEmpty { return emitQueued() }  // empty when it unstacks an empty axis
                 }
             case nil:
                 throw StreamError(.manifestMismatch(detail: "tensor \(d.name) is not in the manifest"), source: "ckpt-slice", tensor: d.name)
@@ -278,20 +283,21 @@ public final class SliceSource: TensorSource {
             try job.wait()
             outputs = job.outputs
         } else {
-            outputs = try buildSlice(st)
+            outputs = try buildSlice(st, index: st.taken)
         }
         st.taken += 1
         if st.taken < st.slices {
-            let job = SliceJob { try self.buildSlice(st) }  // holds self until it has run
+            let next = st.taken
+            let job = SliceJob { try self.buildSlice(st, index: next) }  // holds self until it has run
             st.ahead = job
             job.start()
         }
         return outputs
     }
 
-    /// Reads the next leading-axis slice of the upstream tensor and makes its outputs (one, or
-    /// one per index of the other unstacked axes).
-    private func buildSlice(_ st: SliceState) throws -> [HeldBytes] {
+    /// Reads leading-axis slice `index` (the next one) of the upstream tensor and makes its
+    /// outputs (one, or one per index of the other unstacked axes).
+    private func buildSlice(_ st: SliceState, index: Int) throws -> [HeldBytes] {
         let g = st.group
         func fail(_ r: RuleError.Reason) -> RuleError { RuleError(r, file: g.rule.file, line: g.rule.line) }
         let need = st.sliceBytes
@@ -313,7 +319,7 @@ public final class SliceSource: TensorSource {
             if take < chunk.count { st.leftover += chunk[take...] }
         }
         guard have == need else {
-            throw StreamError(.tensorLengthMismatch(declared: UInt64(g.inputs[0].byteCount), received: UInt64(st.k * need + have)),
+            throw StreamError(.tensorLengthMismatch(declared: UInt64(g.inputs[0].byteCount), received: UInt64(index * need + have)),
                               source: "ckpt-slice", tensor: g.inputs[0].name)
         }
         slice.count = need

@@ -35,9 +35,10 @@ public struct SlicePlan {
         public var memory: Int {
             guard !streams else { return 0 }
             if perSlice != nil, let leading = inputs[0].shape.first, leading > 0 {
-                // One input slice, its rearranged copy and the outputs cut from it.
+                // The slice being built (its input, rearranged copy and the outputs cut from it)
+                // and the outputs of the one being written meanwhile.
                 let outBytes = outputs.reduce(0) { $0 + $1.byteCount } / leading
-                return inputs[0].byteCount / leading + 2 * outBytes
+                return inputs[0].byteCount / leading + 3 * outBytes
             }
             let inBytes = inputs.reduce(0) { $0 + $1.byteCount } + operands.values.reduce(0) { $0 + $1.byteCount }
             let outBytes = outputs.reduce(0) { $0 + $1.byteCount }
