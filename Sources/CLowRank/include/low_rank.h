@@ -18,7 +18,6 @@ void ckpt_byte_shuffle(const unsigned char *src, unsigned char *dst, size_t m, s
 /// Its inverse: dst[i * width + b] = src[b * m + i].
 void ckpt_byte_unshuffle(const unsigned char *src, unsigned char *dst, size_t m, size_t width);
 
-
 /// bfloat16 bits → float32 (exact).
 void ckpt_bf16_to_f32(const unsigned short *src, float *dst, size_t n);
 

@@ -168,10 +168,9 @@ final class MappingCache: @unchecked Sendable {
     private var live = 0
     private var peak = 0
     private let limit: Int
-    /// Pieces are whole pages, and large ones (huge pages asked for) whole multiples of 2 MiB
-    /// from the start of the mapping: where the kernel aligns large mappings to huge pages (it
-    /// does on x86-64 since Linux 6.7), cuts then fall between huge pages rather than split one.
-    private static let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+    /// Pieces are whole pages (`MappedFile.pageSize`), and large ones (huge pages asked for)
+    /// whole multiples of 2 MiB from the start of the mapping: where the kernel aligns large
+    /// mappings to huge pages (x86-64 since Linux 6.7), cuts then fall between huge pages.
     private static let hugePage = 2 << 20
     /// A rest smaller than this is not kept apart: it goes with the piece taken.
     static let smallestPiece = 256 << 10
@@ -191,7 +190,7 @@ final class MappingCache: @unchecked Sendable {
             guard let i = best else { return nil }
             let m = kept.remove(at: i)
             total -= m.size
-            let unit = size >= AlignedBuffer.hugePageThreshold ? MappingCache.hugePage : MappingCache.page
+            let unit = size >= AlignedBuffer.hugePageThreshold ? MappingCache.hugePage : MappedFile.pageSize
             var used = (size + unit - 1) / unit * unit
             if m.size - used < MappingCache.smallestPiece {
                 used = m.size
@@ -223,7 +222,7 @@ final class MappingCache: @unchecked Sendable {
         var needed = bytes
         var evicted: [(pointer: UnsafeMutableRawPointer, size: Int)] = []
         while needed > 0, !kept.isEmpty {
-            let cut = (needed + MappingCache.page - 1) / MappingCache.page * MappingCache.page
+            let cut = (needed + MappedFile.pageSize - 1) / MappedFile.pageSize * MappedFile.pageSize
             if kept[0].size - cut >= MappingCache.smallestPiece {
                 kept[0].size -= cut
                 evicted.append((kept[0].pointer + kept[0].size, cut))

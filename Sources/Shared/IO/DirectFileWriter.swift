@@ -24,7 +24,7 @@ public final class DirectFileWriter {
     /// The unit of direct I/O: a page (at least 4 KiB), which also covers the device's logical
     /// block size. Edge blocks go through the page cache, so a block must be a whole page for
     /// the two paths never to share one (arm64 kernels may use 16 or 64 KiB pages).
-    static let block = max(4096, Int(sysconf(Int32(_SC_PAGESIZE))))
+    static let block = max(4096, MappedFile.pageSize)
     public static let stagingSize = 8 << 20
     /// Files smaller than this are written through the page cache: not worth a second
     /// descriptor and 16 MiB of staging, and likely to be read back soon.

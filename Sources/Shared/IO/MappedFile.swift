@@ -19,7 +19,8 @@ public final class MappedFile: @unchecked Sendable {
     private var releasedUpTo = 0
     /// A run of consumed bytes behind `releasedUpTo` (tensors read out of file order).
     private var behind = 0..<0
-    private static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+    /// The system's page: the unit of every mapping here (`MappingCache` cuts in it too).
+    static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
 
     /// Maps `descriptor`, which the mapping then owns (closed when it goes); on failure the
     /// caller still owns it.

@@ -32,7 +32,7 @@ extension FileDescriptor {
     /// read-only mapping of the page cache rather than copied out.
     public func crc32(offset: Int, count: Int) throws -> UInt32 {
         guard count > 0 else { return 0 }
-        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let page = MappedFile.pageSize
         let start = offset - offset % page
         let length = count + (offset - start)
         guard let map = mmap(nil, length, PROT_READ, MAP_SHARED | ckpt_map_populate(), rawValue, off_t(start)),

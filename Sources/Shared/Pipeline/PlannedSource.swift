@@ -68,7 +68,7 @@ public final class PlannedSource: FileBackedSource {
     public private(set) var lastChunkOrigin: (descriptor: FileDescriptor, offset: Int)?
     private let readAhead: ReadAhead
     /// Tensors being made ahead, by plan index.
-    private var ahead: [Int: MaterializeJob] = [:]
+    private var ahead: [Int: (job: ResultJob<AlignedBuffer>, bytes: Int)] = [:]
     /// Plan indices below this have been considered for making ahead.
     private var considered = 0
 
@@ -95,7 +95,7 @@ public final class PlannedSource: FileBackedSource {
     deinit {
         // No read-ahead job outlives its source (say, after an error): each holds the files it
         // reads from and the memory it fills.
-        for job in ahead.values { try? job.wait() }
+        for a in ahead.values { try? a.job.wait() }
     }
 
     /// Starts making the next materialized tensors after `index` while the tensor at `index`
@@ -111,8 +111,8 @@ public final class PlannedSource: FileBackedSource {
             }
             let bytes = t.descriptor.byteCount
             guard held + bytes <= readAhead.budget else { return }
-            let job = MaterializeJob(bytes: bytes, make: make)
-            ahead[considered] = job
+            let job = ResultJob(make)
+            ahead[considered] = (job, bytes)
             held += bytes
             considered += 1
             job.start()
@@ -147,10 +147,11 @@ public final class PlannedSource: FileBackedSource {
             pieces = p
         case .materialized(let make):
             // Start the next ones first, so they are made while this one is.
-            let job = ahead.removeValue(forKey: index)
+            let made = ahead.removeValue(forKey: index)
             scheduleAhead(after: index, holding: currentLength)
             let buffer: AlignedBuffer
-            do { buffer = try job?.tensor() ?? make() } catch var e as AllocationError {
+            // Made ahead or here; an error making it is reported now, when its turn comes.
+            do { buffer = try made?.job.value() ?? make() } catch var e as AllocationError {
                 e.tensor = t.descriptor.name  // which tensor asked for the memory
                 throw e
             }
@@ -340,29 +341,6 @@ private final class ProduceJob: Job, @unchecked Sendable {
     override func run() throws {
         produced = try producer.produce(into: UnsafeMutableRawBufferPointer(start: buffer.pointer, count: count))
         if last && produced == count { try producer.finish() }
-    }
-}
-
-/// One tensor being made on a background thread.
-private final class MaterializeJob: Job, @unchecked Sendable {
-    let bytes: Int
-    private var make: (() throws -> AlignedBuffer)?
-    private var made: AlignedBuffer?
-
-    init(bytes: Int, make: @escaping () throws -> AlignedBuffer) {
-        self.bytes = bytes
-        self.make = make
-    }
-
-    override func run() throws {
-        defer { make = nil }  // what the closure holds (files, decoders) goes with it
-        made = try make!()
-    }
-
-    /// The tensor, or the error making it threw (reported when its turn comes, in order).
-    func tensor() throws -> AlignedBuffer {
-        try wait()
-        return made!
     }
 }
 

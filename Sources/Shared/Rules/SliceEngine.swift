@@ -41,7 +41,7 @@ public final class SliceSource: TensorSource {
         let slices: Int
         var taken = 0
         /// The next slice, being read and built on another core while this one is written.
-        var ahead: SliceJob?
+        var ahead: ResultJob<[HeldBytes]>?
         init(group: SlicePlan.Group, per: Rearrange) {
             self.group = group
             self.per = per
@@ -280,15 +280,14 @@ public final class SliceSource: TensorSource {
         let outputs: [HeldBytes]
         if let job = st.ahead {
             st.ahead = nil
-            try job.wait()
-            outputs = job.outputs
+            outputs = try job.value()
         } else {
             outputs = try buildSlice(st, index: st.taken)
         }
         st.taken += 1
         if st.taken < st.slices {
             let next = st.taken
-            let job = SliceJob { try self.buildSlice(st, index: next) }  // holds self until it has run
+            let job = ResultJob { try self.buildSlice(st, index: next) }  // holds self until it has run
             st.ahead = job
             job.start()
         }
@@ -401,20 +400,5 @@ public final class SliceSource: TensorSource {
             }
             return nil
         }
-    }
-}
-
-/// One leading-axis slice read and built on a worker thread (`SliceSource.takeSlice`).
-final class SliceJob: Job, @unchecked Sendable {
-    private var build: (() throws -> [HeldBytes])?
-    private(set) var outputs: [HeldBytes] = []
-
-    init(_ build: @escaping () throws -> [HeldBytes]) {
-        self.build = build
-    }
-
-    override func run() throws {
-        defer { build = nil }
-        outputs = try build!()
     }
 }

@@ -29,6 +29,28 @@ public class Job: @unchecked Sendable {
     }
 }
 
+/// A job that makes one value (a tensor read ahead, a slice built ahead) from a closure, which
+/// it lets go once it has run: what the closure holds (files, decoders, a source) goes with it.
+final class ResultJob<Value>: Job, @unchecked Sendable {
+    private var make: (() throws -> Value)?
+    private var made: Value?
+
+    init(_ make: @escaping () throws -> Value) {
+        self.make = make
+    }
+
+    override func run() throws {
+        defer { make = nil }
+        made = try make!()
+    }
+
+    /// The value, or the error making it threw.
+    func value() throws -> Value {
+        try wait()
+        return made!
+    }
+}
+
 /// Starts jobs on worker threads and hands them back in submission order, with at most
 /// `window` in flight so memory stays bounded (window × chunk buffers).
 public final class OrderedWork<J: Job> {

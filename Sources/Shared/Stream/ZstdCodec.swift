@@ -26,10 +26,10 @@ public enum ZstdCodec {
     }
 
     /// The match-finder table the stream writer gives zstd level 1 (the default) on
-    /// byte-shuffled chunks: 64 entries (zstd's least). What compresses in float weights is the skew of the
-    /// sign/exponent bytes, which the literals' Huffman coding takes; matches are short and
-    /// rare, and a table that stays in L1 finds the useful ones at ~2x the speed of the
-    /// level's own (2^13) table, and a slightly smaller output (docs/performance.md).
+    /// byte-shuffled chunks: 64 entries (zstd's least). What compresses in float weights is
+    /// the skew of the sign/exponent bytes, which the literals' Huffman coding takes; matches
+    /// are short and rare, and a table that stays in L1 finds the useful ones at ~2x the speed
+    /// of the level's own (2^13) table, and a slightly smaller output (docs/performance.md).
     public static let shuffledHashLog: Int32 = 6
 
     /// The longest a frame header can be (RFC 8878 3.1.1.1: magic 4, descriptor 1, window 1,
